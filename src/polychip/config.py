@@ -1,0 +1,488 @@
+"""Typed configuration: nested dataclasses, presets, YAML files and dotted overrides.
+
+Every field has a one-line docstring (the `#:` comment above it); `polychip train --help-config`
+prints them. Values that can be derived from others (head_dim, d_ff) are derived in
+`ModelConfig.__post_init__`, so a preset names only its dials.
+
+Loading order: preset -> YAML file -> dotted overrides (`model.n_layers=4`). Unknown keys and
+impossible shapes raise `ConfigError` with a message naming the field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A user mistake in configuration: the CLI prints the message and exits non-zero."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 rotary frequency scaling (HF `rope_type="llama3"`)."""
+
+    #: Context-extension factor applied to low frequencies.
+    factor: float = 8.0
+    #: Wavelengths longer than original_max_position_embeddings / low_freq_factor are divided by factor.
+    low_freq_factor: float = 1.0
+    #: Wavelengths shorter than original_max_position_embeddings / high_freq_factor are kept.
+    high_freq_factor: float = 4.0
+    #: The context length the base model was trained with.
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Llama-3-style decoder-only transformer. MHA/GQA/MQA differ only in n_kv_heads."""
+
+    #: Vocabulary size (rows of the embedding table).
+    vocab_size: int = 4096
+    #: Residual stream width.
+    d_model: int = 256
+    #: Number of transformer blocks.
+    n_layers: int = 4
+    #: Query heads.
+    n_heads: int = 8
+    #: Key/value heads (== n_heads: MHA; 1: MQA; otherwise GQA). 0 means n_heads.
+    n_kv_heads: int = 0
+    #: Per-head width; 0 means d_model // n_heads.
+    head_dim: int = 0
+    #: SwiGLU hidden width; 0 means Llama's rule: 8/3 * d_model rounded up to multiple_of.
+    d_ff: int = 0
+    #: Rounding for the derived d_ff.
+    multiple_of: int = 64
+    #: Longest sequence the model is built for (rotary table length).
+    max_seq_len: int = 512
+    #: Rotary base frequency.
+    rope_theta: float = 500000.0
+    #: Llama-3 rotary scaling; None for plain RoPE.
+    rope_scaling: RopeScaling | None = None
+    #: RMSNorm epsilon.
+    norm_eps: float = 1e-5
+    #: Share the input embedding with the output projection.
+    tie_embeddings: bool = False
+    #: Std of the normal initialiser (output projections are scaled by 1/sqrt(2*n_layers)).
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        # Derive dependent dials (frozen dataclass: use object.__setattr__).
+        if self.n_kv_heads == 0:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.head_dim == 0 and self.n_heads > 0:
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        if self.d_ff == 0:
+            hidden = int(2 * (4 * self.d_model) / 3)
+            m = self.multiple_of
+            object.__setattr__(self, "d_ff", m * ((hidden + m - 1) // m))
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads} "
+                "(grouped-query attention needs whole groups)"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"model.head_dim={self.head_dim} must be even for rotary embeddings")
+
+    @property
+    def n_params(self) -> int:
+        """Parameter count (embeddings included, tied ones once)."""
+        d, f, L = self.d_model, self.d_ff, self.n_layers
+        attn = d * self.head_dim * (self.n_heads * 2 + self.n_kv_heads * 2)
+        mlp = 3 * d * f
+        per_layer = attn + mlp + 2 * d
+        emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return L * per_layer + emb + d
+
+
+# ----------------------------------------------------------------------------------------------
+# Data, training, mesh, kernels
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    """Where tokens come from."""
+
+    #: "stdlib" (this Python's own standard-library sources) or paths/globs of .txt/.py/.jsonl/.parquet files, comma-separated.
+    source: str = "stdlib"
+    #: Field (JSONL) or column (Parquet) holding the text.
+    text_field: str = "text"
+    #: Path to a tokenizer.json to use; empty: train a byte-level BPE on the corpus (vocab = model.vocab_size).
+    tokenizer: str = ""
+    #: Cap on corpus size read (bytes, 0 = no cap); keeps the built-in corpus quick on CPU.
+    max_bytes: int = 8_000_000
+    #: Fraction of documents held out for evaluation.
+    eval_fraction: float = 0.01
+    #: Seed for document shuffling and batch order (batches are a pure function of seed and step).
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser, schedule and loop."""
+
+    #: Number of optimiser steps.
+    steps: int = 200
+    #: Global batch size in sequences (per optimiser step, across all devices and micro-batches).
+    batch_size: int = 16
+    #: Tokens per training sequence.
+    seq_len: int = 256
+    #: Micro-batches per step (gradient accumulation); batch_size must divide evenly.
+    grad_accum: int = 1
+    #: Peak learning rate.
+    lr: float = 3e-3
+    #: Linear warm-up steps.
+    warmup_steps: int = 20
+    #: Cosine decay floor as a fraction of lr.
+    min_lr_ratio: float = 0.1
+    #: AdamW decoupled weight decay (not applied to norms).
+    weight_decay: float = 0.1
+    #: AdamW beta1.
+    b1: float = 0.9
+    #: AdamW beta2.
+    b2: float = 0.95
+    #: AdamW epsilon.
+    eps: float = 1e-8
+    #: Global-norm gradient clipping threshold (0 disables).
+    grad_clip: float = 1.0
+    #: Dtype of the stored (master) parameters and optimiser state: float32 or bfloat16.
+    param_dtype: str = "float32"
+    #: Dtype of matmuls/activations: float32 or bfloat16.
+    compute_dtype: str = "float32"
+    #: Rematerialisation: none, full (recompute each block in backward), dots (save matmul outputs only).
+    remat: str = "none"
+    #: Seed for parameter initialisation.
+    seed: int = 0
+    #: Print and log metrics every N steps.
+    log_every: int = 10
+    #: Write a checkpoint every N steps (0: only at the end and on interruption).
+    checkpoint_every: int = 100
+    #: Number of checkpoints to keep.
+    keep_checkpoints: int = 2
+    #: Evaluate held-out loss every N steps (0 disables).
+    eval_every: int = 0
+
+
+@dataclass
+class MeshConfig:
+    """Device mesh: axes (data, fsdp, tensor). -1 on one axis means "all remaining devices"."""
+
+    #: Pure data-parallel replicas.
+    data: int = 1
+    #: Fully-sharded data parallel (parameters and optimiser state sharded, batch split).
+    fsdp: int = -1
+    #: Tensor (model) parallel: heads and MLP hidden split.
+    tensor: int = 1
+    #: Overrides of the logical->mesh rule table, e.g. {"mlp": "tensor", "vocab": null}.
+    rules: dict = field(default_factory=dict)
+
+
+@dataclass
+class DistributedConfig:
+    """Multi-process (multi-controller) runtime; empty fields are read from the cluster environment."""
+
+    #: host:port of process 0's coordinator; empty: single process unless the environment says otherwise.
+    coordinator: str = ""
+    #: Total number of processes.
+    num_processes: int = 0
+    #: This process's index.
+    process_id: int = -1
+    #: Local devices to use on CPU (simulated); 0 leaves XLA's default.
+    cpu_devices: int = 0
+
+
+@dataclass
+class KernelsConfig:
+    """Per-op implementation choice; "auto" lets the registry pick the first that supports the device."""
+
+    #: Attention implementation: auto, reference, xla, or a hand-written backend name.
+    attention: str = "auto"
+    #: RMSNorm implementation.
+    rms_norm: str = "auto"
+    #: Output projection + cross-entropy implementation.
+    cross_entropy: str = "auto"
+
+    def overrides(self) -> dict[str, str]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) != "auto"}
+
+
+@dataclass
+class Config:
+    """Everything a run needs."""
+
+    #: Model shape (or start from a preset with --preset).
+    model: ModelConfig = field(default_factory=ModelConfig)
+    #: Data source and tokenizer.
+    data: DataConfig = field(default_factory=DataConfig)
+    #: Training loop.
+    train: TrainConfig = field(default_factory=TrainConfig)
+    #: Device mesh.
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    #: Multi-process runtime.
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    #: Kernel implementation overrides.
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    #: Output folder (checkpoints, metrics.jsonl, tokenizer.json, config.yaml).
+    out_dir: str = "runs/default"
+
+    def validate(self) -> None:
+        self.model.validate()
+        t = self.train
+        if t.batch_size <= 0 or t.seq_len <= 0 or t.steps < 0 or t.grad_accum <= 0:
+            raise ConfigError("train.batch_size, train.seq_len and train.grad_accum must be positive, train.steps >= 0")
+        if t.batch_size % t.grad_accum:
+            raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+        if t.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        for name in ("param_dtype", "compute_dtype"):
+            if getattr(t, name) not in ("float32", "bfloat16"):
+                raise ConfigError(f"train.{name} must be float32 or bfloat16, got {getattr(t, name)!r}")
+        if t.remat not in ("none", "full", "dots"):
+            raise ConfigError(f"train.remat must be none, full or dots, got {t.remat!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets. The big ones follow the published Llama-3/3.1 shapes; they are for compile and plan and
+# are only ever built abstractly (jax.eval_shape) there.
+# ----------------------------------------------------------------------------------------------
+_LLAMA3_ROPE = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128, multiple_of=32),
+    "small": ModelConfig(vocab_size=4096, d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, max_seq_len=512),
+    "125m": ModelConfig(vocab_size=32768, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, max_seq_len=2048, tie_embeddings=True),
+    "1b": ModelConfig(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192,
+                      max_seq_len=8192, rope_scaling=RopeScaling(factor=32.0), tie_embeddings=True),
+    "llama3-8b": ModelConfig(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,
+                             max_seq_len=8192, rope_scaling=_LLAMA3_ROPE),
+    "llama3-70b": ModelConfig(vocab_size=128256, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, d_ff=28672,
+                              max_seq_len=8192, rope_scaling=_LLAMA3_ROPE),
+    "llama3-405b": ModelConfig(vocab_size=128256, d_model=16384, n_layers=126, n_heads=128, n_kv_heads=8, d_ff=53248,
+                               max_seq_len=8192, rope_scaling=_LLAMA3_ROPE),
+}
+
+# Training defaults that go with a preset (only where they differ from TrainConfig's).
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"steps": 20, "batch_size": 8, "seq_len": 64, "warmup_steps": 2, "log_every": 5, "checkpoint_every": 10},
+    "small": {"steps": 300, "batch_size": 16, "seq_len": 256, "lr": 3e-3, "warmup_steps": 30},
+    "125m": {"seq_len": 2048, "batch_size": 32, "lr": 6e-4},
+    "1b": {"seq_len": 4096, "batch_size": 32, "lr": 3e-4},
+    "llama3-8b": {"seq_len": 8192, "batch_size": 256, "lr": 3e-4},
+    "llama3-70b": {"seq_len": 8192, "batch_size": 256, "lr": 1.5e-4},
+    "llama3-405b": {"seq_len": 8192, "batch_size": 256, "lr": 8e-5},
+}
+
+
+def preset(name: str) -> Config:
+    """A full Config for a named preset."""
+    if name not in MODEL_PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(MODEL_PRESETS)}")
+    cfg = Config(model=MODEL_PRESETS[name], out_dir=f"runs/{name}")
+    for k, v in TRAIN_PRESETS.get(name, {}).items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Dict <-> dataclass, YAML, dotted overrides
+# ----------------------------------------------------------------------------------------------
+def to_dict(obj: Any) -> Any:
+    """Dataclass tree -> plain dict (YAML/JSON-safe)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML/CLI value to the annotated type, with a clear error."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be an integer, got {value!r}") from None
+        if f != int(f):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return int(f)
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be a number, got {value!r}") from None
+    if tp is str:
+        return str(value)
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def from_dict(cls: type, data: dict, where: str = "") -> Any:
+    """Build dataclass `cls` from a (possibly partial) dict; unknown keys are errors."""
+    types = _field_types(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!r}; valid keys{' under ' + where if where else ''}: {', '.join(names)}"
+        )
+    kwargs = {k: _coerce(v, types[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - defensive
+        raise ConfigError(f"bad config for {where or cls.__name__}: {e}") from None
+
+
+def merge(base: Any, data: dict, where: str = "") -> Any:
+    """Return a copy of dataclass `base` with the (nested, partial) dict `data` applied."""
+    types = _field_types(type(base))
+    names = [f.name for f in dataclasses.fields(base)]
+    changes = {}
+    for k, v in data.items():
+        path = f"{where}.{k}" if where else k
+        if k not in names:
+            raise ConfigError(f"unknown config key {path!r}; valid keys{' under ' + where if where else ''}: {', '.join(names)}")
+        cur = getattr(base, k)
+        if dataclasses.is_dataclass(cur) and isinstance(v, dict):
+            changes[k] = merge(cur, v, path)
+        else:
+            changes[k] = _coerce(v, types[k], path)
+    if isinstance(base, ModelConfig):
+        # Derived dials follow their sources unless they were set to something else explicitly.
+        for name, derived in _model_derived(base).items():
+            if name not in changes and getattr(base, name) == derived:
+                changes[name] = 0
+    try:
+        return dataclasses.replace(base, **changes)
+    except TypeError as e:  # pragma: no cover
+        raise ConfigError(f"bad config at {where}: {e}") from None
+
+
+def _model_derived(m: ModelConfig) -> dict[str, int]:
+    """What n_kv_heads, head_dim and d_ff would be if left at 0."""
+    return {f: getattr(dataclasses.replace(m, **{f: 0}), f) for f in ("n_kv_heads", "head_dim", "d_ff")}
+
+
+def parse_override(text: str) -> dict:
+    """`model.n_layers=4` -> {"model": {"n_layers": 4}} (values parsed as YAML scalars)."""
+    import yaml
+
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    out: dict = {}
+    cur = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping at top level")
+    return data
+
+
+def build_config(preset_name: str | None = None, yaml_path: str | None = None, overrides: list[str] = ()) -> Config:
+    """preset -> YAML -> dotted overrides, then validation."""
+    cfg = preset(preset_name) if preset_name else Config()
+    if yaml_path:
+        cfg = merge(cfg, load_yaml(yaml_path))
+    for o in overrides:
+        cfg = merge(cfg, parse_override(o))
+    cfg.validate()
+    return cfg
+
+
+def save_yaml(cfg: Config, path: str | Path) -> None:
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted name, default, doc) for every field, read from the `#:` comments in this file."""
+    import inspect
+
+    docs: dict[str, str] = {}
+    try:
+        src = inspect.getsource(cls).splitlines()
+        pending = ""
+        for line in src:
+            s = line.strip()
+            if s.startswith("#:"):
+                pending = s[2:].strip()
+            elif pending and ":" in s and not s.startswith("#"):
+                docs[s.split(":")[0].strip()] = pending
+                pending = ""
+    except (OSError, TypeError):
+        pass
+    out = []
+    inst = cls()
+    for f in dataclasses.fields(cls):
+        val = getattr(inst, f.name)
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(val):
+            out.extend(describe(type(val), name + "."))
+        else:
+            out.append((name, repr(val), docs.get(f.name, "")))
+    return out
