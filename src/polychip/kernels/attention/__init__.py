@@ -1,0 +1,3 @@
+from polychip.kernels.attention.api import attention
+
+__all__ = ["attention"]

@@ -1,0 +1,30 @@
+"""attention(q, k, v, ...): the public entry point; implementation chosen by the kernel registry.
+
+q [B, T, H, D], k/v [B, S, K, D] (H % K == 0: MHA, GQA, MQA) -> [B, T, H, D].
+Options: causal, sliding_window (keys within the last W positions, the query's own included),
+soft_cap (logits -> cap * tanh(logits / cap)), q_offset (absolute position of query 0; scalar or
+[B], may be traced: decoding against a KV cache), kv_lengths ([B] valid keys).
+"""
+from __future__ import annotations
+
+from polychip.kernels.attention import reference, xla
+from polychip.kernels.registry import KernelPolicy, register
+
+OP = "attention"
+
+# Priority order (lower first): hand-written backends register at 10-40, XLA at 50, reference last.
+register(OP, "xla", priority=50, supported_on=xla.supported_on, verified="executed in CI (CPU)")(xla.attention)
+register(OP, "reference", priority=100, verified="executed in CI (CPU); the ground truth")(reference.attention)
+
+
+def attention(q, k, v, *, policy: KernelPolicy, causal=True, sliding_window=None, soft_cap=None, q_offset=None,
+              kv_lengths=None):
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads {q.shape[2]} not a multiple of kv heads {k.shape[2]}")
+    impl = policy.pick(
+        OP, q_len=q.shape[1], kv_len=k.shape[1], n_heads=q.shape[2], n_kv_heads=k.shape[2], head_dim=q.shape[3],
+        dtype=str(q.dtype), causal=causal, sliding_window=sliding_window, soft_cap=soft_cap,
+        has_q_offset=q_offset is not None, has_kv_lengths=kv_lengths is not None,
+    )
+    return impl.fn(q, k, v, causal=causal, sliding_window=sliding_window, soft_cap=soft_cap, q_offset=q_offset,
+                   kv_lengths=kv_lengths)

@@ -1,0 +1,151 @@
+"""One registry of kernel implementations per op.
+
+The model asks for an op ("attention", "rms_norm", "cross_entropy", ...) through a `KernelPolicy`
+that was fixed once, at the boundary, for the target it is being traced for (which may not be the
+host: `compile` traces for a TPU pod on a CPU machine). The registry walks the op's implementations
+in priority order and picks the first whose `supported_on(target, query)` returns no reason. A
+per-op override names one implementation; if it cannot run, the error lists why, instead of
+silently falling back.
+
+Backend files register themselves when imported; a backend whose toolchain is missing (no Triton,
+no Mosaic, no NKI) catches its ImportError and registers nothing, so `import polychip` never breaks.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import jax
+
+
+class KernelError(ValueError):
+    """No implementation can run the op as asked (the message carries each candidate's reason)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the op will run on: `platform` is JAX's (cpu, gpu, tpu, neuron); `device_kind` as JAX reports it."""
+
+    platform: str
+    device_kind: str = ""
+
+    @staticmethod
+    def of(device: Any | None = None) -> "Target":
+        d = device if device is not None else jax.devices()[0]
+        platform = d.platform
+        if platform in ("cuda", "rocm"):
+            platform = "gpu"
+        return Target(platform=platform, device_kind=getattr(d, "device_kind", ""))
+
+
+# supported_on(target, query) -> None when usable, else a short reason string.
+SupportFn = Callable[[Target, dict], "str | None"]
+
+
+def always(target: Target, query: dict) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Impl:
+    op: str
+    name: str
+    fn: Callable
+    supported_on: SupportFn
+    priority: int
+    #: Human-readable verification status (e.g. "executed in CI (CPU)", "unverified: needs Neuron").
+    verified: str = ""
+
+
+_REGISTRY: dict[str, list[Impl]] = {}
+
+
+def register(op: str, name: str, *, priority: int, supported_on: SupportFn = always, verified: str = ""):
+    """Decorator: add `fn` as implementation `name` of `op`. Lower priority number = tried first."""
+
+    def deco(fn: Callable) -> Callable:
+        impls = [i for i in _REGISTRY.get(op, []) if i.name != name]
+        impls.append(Impl(op, name, fn, supported_on, priority, verified))
+        impls.sort(key=lambda i: i.priority)
+        _REGISTRY[op] = impls
+        return fn
+
+    return deco
+
+
+def implementations(op: str) -> list[Impl]:
+    _ensure_loaded()
+    if op not in _REGISTRY:
+        raise KernelError(f"unknown kernel op {op!r}; known ops: {', '.join(sorted(_REGISTRY))}")
+    return list(_REGISTRY[op])
+
+
+def ops() -> list[str]:
+    _ensure_loaded()
+    return sorted(_REGISTRY)
+
+
+def resolve(op: str, target: Target, query: dict, override: str | None = None) -> Impl:
+    """Pick the implementation of `op` for `target` and this call's `query` (shapes, dtypes, options)."""
+    impls = implementations(op)
+    if override and override != "auto":
+        named = [i for i in impls if i.name == override]
+        if not named:
+            raise KernelError(
+                f"kernel {op}={override!r} is not registered; available: {', '.join(i.name for i in impls)}"
+            )
+        reason = named[0].supported_on(target, query)
+        if reason:
+            raise KernelError(f"kernel {op}={override!r} cannot run on {target.platform}: {reason}")
+        return named[0]
+    reasons = []
+    for impl in impls:
+        reason = impl.supported_on(target, query)
+        if reason is None:
+            return impl
+        reasons.append(f"{impl.name}: {reason}")
+    raise KernelError(f"no implementation of {op} supports this call on {target.platform}: " + "; ".join(reasons))
+
+
+@dataclass(frozen=True)
+class KernelPolicy:
+    """Fixed at the boundary (CLI, engine, compile); hashable so it can be a static jit argument."""
+
+    target: Target
+    overrides: tuple[tuple[str, str], ...] = ()
+
+    @staticmethod
+    def create(target: Target | None = None, overrides: dict[str, str] | None = None) -> "KernelPolicy":
+        ov = tuple(sorted((overrides or {}).items()))
+        return KernelPolicy(target or Target.of(), ov)
+
+    def override(self, op: str) -> str | None:
+        return dict(self.overrides).get(op)
+
+    def pick(self, op: str, **query: Any) -> Impl:
+        return resolve(op, self.target, query, self.override(op))
+
+    def with_overrides(self, **ov: str) -> "KernelPolicy":
+        merged = dict(self.overrides)
+        merged.update(ov)
+        return dataclasses.replace(self, overrides=tuple(sorted(merged.items())))
+
+
+_LOADED = False
+
+
+def _ensure_loaded() -> None:
+    """Import every op package once so that their backends register."""
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    import importlib
+    import pkgutil
+
+    import polychip.kernels as pkg
+
+    for m in pkgutil.iter_modules(pkg.__path__):
+        if m.ispkg:
+            importlib.import_module(f"polychip.kernels.{m.name}")

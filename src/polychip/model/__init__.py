@@ -1,0 +1,1 @@
+"""Llama-style decoder as pure functions over a params pytree."""

@@ -1,0 +1,217 @@
+"""The Llama-3-style decoder as pure functions.
+
+params = {
+  "embed":      [V, D]                      (vocab, embed)
+  "layers": {   stacked over L for lax.scan (compile time independent of depth)
+    "attn_norm": [L, D]                     (layers, norm)
+    "wq":        [L, D, H, Dh]              (layers, embed, heads, head_dim)
+    "wk", "wv":  [L, D, K, Dh]              (layers, embed, kv_heads, head_dim)
+    "wo":        [L, H, Dh, D]              (layers, heads, head_dim, embed)
+    "mlp_norm":  [L, D]
+    "w_gate", "w_up": [L, D, F]             (layers, embed, mlp)
+    "w_down":    [L, F, D]                  (layers, mlp, embed)
+  }
+  "final_norm": [D]
+  "lm_head":    [D, V]  (absent when tie_embeddings: embed.T is used)
+}
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from polychip.config import ModelConfig
+from polychip.kernels.attention import attention
+from polychip.kernels.cross_entropy import cross_entropy
+from polychip.kernels.registry import KernelPolicy
+from polychip.kernels.rms_norm import rms_norm
+from polychip.model.rope import apply_rope, inv_frequencies
+from polychip.parallel.sharding import Layout
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How to run the model (static under jit): kernels, sharding, compute dtype, remat policy."""
+
+    policy: KernelPolicy
+    layout: Layout | None = None
+    compute_dtype: str = "float32"
+    remat: str = "none"
+
+    def constrain(self, x, axes):
+        return x if self.layout is None else self.layout.constrain(x, axes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters
+# ----------------------------------------------------------------------------------------------
+def param_axes(cfg: ModelConfig) -> dict:
+    """Logical axis names for every parameter (same tree structure as init_params)."""
+    axes = {
+        "embed": ("vocab", "embed"),
+        "layers": {
+            "attn_norm": ("layers", "norm"),
+            "wq": ("layers", "embed", "heads", "head_dim"),
+            "wk": ("layers", "embed", "kv_heads", "head_dim"),
+            "wv": ("layers", "embed", "kv_heads", "head_dim"),
+            "wo": ("layers", "heads", "head_dim", "embed"),
+            "mlp_norm": ("layers", "norm"),
+            "w_gate": ("layers", "embed", "mlp"),
+            "w_up": ("layers", "embed", "mlp"),
+            "w_down": ("layers", "mlp", "embed"),
+        },
+        "final_norm": ("norm",),
+    }
+    if not cfg.tie_embeddings:
+        axes["lm_head"] = ("embed", "vocab")
+    return axes
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+    L, D, H, K, Dh, F, V = (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff,
+                            cfg.vocab_size)
+    shapes = {
+        "embed": (V, D),
+        "layers": {
+            "attn_norm": (L, D), "wq": (L, D, H, Dh), "wk": (L, D, K, Dh), "wv": (L, D, K, Dh),
+            "wo": (L, H, Dh, D), "mlp_norm": (L, D), "w_gate": (L, D, F), "w_up": (L, D, F), "w_down": (L, F, D),
+        },
+        "final_norm": (D,),
+    }
+    if not cfg.tie_embeddings:
+        shapes["lm_head"] = (D, V)
+    return shapes
+
+
+def init_params(cfg: ModelConfig, key, dtype=jnp.float32) -> dict:
+    """Normal(0, init_std) matrices; residual-output projections (wo, w_down) scaled by 1/sqrt(2L)
+    (GPT-2 section 2.3); norms at 1. Each leaf's key is folded from its path, so the values do not
+    depend on how the tree is sharded or traversed."""
+    shapes = param_shapes(cfg)
+    out_scale = 1.0 / math.sqrt(2 * cfg.n_layers)
+
+    def make(path, shape):
+        name = jax.tree_util.keystr(path)
+        if "norm" in name:
+            return jnp.ones(shape, dtype)
+        k = jax.random.fold_in(key, sum(ord(c) * 31 ** i for i, c in enumerate(name)) % (2 ** 31))
+        std = cfg.init_std * (out_scale if ("wo" in name or "w_down" in name) else 1.0)
+        return (std * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(make, shapes, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def abstract_params(cfg: ModelConfig, dtype=jnp.float32) -> dict:
+    """ShapeDtypeStructs for the params, without allocating (for compile/plan of big presets)."""
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype), param_shapes(cfg),
+                        is_leaf=lambda x: isinstance(x, tuple))
+
+
+def output_weight(params: dict, cfg: ModelConfig):
+    """[D, V] output projection (the embedding transposed when tied)."""
+    return params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------
+def _block(x, lp, positions, cfg: ModelConfig, rt: Runtime, inv_freq, cache=None, cache_pos=None):
+    """One pre-norm block. x [B, T, D]. With `cache` ({"k","v"}: [B, S, K, Dh]) the new keys/values are
+    written at cache_pos and attention runs over the whole cache (decoding)."""
+    dt = DTYPES[rt.compute_dtype]
+    h = rms_norm(x, lp["attn_norm"], eps=cfg.norm_eps, policy=rt.policy)
+    q = jnp.einsum("btd,dhk->bthk", h, lp["wq"].astype(dt))
+    k = jnp.einsum("btd,dhk->bthk", h, lp["wk"].astype(dt))
+    v = jnp.einsum("btd,dhk->bthk", h, lp["wv"].astype(dt))
+    q = rt.constrain(q, ("batch", "seq", "act_heads", "head_dim"))
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+    new_cache = None
+    if cache is None:
+        o = attention(q, k, v, policy=rt.policy, causal=True)
+    else:
+        ck = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_pos, axis=1)
+        cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_pos, axis=1)
+        new_cache = {"k": ck, "v": cv}
+        o = attention(q, ck.astype(dt), cv.astype(dt), policy=rt.policy, causal=True, q_offset=cache_pos)
+    x = x + jnp.einsum("bthk,hkd->btd", o, lp["wo"].astype(dt))
+    x = rt.constrain(x, ("batch", "seq", "act_embed"))
+    h = rms_norm(x, lp["mlp_norm"], eps=cfg.norm_eps, policy=rt.policy)
+    g = jnp.einsum("btd,df->btf", h, lp["w_gate"].astype(dt))
+    u = jnp.einsum("btd,df->btf", h, lp["w_up"].astype(dt))
+    a = rt.constrain(jax.nn.silu(g) * u, ("batch", "seq", "act_mlp"))
+    x = x + jnp.einsum("btf,fd->btd", a, lp["w_down"].astype(dt))
+    x = rt.constrain(x, ("batch", "seq", "act_embed"))
+    return x, new_cache
+
+
+def hidden_states(params: dict, tokens, cfg: ModelConfig, rt: Runtime, positions=None, cache=None, cache_pos=None):
+    """tokens [B, T] int -> final-normed hidden states [B, T, D] in compute dtype (and the new cache).
+
+    cache (optional): {"k", "v"}: [L, B, S, K, Dh]; cache_pos: int scalar, where tokens[:, 0] goes.
+    """
+    dt = DTYPES[rt.compute_dtype]
+    B, T = tokens.shape
+    if positions is None:
+        base = jnp.arange(T, dtype=jnp.int32)[None, :]
+        positions = jnp.broadcast_to(base + (0 if cache_pos is None else cache_pos), (B, T))
+    inv_freq = inv_frequencies(cfg)
+    x = jnp.take(params["embed"], tokens, axis=0).astype(dt)
+    x = rt.constrain(x, ("batch", "seq", "act_embed"))
+
+    def body(carry, xs):
+        lp, lc = xs
+        y, nc = _block(carry, lp, positions, cfg, rt, inv_freq, lc, cache_pos)
+        return y, nc
+
+    if rt.remat == "full":
+        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
+    elif rt.remat == "dots":
+        body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                              prevent_cse=False)
+    x, new_cache = jax.lax.scan(body, x, (params["layers"], cache))
+    x = rms_norm(x, params["final_norm"], eps=cfg.norm_eps, policy=rt.policy)
+    return x, new_cache
+
+
+def logits(params: dict, tokens, cfg: ModelConfig, rt: Runtime, **kw):
+    """tokens [B, T] -> logits [B, T, V] float32 (and the new cache when one was given)."""
+    h, new_cache = hidden_states(params, tokens, cfg, rt, **kw)
+    w = output_weight(params, cfg).astype(h.dtype)
+    out = jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
+    out = rt.constrain(out, ("batch", "seq", "act_vocab"))
+    return out, new_cache
+
+
+def loss_fn(params: dict, batch, cfg: ModelConfig, rt: Runtime):
+    """Mean next-token cross-entropy. batch [B, T+1] int32: inputs batch[:, :-1], targets batch[:, 1:].
+
+    Returns (mean loss, token count). The output projection + CE goes through the kernel registry so a
+    fused, chunked implementation can avoid materialising [B*T, V] logits."""
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    h, _ = hidden_states(params, inputs, cfg, rt)
+    B, T, D = h.shape
+    w = output_weight(params, cfg).astype(h.dtype)
+    mask = jnp.ones((B * T,), jnp.float32)
+    total, count = cross_entropy(h.reshape(B * T, D), w, targets.reshape(B * T), mask, policy=rt.policy)
+    return total / count, count
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def cache_axes() -> dict:
+    ax = ("layers", "cache_batch", "cache_seq", "kv_heads", "head_dim")
+    return {"k": ax, "v": ax}
+
+
+def count_params(params: Any) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))
