@@ -1,0 +1,17 @@
+"""Hardware: the chip catalog (one data file), device detection, peak FLOP/s (measured on CPU)."""
+from polychip.hardware.catalog import (
+    Chip,
+    HardwareError,
+    active_catalog,
+    canonical_dtype,
+    chip_for_device_kind,
+    get_chip,
+    load_catalog,
+    use_catalog,
+)
+from polychip.hardware.detect import cpu_peak_flops, current_chip
+
+__all__ = [
+    "Chip", "HardwareError", "active_catalog", "canonical_dtype", "chip_for_device_kind", "cpu_peak_flops",
+    "current_chip", "get_chip", "load_catalog", "use_catalog",
+]
