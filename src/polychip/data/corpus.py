@@ -121,7 +121,9 @@ def source_fingerprint(source: str, text_field: str, max_bytes: int) -> str:
 def _read_text_file(path: Path, budget: int | None) -> Iterator[str]:
     try:
         with open(path, "rb") as f:
-            raw = f.read() if budget is None else f.read(budget)
+            # A few bytes past the budget: the caller's cut then sees the text overflow the cap
+            # (and stops) instead of a cut-off character leaving a sliver of budget unspent.
+            raw = f.read() if budget is None else f.read(budget + 4)
     except OSError as e:
         raise DataError(f"cannot read data file {str(path)!r}: {e.strerror or e}") from None
     # errors="ignore": stray non-UTF-8 bytes (and a multi-byte char cut by the cap) are skipped
