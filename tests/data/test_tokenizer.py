@@ -117,3 +117,8 @@ def test_check_vocab(small_tok, small_vocab):
     check_vocab(small_tok, small_vocab + 24)  # padded embedding tables are fine
     with pytest.raises(DataError, match=rf"tokenizer has {small_vocab} tokens.*model.vocab_size=512"):
         check_vocab(small_tok, 512)
+
+
+def test_training_is_deterministic(small_docs, small_tok, small_vocab):
+    # Every process of a multi-host run may train its own copy; they must agree exactly.
+    assert tokenizer_hash(train_tokenizer(small_docs, small_vocab)) == tokenizer_hash(small_tok)
