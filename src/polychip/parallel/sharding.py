@@ -44,6 +44,11 @@ class ShardingError(ValueError):
     """A mesh or rule table that cannot work (user mistake)."""
 
 
+def is_axes(x) -> bool:
+    """True for a logical-axes leaf: a plain tuple of names/None (not a NamedTuple of arrays)."""
+    return type(x) is tuple and all(isinstance(e, (str, type(None))) for e in x)
+
+
 def _as_tuple(v) -> tuple[str, ...]:
     if v is None:
         return ()
@@ -106,19 +111,19 @@ class Layout:
     def tree_shardings(self, axes_tree, shapes_tree):
         """Shardings for a pytree of arrays (or ShapeDtypeStructs) given a matching tree of logical axes."""
         return jax.tree.map(lambda ax, s: self.sharding(ax, s.shape), axes_tree, shapes_tree,
-                            is_leaf=lambda x: isinstance(x, tuple))
+                            is_leaf=is_axes)
 
     def dropped(self, axes_tree, shapes_tree) -> list[str]:
         """Descriptions of rules that could not apply because a mesh axis does not divide a dimension."""
         out = []
 
         def check(path, ax, s):
-            full = PartitionSpec(*[(self.mesh_axes(n) or None) for n in ax])
+            full = self.spec(ax)
             got = self.spec(ax, s.shape)
             if tuple(_as_tuple(p) for p in full) != tuple(_as_tuple(p) for p in got):
                 out.append(f"{jax.tree_util.keystr(path)} {tuple(s.shape)}: wanted {full}, using {got}")
 
-        jax.tree_util.tree_map_with_path(check, axes_tree, shapes_tree, is_leaf=lambda x: isinstance(x, tuple))
+        jax.tree_util.tree_map_with_path(check, axes_tree, shapes_tree, is_leaf=is_axes)
         return out
 
     @property

@@ -1,0 +1,193 @@
+"""polychip command line: train | generate | bench | compile | plan | serve.
+
+User mistakes (bad config, missing data, wrong checkpoint, impossible mesh) print one line
+`polychip: error: ...` and exit 2; only real bugs show a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+
+from polychip.config import ConfigError, MODEL_PRESETS, build_config, describe
+
+EXIT_USER_ERROR = 2
+
+
+def _user_errors() -> tuple[type, ...]:
+    """Every exception type that means "the user asked for something impossible"."""
+    errs: list[type] = [ConfigError, FileNotFoundError]
+    for mod, name in [("polychip.data.corpus", "DataError"), ("polychip.train.checkpoint", "CheckpointError"),
+                      ("polychip.hardware.catalog", "HardwareError"), ("polychip.kernels.registry", "KernelError"),
+                      ("polychip.parallel.sharding", "ShardingError"), ("polychip.model.hf", "HFError"),
+                      ("polychip.compile.errors", "CompileError"), ("polychip.plan.errors", "PlanError")]:
+        try:
+            errs.append(getattr(importlib.import_module(mod), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errs)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="dotted config overrides, e.g. model.n_layers=4 train.lr=1e-3 (see --help-config)")
+    p.add_argument("--preset", choices=list(MODEL_PRESETS), default=None,
+                   help="start from a named model + training preset (default: small for train)")
+    p.add_argument("--config", metavar="FILE", help="YAML config file applied after the preset")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+
+
+def _add_dist_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("multi-process (jax.distributed); default: read from the cluster environment")
+    g.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's coordinator address")
+    g.add_argument("--num-processes", type=int, help="total number of processes")
+    g.add_argument("--process-id", type=int, help="this process's index")
+    g.add_argument("--cpu-devices", type=int, help="simulate N CPU devices in this process (testing meshes on CPU)")
+
+
+def _config_from_args(args, default_preset: str | None = "small"):
+    ov = list(args.overrides)
+    if getattr(args, "out", None):
+        ov.append(f"out_dir={args.out}")
+    for flag, key in [("coordinator", "distributed.coordinator"), ("num_processes", "distributed.num_processes"),
+                      ("process_id", "distributed.process_id"), ("cpu_devices", "distributed.cpu_devices")]:
+        v = getattr(args, flag, None)
+        if v is not None:
+            ov.append(f"{key}={v}")
+    preset = args.preset or (default_preset if not args.config else None)
+    return build_config(preset, args.config, ov)
+
+
+def _print_config_help() -> int:
+    for name, default, doc in describe():
+        print(f"  {name:<34} {default:<14} {doc}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    if args.help_config:
+        return _print_config_help()
+    cfg = _config_from_args(args)
+    from polychip.parallel.distributed import configure_cpu_devices
+
+    configure_cpu_devices(cfg.distributed.cpu_devices)
+    from polychip.train.loop import train
+
+    res = train(cfg)
+    if res.interrupted:
+        return 128 + res.interrupted
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from polychip.generate import Generator, SamplingParams, load_for_inference
+    from polychip.kernels.registry import KernelPolicy
+
+    cfg, params, tok = load_for_inference(args.checkpoint, args.dtype)
+    sp = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                        max_tokens=args.max_tokens, stop=args.stop or [])
+    sp.validate()
+    gen = Generator(cfg, params, tok, KernelPolicy.create(), compute_dtype=args.dtype)
+    prompt = args.prompt
+    if args.prompt_file:
+        with open(args.prompt_file) as f:
+            prompt = f.read()
+    if prompt is None:
+        raise ConfigError("give --prompt TEXT or --prompt-file FILE")
+    r = gen.generate(prompt, sp)
+    if args.json:
+        print(json.dumps({"prompt": prompt, "text": r.text, "tokens": r.tokens, "prompt_tokens": r.prompt_tokens,
+                          "finish_reason": r.finish_reason}))
+    else:
+        print(prompt + r.text)
+        print(f"\n[{len(r.tokens)} tokens, finish_reason={r.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    if args.what != "train":
+        raise ConfigError(f"unknown benchmark {args.what!r}; available: train")
+    if args.help_config:
+        return _print_config_help()
+    cfg = _config_from_args(args)
+    from polychip.parallel.distributed import configure_cpu_devices
+
+    configure_cpu_devices(cfg.distributed.cpu_devices)
+    from polychip.train.bench import bench_train
+
+    res = bench_train(cfg, warmup=args.warmup, steps=args.steps)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        mfu = res["mfu"]
+        print(f"{args.preset or 'config'}: {res['model_params'] / 1e6:.1f}M params, batch {res['batch_size']}x{res['seq_len']}, "
+              f"{res['devices']} x {res['device_kind']} ({res['compute_dtype']})")
+        print(f"  first step (compile) {res['first_step_s']:.1f} s; median step {res['step_time_median_s'] * 1e3:.1f} ms "
+              f"over {len(res['step_times_s'])} steps")
+        print(f"  {res['tokens_per_s']:,.0f} tokens/s, {res['model_tflops_per_s_per_device']:.3f} model TFLOP/s per device")
+        print(f"  peak {res['peak_source']}: {res['peak_tflops_per_device'] or float('nan'):.3f} TFLOP/s/device -> "
+              f"MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="polychip", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("train", help="train a model (default: the small preset on the built-in corpus, CPU)",
+                       description="Train or resume (same --out resumes from its newest good checkpoint).")
+    _add_config_args(p)
+    p.add_argument("--out", metavar="DIR", help="run folder: checkpoints, metrics.jsonl, tokenizer.json, config.yaml")
+    _add_dist_args(p)
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("generate", help="generate text from a run folder or a Hugging Face Llama folder")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="a `train --out` folder or an HF model folder")
+    p.add_argument("--prompt", help="prompt text")
+    p.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a file")
+    p.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); >0 samples")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
+    p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("bench", help="benchmarks: `bench train` = tokens/s and MFU of the train step")
+    p.add_argument("what", choices=["train"], help="what to benchmark")
+    _add_config_args(p)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps (the first compiles)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    _add_dist_args(p)
+    p.set_defaults(fn=cmd_bench)
+
+    # Subcommands owned by other packages register themselves through add_parser(sub).
+    for mod in ("polychip.compile.cli", "polychip.plan.cli", "polychip.serve.cli"):
+        try:
+            m = importlib.import_module(mod)
+        except ImportError:
+            continue
+        m.add_parser(sub)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except _user_errors() as e:
+        print(f"polychip: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("polychip: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training: optimiser, jitted step, metrics, checkpoints, the loop."""

@@ -1,0 +1,154 @@
+"""Checkpoints with Orbax: atomic, verified, restorable onto any mesh.
+
+Layout: <out>/checkpoints/<step>/{params, opt_state, meta} written by an Orbax CheckpointManager
+(which writes into a temporary folder and renames it when complete, so a crash mid-write never
+leaves a half checkpoint under a step name). After the save completes, process 0 writes
+`polychip.manifest.json` into the step folder: every file's size and CRC32. On restore the newest
+step whose files match their manifest is used; a truncated or corrupted one is reported and skipped
+in favour of the previous good one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from pathlib import Path
+from typing import Any
+
+import jax
+
+MANIFEST = "polychip.manifest.json"
+
+
+class CheckpointError(ValueError):
+    """No usable checkpoint, or one written for a different model."""
+
+
+def _crc(path: Path) -> int:
+    c = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            c = zlib.crc32(chunk, c)
+    return c
+
+
+def _files(step_dir: Path) -> dict[str, dict]:
+    out = {}
+    for p in sorted(step_dir.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            out[str(p.relative_to(step_dir))] = {"size": p.stat().st_size, "crc32": _crc(p)}
+    return out
+
+
+def write_manifest(step_dir: Path) -> None:
+    data = {"files": _files(step_dir)}
+    tmp = step_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, step_dir / MANIFEST)
+
+
+def verify(step_dir: Path) -> str | None:
+    """None if the step folder matches its manifest, else what is wrong."""
+    m = step_dir / MANIFEST
+    if not m.is_file():
+        return "no manifest (the save did not finish)"
+    try:
+        want = json.loads(m.read_text())["files"]
+    except (ValueError, KeyError):
+        return "unreadable manifest"
+    for rel, info in want.items():
+        p = step_dir / rel
+        if not p.is_file():
+            return f"missing file {rel}"
+        if p.stat().st_size != info["size"]:
+            return f"{rel} is {p.stat().st_size} bytes, expected {info['size']} (truncated?)"
+        if _crc(p) != info["crc32"]:
+            return f"{rel} fails its CRC32 check (corrupted)"
+    return None
+
+
+class Checkpointer:
+    """Save/restore {params, opt_state} plus JSON metadata under <out>/checkpoints."""
+
+    def __init__(self, out_dir: str | Path, keep: int = 2):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.dir = Path(out_dir).absolute() / "checkpoints"
+        opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+        self.mngr = ocp.CheckpointManager(self.dir, options=opts, item_names=("params", "opt_state", "meta"))
+
+    def steps(self) -> list[int]:
+        self.mngr.reload()
+        return sorted(self.mngr.all_steps())
+
+    def save(self, step: int, params: Any, opt_state: Any, meta: dict) -> None:
+        ocp = self._ocp
+        if step in self.steps():
+            return
+        self.mngr.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+            meta=ocp.args.JsonSave(meta)), force=True)
+        self.mngr.wait_until_finished()
+        if jax.process_index() == 0:
+            write_manifest(self.dir / str(step))
+        _barrier(f"polychip_ckpt_{step}")
+
+    def restore(self, abstract_params: Any, abstract_opt_state: Any | None, want_meta: dict | None = None,
+                log=print) -> tuple[int, Any, Any, dict] | None:
+        """Newest good checkpoint as (step, params, opt_state or None, meta); None if there is none.
+
+        abstract_* are pytrees of ShapeDtypeStruct with the *target* shardings: a checkpoint written on
+        one mesh restores onto another. want_meta["model"] is compared with the saved model config.
+        """
+        ocp = self._ocp
+        steps = self.steps()
+        problems = []
+        for step in reversed(steps):
+            step_dir = self.dir / str(step)
+            bad = verify(step_dir)
+            if bad and not bad.startswith("no manifest"):
+                log(f"checkpoint step {step} is damaged ({bad}); trying the previous one")
+                problems.append(f"step {step}: {bad}")
+                continue
+            try:
+                meta = self.mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            except Exception as e:  # noqa: BLE001 - any read failure means this step is unusable
+                log(f"checkpoint step {step} metadata unreadable ({type(e).__name__}); trying the previous one")
+                problems.append(f"step {step}: metadata unreadable")
+                continue
+            if want_meta is not None and want_meta.get("model") != meta.get("model"):
+                diff = _diff(meta.get("model", {}), want_meta.get("model", {}))
+                raise CheckpointError(
+                    f"checkpoint {step_dir} was written for a different model ({diff}); "
+                    "use a new --out folder or the matching model settings")
+            items = {"params": ocp.args.StandardRestore(abstract_params)}
+            if abstract_opt_state is not None:
+                items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+            try:
+                got = self.mngr.restore(step, args=ocp.args.Composite(**items))
+            except Exception as e:  # noqa: BLE001
+                log(f"checkpoint step {step} could not be read ({type(e).__name__}: {str(e)[:200]}); "
+                    "trying the previous one")
+                problems.append(f"step {step}: {type(e).__name__}")
+                continue
+            return step, got["params"], got.get("opt_state") if abstract_opt_state is not None else None, meta
+        if problems:
+            raise CheckpointError(f"no usable checkpoint in {self.dir}: " + "; ".join(problems))
+        return None
+
+    def close(self) -> None:
+        self.mngr.close()
+
+
+def _diff(a: dict, b: dict) -> str:
+    keys = sorted(set(a) | set(b))
+    d = [f"{k}: checkpoint {a.get(k)!r} vs this run {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+    return ", ".join(d[:4]) or "model settings differ"
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
