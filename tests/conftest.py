@@ -17,6 +17,6 @@ def tiny_run(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tiny_run")
     cfg = build_config("tiny", overrides=[f"out_dir={out}", "data.max_bytes=300000", "train.steps=10",
-                                          "mesh.fsdp=1", "mesh.data=1"])
+                                          "mesh.num_devices=1"])
     train(cfg, log=lambda *a: None)
     return out

@@ -184,6 +184,8 @@ class MeshConfig:
     tensor: int = 1
     #: Overrides of the logical->mesh rule table, e.g. {"mlp": "tensor", "vocab": null}.
     rules: dict = field(default_factory=dict)
+    #: Use only the first N devices (0 = all devices of all processes).
+    num_devices: int = 0
 
 
 @dataclass

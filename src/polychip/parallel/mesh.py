@@ -45,6 +45,12 @@ def make_mesh(cfg: MeshConfig, devices: Sequence | None = None) -> Mesh:
     import jax
 
     devs = list(devices) if devices is not None else jax.devices()
+    if cfg.num_devices:
+        if cfg.num_devices > len(devs) or cfg.num_devices < 0:
+            raise ShardingError(f"mesh.num_devices={cfg.num_devices} but {len(devs)} devices are available")
+        if jax.process_count() > 1 and cfg.num_devices != len(devs):
+            raise ShardingError("mesh.num_devices must cover every device in a multi-process run")
+        devs = devs[: cfg.num_devices]
     sizes = resolve_shape(cfg, len(devs))
     shape = tuple(sizes[a] for a in MESH_AXES)
     try:
