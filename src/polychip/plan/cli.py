@@ -1,0 +1,106 @@
+"""`polychip plan`: the lead wires `add_parser` and `run` into polychip.cli."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from polychip.plan.errors import PlanError
+from polychip.plan.options import OBJECTIVES
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("plan", help="place training runs and services across chip pools (MILP)",
+                              description="Plan which workload runs where across a mixed TPU/Trainium/GPU fleet. "
+                                          "The fleet file schema is in polychip/plan/fleet.py.")
+    p.add_argument("fleet", help="fleet YAML file: pools, site power cap, workloads")
+    p.add_argument("--objective", choices=OBJECTIVES, default="cost", help="minimise dollars, finishing time or energy")
+    p.add_argument("--report", metavar="DIR", help="write plan.json, PNG plots, index.html and launch/*.yaml here")
+    p.add_argument("--json", metavar="PATH", help="write the plan as JSON ('-' for stdout)")
+    p.add_argument("--launch", metavar="DIR", help="write one SkyPilot task YAML per placement here")
+    p.add_argument("--records", metavar="DIR", help="benchmark records (*.json) from polychip bench / compile")
+    p.add_argument("--catalog", metavar="FILE", help="chip catalog overrides/additions (YAML, same layout)")
+    p.add_argument("--scale-pool", action="append", default=[], metavar="POOL=FACTOR", help="what-if: scale a pool")
+    p.add_argument("--price", action="append", default=[], metavar="NAME=USD",
+                   help="what-if: USD per chip-hour for a pool (or every pool of a chip kind)")
+    p.add_argument("--power-cap", metavar="POWER", help="what-if: site power cap, e.g. 500MW")
+    p.add_argument("--time-limit", type=float, default=60.0, help="solver time limit in seconds")
+    p.add_argument("--gap", type=float, default=1e-4, help="relative MIP gap at which the solver may stop")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    """Plan; print the table; write outputs. Returns 0 when a feasible plan was found, 1 when not, 2 on bad input."""
+    from polychip.config import ConfigError
+    from polychip.hardware import HardwareError
+
+    try:
+        return _run(args)
+    except (PlanError, HardwareError, ConfigError) as e:
+        print(f"polychip plan: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    import json
+
+    from rich.console import Console
+
+    from polychip.hardware import load_catalog
+    from polychip.plan import report, whatif
+    from polychip.plan.fleet import load_fleet
+    from polychip.plan.launch import write_tasks
+    from polychip.plan.perf import PerfModel
+    from polychip.plan.published import published_records
+    from polychip.plan.records import load_records
+    from polychip.plan.solve import plan_fleet
+
+    catalog = load_catalog(args.catalog)
+    fleet = load_fleet(args.fleet, catalog)
+    records = published_records() + (load_records(args.records) if args.records else [])
+    perf = PerfModel(records, catalog)
+    # Wide enough for the plan table when output is not a terminal (logs, CI).
+    console = Console(stderr=args.json == "-", width=None if sys.stdout.isatty() else 200)
+    base = plan_fleet(fleet, perf, args.objective, time_limit=args.time_limit, gap=args.gap)
+    plan, extra, changes = base, [], []
+    if args.scale_pool or args.price or args.power_cap:
+        new_fleet, changes = whatif.apply(fleet, args.scale_pool, args.price, args.power_cap)
+        console.print("[bold]baseline[/]")
+        report.print_plan(base, console)
+        plan = plan_fleet(new_fleet, perf, args.objective, time_limit=args.time_limit, gap=args.gap)
+        fleet = new_fleet
+        console.print("[bold]what-if:[/] " + "; ".join(changes), highlight=False)
+        report.print_plan(plan, console)
+        extra = ["what-if: " + c for c in changes] + ["difference: " + d for d in whatif.diff(base, plan)]
+        console.print("[bold]difference[/]")
+        for d in whatif.diff(base, plan):
+            console.print("  " + d, highlight=False)
+    else:
+        report.print_plan(plan, console)
+    if args.json:
+        body = report.plan_json(plan, fleet)
+        if changes:
+            body["whatif"] = {"changes": changes, "baseline": report.plan_json(base, fleet)}
+        if args.json == "-":
+            print(json.dumps(body, indent=1))
+        else:
+            report._atomic_write(__import__("pathlib").Path(args.json), json.dumps(body, indent=1))
+    if args.launch:
+        write_tasks(fleet, plan, args.launch)
+    if args.report:
+        path = report.write_report(plan, fleet, args.report, extra)
+        console.print(f"report: {path}", highlight=False)
+    return 0 if plan.status != "infeasible" else 1
+
+
+def main(argv=None) -> int:
+    """Stand-alone entry (`python -m polychip.plan.cli fleet.yaml`) until the lead wires `polychip plan`."""
+    parser = argparse.ArgumentParser(prog="polychip")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    add_parser(sub)
+    args = parser.parse_args(["plan", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""Performance model: how fast a workload runs on n chips of a kind, and where that figure came from.
+
+Source order for training step time: a measured record of this model and sequence length on this
+chip (scaled to the chip count and batch asked for by the roofline's ratio) > a compiler estimate
+record (`polychip compile`) > the analytic roofline divided by a fitted efficiency factor. Serving
+always uses the roofline (it must search batch sizes and replica widths) with an efficiency from a
+matching measured record when there is one, else from calibration. Every estimate carries `source`
+and a one-line `detail`.
+
+Calibration: efficiency = roofline step time / real step time, per record. The factor for a chip is
+the geometric mean over that chip's measured records, else its published ones, else those of its
+family (tpu, gpu, trainium...), else all records, else DEFAULT_EFFICIENCY, and the detail says which.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from polychip.hardware import Chip
+from polychip.plan import roofline as R
+from polychip.plan.records import Record
+
+#: Used only when no record at all can calibrate: the middle of the published 33-65% MFU range.
+DEFAULT_EFFICIENCY = 0.5
+#: Serving decode batch ceiling (vLLM's default max_num_seqs is 256; beyond it gains are small).
+MAX_DECODE_BATCH = 256
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    value: float
+    detail: str
+    n_records: int = 0
+
+
+@dataclass
+class Calibration:
+    """Efficiency factors fitted from records, looked up per (mode, chip)."""
+
+    #: (mode, chip name) -> list of (efficiency, source) per record.
+    per_chip: dict = field(default_factory=dict)
+    families: dict = field(default_factory=dict)
+
+    @classmethod
+    def fit(cls, records: list[Record], chips: dict[str, Chip]) -> "Calibration":
+        cal = cls()
+        for r in records:
+            chip = chips.get(r.chip)
+            if chip is None or chip.peak("bfloat16") is None or chip.hbm_bandwidth is None:
+                continue
+            eff = record_efficiency(r, chip)
+            if eff is None or not (eff > 0 and math.isfinite(eff)):
+                continue
+            cal.per_chip.setdefault((r.mode, chip.name), []).append((eff, r.source))
+            cal.families[chip.name] = chip.family
+        return cal
+
+    def efficiency(self, mode: str, chip: Chip) -> Efficiency:
+        def gmean(vals):
+            return math.exp(sum(math.log(v) for v in vals) / len(vals))
+
+        own = self.per_chip.get((mode, chip.name), [])
+        for src in ("measured", "compiler", "published"):
+            vals = [e for e, s in own if s == src]
+            if vals:
+                return Efficiency(gmean(vals), f"eff {gmean(vals):.2f} fitted from {len(vals)} {src} "
+                                               f"{mode} record(s) on {chip.name}", len(vals))
+        fam = [e for (m, c), lst in self.per_chip.items() if m == mode and self.families.get(c) == chip.family
+               for e, _ in lst]
+        if fam:
+            return Efficiency(gmean(fam), f"eff {gmean(fam):.2f} fitted from {len(fam)} {mode} record(s) on other "
+                                          f"{chip.family} chips (none on {chip.name})", len(fam))
+        every = [e for (m, _), lst in self.per_chip.items() if m == mode for e, _ in lst]
+        if every:
+            return Efficiency(gmean(every), f"eff {gmean(every):.2f} fitted from {len(every)} {mode} record(s) on "
+                                            f"other chip families (none on {chip.family})", len(every))
+        return Efficiency(DEFAULT_EFFICIENCY, f"eff {DEFAULT_EFFICIENCY} UNCALIBRATED default (no {mode} records)")
+
+
+def record_efficiency(r: Record, chip: Chip) -> float | None:
+    """Roofline time / real time for one record (the record's own setup)."""
+    if r.mode == "train":
+        b = R.train_bound(r.model, chip, r.chips, r.batch, r.seq, r.remat,
+                          grad_accum=_fit_accum(r.model, chip, r.chips, r.batch, r.seq, r.remat))
+        return b.t_step / r.step_time_s
+    cfg = best_serve_config(r.model, chip, r.prompt_tokens, r.output_tokens, r.dtype, 1.0, None, None,
+                            ks=[r.chips], batch=r.batch)
+    if cfg is None:
+        return None
+    return r.requests_per_s / cfg.rps
+
+
+def _fit_accum(cfg, chip: Chip, n: int, batch: int, seq: int, remat: str) -> int:
+    """Fewest micro-batches (power of two dividing the per-replica batch) that fit; 1 if none does."""
+    dp, _ = R.split(n, batch)
+    for a in R.pow2_upto(max(1, batch // dp)):
+        if (batch // dp) % a == 0 and R.train_bound(cfg, chip, n, batch, seq, remat, grad_accum=a).fits:
+            return a
+    return 1
+
+
+def fastest_fitting_bound(w, chip: Chip, n: int) -> "R.TrainBound | None":
+    """Over remat (per w.remat) and grad_accum (powers of two dividing the per-replica batch): the
+    fitting configuration with the shortest roofline step, or None when nothing fits."""
+    dp, _ = R.split(n, w.batch)
+    per_replica = max(1, w.batch // dp)
+    best = None
+    for remat in (["none", "full"] if w.remat == "auto" else [w.remat]):
+        for a in R.pow2_upto(per_replica):
+            if per_replica % a:
+                continue
+            b = R.train_bound(w.model, chip, n, w.batch, w.seq_len, remat, grad_accum=a)
+            if b.fits:
+                if best is None or b.t_step < best.t_step:
+                    best = b
+                break  # more micro-batches only add weight traffic
+    return best
+
+
+@dataclass(frozen=True)
+class TrainEstimate:
+    chip: str
+    n_chips: int
+    step_time_s: float
+    tokens_per_s: float
+    mfu: float
+    source: str  # measured | compiler | roofline
+    detail: str
+    remat: str
+    dp: int
+    tp: int
+    grad_accum: int
+    bound: str
+    hbm_bytes_per_chip: float
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Best replica for one service on one chip kind."""
+
+    chip: str
+    k: int  # chips per replica
+    batch: int
+    ttft_s: float
+    tpot_s: float
+    rps: float  # requests/s one replica sustains
+    source: str = "roofline"
+    detail: str = ""
+
+
+def best_serve_config(cfg, chip: Chip, prompt: int, output: int, dtype: str, eff: float,
+                      ttft: float | None, tpot: float | None, ks: list[int] | None = None,
+                      batch: int | None = None) -> ServeConfig | None:
+    """The (k, batch) with the most requests/s per chip that meets the latency targets, else None."""
+    if ks is None:
+        kmax = 64 if chip.family == "tpu" else max(1, chip.chips_per_host)
+        ks = R.pow2_upto(kmax)
+    best = None
+    for k in ks:
+        fit = R.max_fit_batch(cfg, chip, k, prompt, output, dtype)
+        if fit < 1:
+            continue
+        batches = [min(batch, fit)] if batch else R.pow2_upto(min(fit, MAX_DECODE_BATCH))
+        if not batch and fit < MAX_DECODE_BATCH and fit not in batches:
+            batches.append(fit)
+        for b in batches:
+            sb = R.serve_bound(cfg, chip, k, b, prompt, output, dtype)
+            t1, t2, rps = sb.at_efficiency(eff, output)
+            if (ttft is not None and t1 > ttft) or (tpot is not None and t2 > tpot):
+                continue
+            cand = ServeConfig(chip.name, k, b, t1, t2, rps)
+            if best is None or cand.rps / k > best.rps / best.k * (1 + 1e-9):
+                best = cand
+    return best
+
+
+def fastest_serve_latency(cfg, chip: Chip, prompt: int, output: int, dtype: str, eff: float) -> tuple[float, float] | None:
+    """(best TTFT, best TPOT) any replica reaches: batch 1 at the widest replica that fits."""
+    kmax = 64 if chip.family == "tpu" else max(1, chip.chips_per_host)
+    best = None
+    for k in R.pow2_upto(kmax):
+        if R.max_fit_batch(cfg, chip, k, prompt, output, dtype) < 1:
+            continue
+        t1, t2, _ = R.serve_bound(cfg, chip, k, 1, prompt, output, dtype).at_efficiency(eff, output)
+        best = (t1, t2) if best is None else (min(best[0], t1), min(best[1], t2))
+    return best
+
+
+class PerfModel:
+    """Estimates with provenance. `records`: measured/compiler/published records; `chips`: name -> Chip."""
+
+    def __init__(self, records: list[Record], chips: dict[str, Chip], calibration: Calibration | None = None):
+        self.chips = chips
+        self.direct = [r for r in records if r.source in ("measured", "compiler")]
+        self.calibration = calibration if calibration is not None else Calibration.fit(records, chips)
+        self._train_cache: dict = {}
+        self._serve_cache: dict = {}
+
+    # -- training ---------------------------------------------------------------------------------
+    def train(self, w, chip: Chip, n: int) -> TrainEstimate | None:
+        """Step time of training workload `w` on n chips, or None if it cannot run (memory, split)."""
+        key = (w.model, w.seq_len, w.batch, w.remat, w.max_tensor, chip.name, n)
+        if key not in self._train_cache:
+            self._train_cache[key] = self._train(w, chip, n)
+        return self._train_cache[key]
+
+    def _train(self, w, chip: Chip, n: int) -> TrainEstimate | None:
+        dp, tp = R.split(n, w.batch)
+        if tp > w.max_tensor:
+            return None
+        bound = fastest_fitting_bound(w, chip, n)
+        if bound is None:
+            return None
+        remat = bound.remat
+        t, source, detail = None, "roofline", ""
+        for src in ("measured", "compiler"):
+            recs = [r for r in self.direct if r.source == src and r.mode == "train" and r.chip == chip.name
+                    and r.model == w.model and r.seq == w.seq_len]
+            if recs:
+                r = min(recs, key=lambda r: (abs(math.log(r.chips / n)) + abs(math.log(r.batch / w.batch))
+                                             + (r.remat != remat)))
+                ref = R.train_bound(r.model, chip, r.chips, r.batch, r.seq, r.remat,
+                                    grad_accum=_fit_accum(r.model, chip, r.chips, r.batch, r.seq, r.remat))
+                t = r.step_time_s * bound.t_step / ref.t_step
+                exact = r.chips == n and r.batch == w.batch and r.remat == remat
+                source = src
+                detail = (f"{src} record: {r.chips} chips, batch {r.batch}"
+                          + ("" if exact else f", scaled to {n} chips / batch {w.batch} by the roofline ratio"))
+                break
+        if t is None:
+            eff = self.calibration.efficiency("train", chip)
+            t = bound.t_step / eff.value
+            detail = f"{bound.bound}-bound, {eff.detail}"
+            if not bound.comm_modelled:
+                detail += "; collectives NOT modelled (no link bandwidth in catalog)"
+            if n > chip.chips_per_host and chip.family != "tpu":
+                detail += "; cross-host network not in catalog (chip link bandwidth used)"
+        tokens = w.batch * w.seq_len
+        mfu = bound.model_flops / (t * n * chip.peak("bfloat16"))
+        return TrainEstimate(chip.name, n, t, tokens / t, mfu, source, detail, remat, bound.dp, bound.tp,
+                             bound.grad_accum, bound.bound, bound.hbm_bytes_needed)
+
+    # -- serving ----------------------------------------------------------------------------------
+    def serve_efficiency(self, s, chip: Chip) -> tuple[float, str, str]:
+        recs = [r for r in self.direct if r.mode == "serve" and r.chip == chip.name and r.model == s.model
+                and r.prompt_tokens == s.prompt_tokens and r.output_tokens == s.output_tokens and r.dtype == s.dtype]
+        for src in ("measured", "compiler"):
+            for r in recs:
+                if r.source == src:
+                    e = record_efficiency(r, chip)
+                    if e:
+                        return e, src, f"roofline with eff {e:.2f} from a {src} record of this service shape"
+        eff = self.calibration.efficiency("serve", chip)
+        return eff.value, "roofline", eff.detail
+
+    def serve(self, s, chip: Chip) -> ServeConfig | None:
+        key = (s.model, s.prompt_tokens, s.output_tokens, s.dtype, s.ttft_s, s.tpot_s, chip.name)
+        if key not in self._serve_cache:
+            eff, src, detail = self.serve_efficiency(s, chip)
+            c = best_serve_config(s.model, chip, s.prompt_tokens, s.output_tokens, s.dtype, eff, s.ttft_s, s.tpot_s)
+            if c is not None:
+                c = ServeConfig(c.chip, c.k, c.batch, c.ttft_s, c.tpot_s, c.rps, src, detail)
+            self._serve_cache[key] = c
+        return self._serve_cache[key]
+
+    def serve_unreachable(self, s, chip: Chip) -> str:
+        """Why no replica config meets the service's targets on this chip."""
+        eff, _, _ = self.serve_efficiency(s, chip)
+        best = fastest_serve_latency(s.model, chip, s.prompt_tokens, s.output_tokens, s.dtype, eff)
+        if best is None:
+            return f"{chip.name}: weights + one sequence's KV cache do not fit on any replica width"
+        parts = []
+        if s.ttft_s is not None and best[0] > s.ttft_s:
+            parts.append(f"TTFT target {s.ttft_s * 1e3:.0f} ms, best {best[0] * 1e3:.0f} ms")
+        if s.tpot_s is not None and best[1] > s.tpot_s:
+            parts.append(f"TPOT target {s.tpot_s * 1e3:.1f} ms, best {best[1] * 1e3:.1f} ms")
+        return f"{chip.name}: " + ("; ".join(parts) or "targets met only separately, not at one batch size")
