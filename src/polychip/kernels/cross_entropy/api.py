@@ -1,15 +1,35 @@
 """cross_entropy(h, w, labels, mask, policy) -> (loss_sum, count): fused output projection + CE.
 
-h [N, D], w [D, V], labels [N], mask [N]. Implementations that never materialise [N, V] logits
-register here beside the reference.
+h [N, D], w [D, V], labels [N] int, mask [N] -> (sum of masked token losses, number of counted
+tokens), both float32 scalars. Implementations (lower priority number tried first; interpret
+variants sit after the reference so they run only when named in an override):
+  10 pallas_tpu            Mosaic kernels, fwd + dh + dw, no [N, V] logits   deviceless-compiled in CI
+  50 xla_chunked           lax.scan over token x vocab chunks + custom_vjp   executed in CI (CPU)
+ 100 reference             materialises [N, V] float32 logits                 the ground truth
+ 200 pallas_tpu_interpret  the TPU kernels in TPU interpret mode (CPU)
+There is no Pallas GPU kernel: on GPU, xla_chunked runs the tile matmuls on cuBLAS (see README).
 """
 from __future__ import annotations
 
-from polychip.kernels.cross_entropy import reference
+import functools
+
+from polychip.kernels.cross_entropy import reference, xla_chunked
 from polychip.kernels.registry import KernelPolicy, register
 
 OP = "cross_entropy"
+register(OP, "xla_chunked", priority=50, verified="executed in CI (CPU)")(xla_chunked.cross_entropy)
 register(OP, "reference", priority=100, verified="executed in CI (CPU); the ground truth")(reference.cross_entropy)
+
+try:  # guarded: a jax build without Mosaic drops these entries, never the import
+    from polychip.kernels.cross_entropy import pallas_tpu
+except ImportError:  # pragma: no cover
+    pallas_tpu = None
+if pallas_tpu is not None:
+    register(OP, "pallas_tpu", priority=10, supported_on=pallas_tpu.supported_on,
+             verified="TPU interpret mode on CPU + deviceless compile for TPU topologies in CI")(pallas_tpu.cross_entropy)
+    register(OP, "pallas_tpu_interpret", priority=200, supported_on=pallas_tpu.interpret_supported_on,
+             verified="executed in CI (CPU, TPU interpret mode)")(
+        functools.partial(pallas_tpu.cross_entropy, interpret=True))
 
 
 def cross_entropy(h, w, labels, mask, *, policy: KernelPolicy):
