@@ -17,7 +17,7 @@ register(OP, "xla", priority=50, supported_on=xla.supported_on, verified="execut
 register(OP, "reference", priority=100, verified="executed in CI (CPU); the ground truth")(reference.attention)
 # Pallas backends register themselves on import (TPU 10, GPU 20; their CPU interpreters at 200+, after the
 # reference, so only an explicit override selects them).
-from polychip.kernels.attention import pallas_tpu  # noqa: E402,F401
+from polychip.kernels.attention import pallas_gpu, pallas_tpu  # noqa: E402,F401
 
 
 def attention(q, k, v, *, policy: KernelPolicy, causal=True, sliding_window=None, soft_cap=None, q_offset=None,
