@@ -12,7 +12,7 @@ from polychip.config import TrainConfig
 
 def schedule(t: TrainConfig) -> optax.Schedule:
     warmup = max(0, min(t.warmup_steps, t.steps))
-    decay = max(1, t.steps)
+    decay = max(warmup + 1, t.steps)  # optax needs a non-empty cosine phase
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0 if warmup else t.lr, peak_value=t.lr, warmup_steps=warmup, decay_steps=decay,
         end_value=t.lr * t.min_lr_ratio)

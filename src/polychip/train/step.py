@@ -67,7 +67,7 @@ def train_step_fn(cfg: Config, rt: T.Runtime) -> Callable:
             (g_sum, l_sum), _ = jax.lax.scan(acc, (zero, jnp.zeros((), jnp.float32)), mbs)
             grads = jax.tree.map(lambda g, p: (g / A).astype(p.dtype), g_sum, params)
             l = l_sum / A
-        gnorm = optax.global_norm(grads)
+        gnorm = optax.tree.norm(grads)
         updates, new_opt = opt.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         metrics = {"loss": l, "grad_norm": gnorm, "lr": sched(state["step"])}

@@ -1,0 +1,95 @@
+"""Checkpoints: exact resume, resume onto another mesh, damaged checkpoints, model mismatch."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from polychip.config import build_config
+from polychip.train.checkpoint import CheckpointError
+from polychip.train.loop import train
+
+COMMON = ["data.max_bytes=200000", "train.steps=8", "train.checkpoint_every=0", "train.warmup_steps=2"]
+
+
+def _cfg(out, *extra):
+    return build_config("tiny", overrides=[f"out_dir={out}", *COMMON, *extra])
+
+
+def _params(res):
+    return jax.device_get(res.state["params"])
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    return train(_cfg(out, "mesh.num_devices=1"), log=lambda *a: None)
+
+
+def test_resume_is_bitwise_identical(tmp_path, straight):
+    out = tmp_path / "split"
+    first = train(_cfg(out, "mesh.num_devices=1"), log=lambda *a: None, stop_after=4)
+    assert first.final_step == 4 and first.steps_run == 4
+    logs = []
+    second = train(_cfg(out, "mesh.num_devices=1"), log=logs.append)
+    assert second.resumed_from == 4 and second.steps_run == 4
+    assert any("resumed from checkpoint step 4" in l for l in logs)
+    assert first.losses + second.losses == straight.losses  # bitwise on CPU
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), _params(second), _params(straight))
+    # metrics.jsonl holds every step exactly once across the two runs
+    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+
+
+def test_resume_onto_another_mesh(tmp_path, straight):
+    out = tmp_path / "remesh"
+    train(_cfg(out, "mesh.num_devices=1"), log=lambda *a: None, stop_after=4)
+    second = train(_cfg(out, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"), log=lambda *a: None)
+    assert second.resumed_from == 4
+    np.testing.assert_allclose(second.losses, straight.losses[4:], rtol=1e-5, atol=1e-5)
+    assert second.state["params"]["layers"]["wq"].sharding.spec[1] == "fsdp"
+
+
+def _damage_newest(out):
+    ck = out / "checkpoints"
+    newest = max(int(p.name) for p in ck.iterdir() if p.name.isdigit())
+    files = sorted(p for p in (ck / str(newest)).rglob("*") if p.is_file() and p.stat().st_size > 64
+                   and "manifest" not in p.name)
+    victim = files[-1]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])  # truncated
+    return newest
+
+
+def test_damaged_checkpoint_falls_back_to_previous(tmp_path):
+    out = tmp_path / "damaged"
+    train(_cfg(out, "mesh.num_devices=1", "train.checkpoint_every=4"), log=lambda *a: None)
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [4, 8]
+    assert _damage_newest(out) == 8
+    logs = []
+    res = train(_cfg(out, "mesh.num_devices=1", "train.steps=10"), log=logs.append)
+    assert res.resumed_from == 4
+    assert any("step 8 is damaged" in l and "truncated" in l for l in logs), logs
+
+
+def test_all_checkpoints_damaged_is_a_clear_error(tmp_path):
+    out = tmp_path / "alldamaged"
+    train(_cfg(out, "mesh.num_devices=1", "train.steps=4"), log=lambda *a: None)
+    _damage_newest(out)
+    with pytest.raises(CheckpointError, match="no usable checkpoint"):
+        train(_cfg(out, "mesh.num_devices=1"), log=lambda *a: None)
+
+
+def test_checkpoint_from_a_different_model_is_refused(tmp_path):
+    out = tmp_path / "other"
+    train(_cfg(out, "mesh.num_devices=1", "train.steps=2"), log=lambda *a: None)
+    with pytest.raises(CheckpointError, match="different model.*n_layers"):
+        train(_cfg(out, "mesh.num_devices=1", "model.n_layers=3"), log=lambda *a: None)
+
+
+def test_no_temporary_checkpoint_dirs_left(straight, tmp_path):
+    out = tmp_path / "clean"
+    train(_cfg(out, "mesh.num_devices=1", "train.steps=2"), log=lambda *a: None)
+    names = os.listdir(out / "checkpoints")
+    assert names == ["2"], names
