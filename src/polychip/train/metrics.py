@@ -41,6 +41,15 @@ class MetricsLogger:
         self.enabled = enabled
         self.stream = stream or sys.stdout
         self._f = open(self.path, "a") if (self.path and enabled) else None
+        self._progress = None
+        if enabled and getattr(self.stream, "isatty", lambda: False)():
+            # A live bar on terminals (loss, tokens/s, MFU, ETA); plain lines otherwise (logs, CI).
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
+                                      TextColumn("{task.fields[status]}"), TimeRemainingColumn(), transient=True)
+            self._task = self._progress.add_task("train", total=total_steps, status="compiling...")
+            self._progress.start()
 
     def mfu(self, step_time: float) -> float | None:
         if not self.peak or step_time <= 0:
@@ -57,17 +66,23 @@ class MetricsLogger:
         if self._f:
             self._f.write(json.dumps(rec) + "\n")
             self._f.flush()
-        if print_line and self.enabled:
-            mfu = rec["mfu"]
-            extra = " (includes compile)" if compiled else ""
-            self.stream.write(
-                f"step {step:>6}/{self.total}  loss {rec['loss']:.4f}  gnorm {rec['grad_norm']:.3f}  "
+        mfu = rec["mfu"]
+        line = (f"step {step:>6}/{self.total}  loss {rec['loss']:.4f}  gnorm {rec['grad_norm']:.3f}  "
                 f"lr {rec['lr']:.2e}  {rec['tokens_per_s']:,.0f} tok/s  {step_time * 1e3:.0f} ms/step  "
-                f"MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}{extra}\n")
+                f"MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}" + (" (includes compile)" if compiled else ""))
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, status=line.split("/", 1)[1].split(None, 1)[1])
+            if print_line:
+                self._progress.console.print(line, highlight=False, markup=False)
+        elif print_line and self.enabled:
+            self.stream.write(line + "\n")
             self.stream.flush()
         return rec
 
     def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
         if self._f:
             self._f.close()
             self._f = None
