@@ -307,5 +307,17 @@ def build_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = 
     async def metrics():
         return PlainTextResponse(engine.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    def openapi():
+        # The schema names the one model this server serves (the code still answers 404 for others).
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            for name in ("CompletionRequest", "ChatRequest"):
+                doc["components"]["schemas"][name]["properties"]["model"]["enum"] = [model_name]
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi
     app.add_middleware(BodyLimit, limit=limits.max_request_bytes)
     return app
