@@ -1,0 +1,6 @@
+"""Ahead-of-time compile of the real train / serve steps for a target the host does not have.
+
+TPU targets: libtpu's deviceless compiler (`jax.experimental.topologies`) gives the executable's memory
+use and the compiler's cost figures. GPU / Trainium targets: an analytic roofline, labelled "modelled".
+Entry points: `polychip.compile.run.compile_report(...)`, the `polychip compile` CLI (cli.py).
+"""

@@ -1,0 +1,56 @@
+"""On-disk cache of compile results, keyed by everything that affects them.
+
+Key = sha256 of: the full config dict, target text, mesh sizes, the step's shapes (mode, batch, seq),
+the jax / jaxlib / libtpu versions, and CACHE_VERSION (bump it when what we store changes).
+Location: $POLYCHIP_CACHE_DIR or ~/.cache/polychip/compile. One JSON file per entry, written
+atomically; a corrupt entry is treated as a miss and overwritten.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+CACHE_VERSION = 3
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("POLYCHIP_CACHE_DIR")
+    root = Path(base) if base else Path.home() / ".cache" / "polychip"
+    return root / "compile"
+
+
+def _version(pkg: str) -> str:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+def versions() -> dict:
+    return {p: _version(p) for p in ("jax", "jaxlib", "libtpu", "optax")}
+
+
+def key(payload: dict) -> str:
+    body = json.dumps({"v": CACHE_VERSION, "versions": versions(), **payload}, sort_keys=True, default=str)
+    return hashlib.sha256(body.encode()).hexdigest()[:32]
+
+
+def load(k: str) -> dict | None:
+    p = cache_dir() / f"{k}.json"
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def store(k: str, value: dict) -> None:
+    d = cache_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(value, fh)
+    os.replace(tmp, d / f"{k}.json")

@@ -1,0 +1,234 @@
+"""Lower and compile the real steps for a TPU topology, without the hardware.
+
+The train step is `polychip.train.step.jit_train_step` (the function `train` runs, with its donation
+and shardings); serve compiles prefill and decode over `polychip.model.transformer.logits` with a KV
+cache, jitted the way `polychip.generate` does. Kernels are chosen for the *target* device kind.
+
+Every figure in a `CompiledStep` is per device (what `memory_analysis()` / `cost_analysis()` return
+for an SPMD executable), except `program_flops`, which is global (all devices).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+from polychip.compile import hlo as hlo_mod
+from polychip.compile import program_flops
+from polychip.compile.target import TargetSpec, tpu_devices
+from polychip.config import Config, MeshConfig
+
+
+@dataclass
+class CompiledStep:
+    """Raw results of compiling one step (JSON-able; cached on disk)."""
+
+    name: str
+    #: memory_analysis(), bytes per device.
+    memory: dict
+    #: cost_analysis() as returned: per device, each while-loop body counted once.
+    cost: dict
+    #: hlo.HloStats of the optimised module (per device, loop trips included).
+    hlo: dict
+    #: Global matmul FLOPs of the traced program (scan trips included) and with loops counted once.
+    program_flops: float
+    program_flops_loops_once: float
+    lower_s: float
+    compile_s: float
+    #: Kernel implementations picked for the target.
+    kernels: dict = field(default_factory=dict)
+    #: Sharding rules that could not apply (axis does not divide a dimension).
+    dropped_rules: list = field(default_factory=list)
+    #: Why the registry's first choice of kernels was replaced (empty when it was not).
+    kernel_fallback: str = ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "CompiledStep":
+        return CompiledStep(**d)
+
+
+def _mem_dict(m) -> dict:
+    keys = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+            "generated_code_size_in_bytes", "host_argument_size_in_bytes", "host_output_size_in_bytes",
+            "host_temp_size_in_bytes", "host_alias_size_in_bytes")
+    return {k.replace("_size_in_bytes", ""): int(getattr(m, k, 0) or 0) for k in keys}
+
+
+def _cost_dict(c) -> dict:
+    if isinstance(c, (list, tuple)):
+        c = c[0] if c else {}
+    c = c or {}
+    return {k: float(c[k]) for k in ("flops", "bytes accessed", "optimal_seconds", "transcendentals") if k in c}
+
+
+def _layout(cfg: Config, sizes: dict, devices):
+    from polychip.parallel.mesh import make_mesh
+    from polychip.parallel.sharding import Layout
+
+    mc = MeshConfig(data=sizes["data"], fsdp=sizes["fsdp"], tensor=sizes["tensor"], rules=dict(cfg.mesh.rules))
+    return Layout.create(make_mesh(mc, devices), mc.rules)
+
+
+def _policy(cfg: Config, devices):
+    from polychip.kernels.registry import KernelPolicy, Target
+
+    return KernelPolicy.create(Target(platform="tpu", device_kind=devices[0].device_kind), cfg.kernels.overrides())
+
+
+def _kernels_used(policy, cfg: Config, seq: int, dtype: str, decode: bool) -> dict:
+    """Which implementation the registry picks for the target at these shapes (for the report)."""
+    m = cfg.model
+    out = {}
+    for op, query in (("rms_norm", {"dtype": dtype}), ("cross_entropy", {"dtype": dtype})):
+        try:
+            out[op] = policy.pick(op, **query).name
+        except Exception as e:  # noqa: BLE001 - report only
+            out[op] = f"? ({e})"
+    try:
+        out["attention"] = policy.pick("attention", q_len=1 if decode else seq, kv_len=seq, n_heads=m.n_heads,
+                                       n_kv_heads=m.n_kv_heads, head_dim=m.head_dim, dtype=dtype, causal=True,
+                                       sliding_window=None, soft_cap=None, has_q_offset=decode,
+                                       has_kv_lengths=False).name
+    except Exception as e:  # noqa: BLE001 - report only
+        out["attention"] = f"? ({e})"
+    return out
+
+
+def _compile(name: str, jitted, args: tuple, trace_fn, n_devices: int, on_phase=None) -> CompiledStep:
+    t0 = time.perf_counter()
+    if on_phase:
+        on_phase(f"{name}: lowering")
+    lowered = jitted.lower(*args)
+    t1 = time.perf_counter()
+    if on_phase:
+        on_phase(f"{name}: compiling (XLA TPU)")
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    if on_phase:
+        on_phase(f"{name}: analysing")
+    stats = hlo_mod.analyse(compiled.as_text(), n_devices)
+    pf = program_flops.count(trace_fn, *args)
+    return CompiledStep(name=name, memory=_mem_dict(compiled.memory_analysis()), cost=_cost_dict(compiled.cost_analysis()),
+                        hlo=dataclasses.asdict(stats), program_flops=pf.flops, program_flops_loops_once=pf.flops_loops_once,
+                        lower_s=t1 - t0, compile_s=t2 - t1)
+
+
+# Pallas (Mosaic) kernels lower to a custom call XLA cannot partition over a multi-device mesh unless
+# the kernel wraps itself in shard_map. When that happens we compile with the XLA/jnp implementations
+# instead (only for ops the user did not choose) and say so in the report.
+_MOSAIC_MSG = "Mosaic kernels cannot be automatically partitioned"
+
+
+def _fallback_cfg(cfg: Config, serve: bool) -> Config:
+    import copy
+
+    k = copy.copy(cfg.kernels)
+    if k.attention == "auto":
+        k.attention = "reference" if serve else "xla"
+    if k.rms_norm == "auto":
+        k.rms_norm = "reference"
+    if k.cross_entropy == "auto":
+        k.cross_entropy = "xla_chunked"
+    return dataclasses.replace(cfg, kernels=k)
+
+
+def _with_fallback(fn, cfg: Config, serve: bool, *a, **kw):
+    try:
+        return fn(cfg, *a, **kw)
+    except NotImplementedError as e:
+        if _MOSAIC_MSG not in str(e):
+            raise
+        fb = _fallback_cfg(cfg, serve)
+        out = fn(fb, *a, **kw)
+        note = (f"Pallas TPU kernels are not wrapped in shard_map, so XLA cannot partition them over this mesh; "
+                f"compiled with attention={fb.kernels.attention}, rms_norm={fb.kernels.rms_norm}, "
+                f"cross_entropy={fb.kernels.cross_entropy} instead")
+        for step in (out if isinstance(out, list) else [out]):
+            step.kernel_fallback = note
+        return out
+
+
+def compile_train(cfg: Config, spec: TargetSpec, sizes: dict, on_phase=None) -> CompiledStep:
+    """Compile the train step for global batch cfg.train.batch_size x cfg.train.seq_len on `spec`."""
+    return _with_fallback(_compile_train, cfg, False, spec, sizes, on_phase)
+
+
+def _compile_train(cfg: Config, spec: TargetSpec, sizes: dict, on_phase=None) -> CompiledStep:
+    import jax
+    import jax.numpy as jnp
+
+    from polychip.train import step as S
+
+    devices = tpu_devices(spec)
+    layout = _layout(cfg, sizes, devices)
+    policy = _policy(cfg, devices)
+    rt = S.make_runtime(cfg, policy, layout)
+    abstract = S.abstract_state(cfg)
+    shardings = S.state_shardings(cfg, layout, abstract)
+    jitted = S.jit_train_step(cfg, rt, shardings)
+    batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len + 1), jnp.int32)
+    out = _compile("train", jitted, (abstract, batch), jitted, len(devices), on_phase)
+    out.kernels = _kernels_used(policy, cfg, cfg.train.seq_len, cfg.train.compute_dtype, False)
+    out.dropped_rules = layout.dropped(S.state_axes(cfg, abstract)["params"], abstract["params"])
+    return out
+
+
+def serve_fns(cfg: Config, rt):
+    """(prefill, decode) as pure functions, the same computation `polychip.generate.Generator` jits:
+    prefill(params, tokens [B,S], cache) -> (last-position logits [B,V] f32, cache);
+    decode(params, token [B,1], cache, pos int32) -> (logits [B,V] f32, cache)."""
+    import jax.numpy as jnp
+
+    from polychip.model import transformer as T
+
+    def prefill(params, tokens, cache):
+        lg, cache = T.logits(params, tokens, cfg.model, rt, cache=cache, cache_pos=jnp.int32(0))
+        return lg[:, -1], cache
+
+    def decode(params, token, cache, pos):
+        lg, cache = T.logits(params, token, cfg.model, rt, cache=cache, cache_pos=pos)
+        return lg[:, -1], cache
+
+    return prefill, decode
+
+
+def compile_serve(cfg: Config, spec: TargetSpec, sizes: dict, batch: int, prompt: int, cache_len: int,
+                  on_phase=None) -> list[CompiledStep]:
+    """Compile prefill (batch x prompt tokens into an empty cache of cache_len) and one decode step
+    against that cache (the attention reads all cache_len positions, masked). Parameters and cache are
+    in the compute dtype."""
+    return _with_fallback(_compile_serve, cfg, True, spec, sizes, batch, prompt, cache_len, on_phase)
+
+
+def _compile_serve(cfg: Config, spec: TargetSpec, sizes: dict, batch: int, seq: int, cache_len: int,
+                   on_phase=None) -> list[CompiledStep]:
+    import jax
+    import jax.numpy as jnp
+
+    from polychip.model import transformer as T
+
+    devices = tpu_devices(spec)
+    layout = _layout(cfg, sizes, devices)
+    policy = _policy(cfg, devices)
+    dt = T.DTYPES[cfg.train.compute_dtype]
+    rt = T.Runtime(policy=policy, layout=layout, compute_dtype=cfg.train.compute_dtype, remat="none")
+    params = T.abstract_params(cfg.model, dt)
+    p_sh = layout.tree_shardings(T.param_axes(cfg.model), params)
+    cache = jax.eval_shape(lambda: T.init_cache(cfg.model, batch, cache_len, dt))
+    c_sh = layout.tree_shardings(T.cache_axes(), cache)
+    tok_sh = layout.sharding(("batch", "seq"), (batch, seq))
+    prefill, decode = serve_fns(cfg, rt)
+    jp = jax.jit(prefill, in_shardings=(p_sh, tok_sh, c_sh), out_shardings=(None, c_sh), donate_argnums=(2,))
+    jd = jax.jit(decode, in_shardings=(p_sh, layout.sharding(("batch", "seq"), (batch, 1)), c_sh, None),
+                 out_shardings=(None, c_sh), donate_argnums=(2,))
+    toks = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
+    tok1 = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
+    pos = jax.ShapeDtypeStruct((), jnp.int32)
+    a = _compile("prefill", jp, (params, toks, cache), jp, len(devices), on_phase)
+    a.kernels = _kernels_used(policy, cfg, seq, cfg.train.compute_dtype, True)
+    b = _compile("decode", jd, (params, tok1, cache, pos), jd, len(devices), on_phase)
+    b.kernels = _kernels_used(policy, cfg, seq, cfg.train.compute_dtype, True)
+    return [a, b]

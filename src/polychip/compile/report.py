@@ -1,0 +1,230 @@
+"""Turn compiled steps (or the analytic roofline) into a report whose every figure names its source.
+
+Sources:
+- "compiled":          read from the compiled executable (memory_analysis, the optimised HLO's shapes).
+- "compiler-estimate": XLA's own cost_analysis (per device; it counts each while-loop body once).
+- "program":           matmul FLOPs of the traced step (jaxpr), scan trip counts included (program_flops.py).
+- "model":             our formulas and the chip catalog (polychip.model.flops, hardware/catalog.yaml).
+- "estimate":          a roofline over the compiled program's counts: max(program FLOPs / peak,
+                       HBM traffic / HBM bandwidth, collective bytes / link bandwidth), per device.
+                       Perfect overlap, no kernel inefficiency: an optimistic step time, so MFU from it
+                       is an upper bound.
+- "modelled":          GPU / Trainium targets: polychip.plan.roofline from published specs only.
+
+Step time: XLA's `optimal_seconds` is shown raw but cannot be the step time for these programs: it
+covers each loop body once (one layer of a scanned model) and comes back negative for large modules
+(seen for llama3-8b on v6e:16x16). The "estimate" row is used for tokens/s and MFU instead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from polychip.compile.lower import CompiledStep
+from polychip.compile.target import TargetSpec, fmt_mesh
+from polychip.config import Config
+from polychip.model import flops as F
+
+SCHEMA = "polychip.compile/1"
+
+
+def fig(value: Any, unit: str, source: str, note: str = "") -> dict:
+    d = {"value": value, "unit": unit, "source": source}
+    if note:
+        d["note"] = note
+    return d
+
+
+@dataclass
+class StepReport:
+    name: str
+    figures: dict = field(default_factory=dict)
+    fits: bool | None = None
+    notes: list = field(default_factory=list)
+
+    def v(self, key: str):
+        f = self.figures.get(key)
+        return None if f is None else f["value"]
+
+
+def hbm_used(mem: dict) -> int:
+    """Peak HBM an executable needs per device: inputs + outputs (donated outputs reuse inputs) + scratch + code."""
+    return mem["argument"] + mem["output"] - mem["alias"] + mem["temp"] + mem["generated_code"]
+
+
+def model_flops(cfg: Config, step: str, batch: int, seq: int) -> float:
+    m = cfg.model
+    if step == "train":
+        return F.train_flops_per_step(m, batch, seq)
+    if step == "prefill":
+        return F.forward_flops_per_token(m, seq) * batch * seq
+    return F.decode_flops_per_token(m, seq - 1) * batch
+
+
+def tokens_per_step(step: str, batch: int, seq: int) -> int:
+    return batch if step == "decode" else batch * seq
+
+
+def step_report(c: CompiledStep, cfg: Config, spec: TargetSpec, batch: int, seq: int, dtype: str) -> StepReport:
+    chip, n_dev, dpc = spec.chip, spec.n_devices, spec.devices_per_chip
+    r = StepReport(c.name)
+    f = r.figures
+    mem = c.memory
+    for k in ("argument", "output", "alias", "temp", "generated_code"):
+        f[f"{k}_bytes_per_device"] = fig(mem[k], "B", "compiled")
+    used = hbm_used(mem)
+    f["hbm_used_per_device"] = fig(used, "B", "compiled", "argument + output - alias + temp + generated code")
+    f["hbm_used_per_chip"] = fig(used * dpc, "B", "compiled", f"{dpc} device(s) per chip" if dpc > 1 else "")
+    cap = spec.hbm_per_device
+    if cap is not None:
+        f["hbm_per_device"] = fig(cap, "B", "model", f"catalog: {chip.name} {chip.hbm_bytes / 1e9:.1f} GB per chip"
+                                  + (f" / {dpc} devices" if dpc > 1 else ""))
+        r.fits = used <= cap
+        f["hbm_margin_per_device"] = fig(cap - used, "B", "compiled", "negative: does not fit")
+    mf = model_flops(cfg, c.name, batch, seq)
+    f["model_flops"] = fig(mf, "FLOP", "model", "polychip.model.flops, all devices")
+    f["program_flops"] = fig(c.program_flops, "FLOP", "program", "matmuls of the traced step incl. remat and "
+                             "masked attention work, all devices")
+    f["program_flops_per_device"] = fig(c.program_flops / n_dev, "FLOP", "program")
+    if "flops" in c.cost:
+        f["compiler_flops_per_device"] = fig(c.cost["flops"], "FLOP", "compiler-estimate",
+                                             "cost_analysis: per device, each loop body counted once")
+        f["program_flops_loops_once_per_device"] = fig(c.program_flops_loops_once / n_dev, "FLOP", "program",
+                                                       "the traced count with loops once: compare with the compiler's")
+    if "optimal_seconds" in c.cost:
+        os_ = c.cost["optimal_seconds"]
+        f["compiler_optimal_seconds"] = fig(os_, "s", "compiler-estimate",
+                                            "invalid (negative)" if os_ <= 0 else
+                                            ("loop bodies counted once" if c.hlo["loops"] else ""))
+    if "bytes accessed" in c.cost:
+        f["compiler_bytes_accessed_per_device"] = fig(c.cost["bytes accessed"], "B", "compiler-estimate",
+                                                      "each loop body counted once")
+    h = c.hlo
+    f["hbm_traffic_per_device"] = fig(h["hbm_traffic_bytes"], "B", "compiled", "HLO walk, loop trips included")
+    coll = sum(h["collective_bytes"].values())
+    f["collective_bytes_per_device"] = fig(coll, "B", "compiled",
+                                           ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in sorted(h["collective_bytes"].items())))
+    peak = chip.peak(dtype)
+    if peak:
+        dev_peak = peak / dpc
+        t_c = c.program_flops / n_dev / dev_peak
+        t_m = h["hbm_traffic_bytes"] / (chip.hbm_bandwidth / dpc) if chip.hbm_bandwidth else 0.0
+        t_n = coll / (chip.link_bandwidth / dpc) if chip.link_bandwidth else 0.0
+        t = max(t_c, t_m, t_n)
+        bound = max({"compute": t_c, "HBM": t_m, "collectives": t_n}.items(), key=lambda kv: kv[1])[0]
+        f["t_compute"] = fig(t_c, "s", "estimate", f"program FLOPs / {chip.peak_basis(dtype)}")
+        f["t_hbm"] = fig(t_m, "s", "estimate", "HBM traffic / catalog bandwidth")
+        f["t_collectives"] = fig(t_n, "s", "estimate", "collective bytes / catalog link bandwidth"
+                                 if chip.link_bandwidth else "no link bandwidth in the catalog: not counted")
+        f["step_time"] = fig(t, "s", "estimate", f"{bound}-bound roofline over the compiled program (optimistic)")
+        tok = tokens_per_step(c.name, batch, seq)
+        f["tokens_per_s_per_chip"] = fig(tok / t / spec.n_chips, "tok/s", "estimate")
+        f["mfu"] = fig(mf / (t * spec.n_chips * peak), "", "estimate", "model FLOPs / (step time x chips x peak): upper bound")
+    f["compile_time"] = fig(c.lower_s + c.compile_s, "s", "compiled", f"lower {c.lower_s:.1f} s + compile {c.compile_s:.1f} s")
+    if c.kernel_fallback:
+        r.notes.append(c.kernel_fallback)
+    if c.dropped_rules:
+        r.notes.append(f"{len(c.dropped_rules)} sharding rule(s) dropped (axis does not divide): "
+                       + "; ".join(c.dropped_rules[:3]))
+    if h["loops"]:
+        trips = ", ".join(str(t) for _, t in h["loops"])
+        r.notes.append(f"compiled loops with trip counts {trips}: XLA's cost_analysis counts each body once")
+    return r
+
+
+def modelled_reports(cfg: Config, spec: TargetSpec, mode: str, batch: int, seq: int, dtype: str,
+                     output_tokens: int) -> list[StepReport]:
+    """GPU / Trainium: the planner's analytic roofline (polychip.plan.roofline), labelled modelled."""
+    from polychip.plan import roofline as R
+
+    chip, n = spec.chip, spec.n_chips
+    m = cfg.model
+    out = []
+    if mode == "train":
+        tb = R.train_bound(m, chip, n, batch, seq, remat="full" if cfg.train.remat == "full" else "none",
+                           param_dtype=cfg.train.param_dtype, dtype=dtype, grad_accum=cfg.train.grad_accum)
+        r = StepReport("train", fits=tb.fits)
+        f = r.figures
+        f["hbm_used_per_chip"] = fig(tb.hbm_bytes_needed, "B", "modelled", "state + saved activations + one gathered layer")
+        f["hbm_per_chip"] = fig(chip.hbm_bytes, "B", "model", f"catalog; fits if used <= {R.HBM_USABLE:.0%} of it")
+        f["hbm_margin_per_chip"] = fig(R.HBM_USABLE * chip.hbm_bytes - tb.hbm_bytes_needed, "B", "modelled")
+        f["model_flops"] = fig(tb.model_flops, "FLOP", "model")
+        f["program_flops"] = fig(tb.hw_flops, "FLOP", "modelled", "model FLOPs + remat recompute")
+        f["t_compute"] = fig(tb.t_compute, "s", "modelled")
+        f["t_hbm"] = fig(tb.t_memory, "s", "modelled")
+        f["t_collectives"] = fig(tb.t_comm, "s", "modelled", f"dp={tb.dp} tp={tb.tp}")
+        f["step_time"] = fig(tb.t_step, "s", "modelled", f"{tb.bound}-bound roofline (optimistic)")
+        f["tokens_per_s_per_chip"] = fig(batch * seq / tb.t_step / n, "tok/s", "modelled")
+        f["mfu"] = fig(tb.model_flops / (tb.t_step * n * chip.peak(dtype)), "", "modelled", "upper bound")
+        if cfg.train.remat == "dots":
+            r.notes.append("the roofline knows remat none|full; dots was modelled as none")
+        out.append(r)
+    else:
+        sb = R.serve_bound(m, chip, n, batch, seq, output_tokens, dtype=dtype)
+        for name, t in (("prefill", sb.t_prefill * batch), ("decode", sb.t_decode)):
+            r = StepReport(name, fits=sb.fits)
+            f = r.figures
+            f["hbm_used_per_chip"] = fig(sb.hbm_bytes_needed, "B", "modelled", "weights + KV cache")
+            f["hbm_per_chip"] = fig(chip.hbm_bytes, "B", "model")
+            mf = model_flops(cfg, name, batch, seq + output_tokens if name == "decode" else seq)
+            f["model_flops"] = fig(mf, "FLOP", "model")
+            f["step_time"] = fig(t, "s", "modelled", "roofline (optimistic); prefill = batch x one prompt")
+            f["tokens_per_s_per_chip"] = fig(tokens_per_step(name, batch, seq) / t / n, "tok/s", "modelled")
+            f["mfu"] = fig(mf / (t * n * chip.peak(dtype)), "", "modelled", "upper bound")
+            out.append(r)
+    for r in out:
+        r.notes.append(f"modelled: no compiler for {chip.name} is reachable here; figures come from published specs")
+    return out
+
+
+def build(cfg: Config, model_name: str, spec: TargetSpec, sizes: dict, mode: str, batch: int, seq: int,
+          steps: list[StepReport], output_tokens: int = 0, cached: bool = False) -> dict:
+    """The JSON report."""
+    dtype = cfg.train.compute_dtype
+    fits = all(s.fits for s in steps if s.fits is not None) if any(s.fits is not None for s in steps) else None
+    return {
+        "schema": SCHEMA,
+        "model": model_name,
+        "n_params": cfg.model.n_params,
+        "mode": mode,
+        "target": {"text": spec.text, "chip": spec.chip.name, "kind": spec.kind, "topology": spec.topology,
+                   "num_slices": spec.num_slices, "chips": spec.n_chips, "devices": spec.n_devices,
+                   "devices_per_chip": spec.devices_per_chip},
+        "mesh": dict(sizes),
+        "mesh_text": fmt_mesh(sizes),
+        "batch": batch,
+        "seq": seq,
+        "output_tokens": output_tokens if mode == "serve" else None,
+        "grad_accum": cfg.train.grad_accum,
+        "remat": cfg.train.remat,
+        "param_dtype": cfg.train.param_dtype,
+        "compute_dtype": dtype,
+        "kernels": {},
+        "fits": fits,
+        "cached": cached,
+        "steps": [{"name": s.name, "fits": s.fits, "figures": s.figures, "notes": s.notes} for s in steps],
+    }
+
+
+def planner_record(rep: dict) -> dict | None:
+    """A record polychip.plan.records reads (source "compiler"); None where it cannot express the run."""
+    steps = {s["name"]: s for s in rep["steps"]}
+    src = "compiler" if rep["target"]["kind"] == "tpu" else None
+    if src is None or not rep["fits"]:
+        return None
+    base = {"chip": rep["target"]["chip"], "model": rep["model"], "mode": rep["mode"], "chips": rep["target"]["chips"],
+            "dtype": rep["compute_dtype"], "source": src, "mesh": rep["mesh"],
+            "ref": f"polychip compile --target {rep['target']['text']} (roofline over the compiled program)"}
+    if rep["mode"] == "train":
+        if rep["remat"] not in ("none", "full"):
+            return None  # the planner's records know remat none|full only
+        st = steps["train"]["figures"]
+        t = st["step_time"]["value"]
+        return {**base, "batch": rep["batch"], "seq": rep["seq"], "step_time_s": t,
+                "tokens_per_s": rep["batch"] * rep["seq"] / t, "remat": rep["remat"],
+                "hbm_used_per_chip": st["hbm_used_per_chip"]["value"], "mfu_estimate": st["mfu"]["value"]}
+    tp, td = steps["prefill"]["figures"]["step_time"]["value"], steps["decode"]["figures"]["step_time"]["value"]
+    out = rep["output_tokens"]
+    return {**base, "batch": rep["batch"], "prompt_tokens": rep["seq"], "output_tokens": out,
+            "requests_per_s": rep["batch"] / (tp + out * td), "step_time_s": td,
+            "hbm_used_per_chip": max(s["figures"]["hbm_used_per_chip"]["value"] for s in rep["steps"])}
