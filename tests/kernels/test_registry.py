@@ -18,11 +18,14 @@ def test_every_op_has_a_reference():
 def test_auto_picks_first_supported_and_override_explains():
     cpu = Target("cpu")
     assert resolve("attention", cpu, {"q_len": 8, "kv_len": 8, "causal": True}).name != "reference"
-    # soft-cap: the XLA path declines, the registry falls through (never silently to an unsupported one)
-    got = resolve("attention", cpu, {"q_len": 8, "kv_len": 8, "soft_cap": 30.0})
-    assert got.supported_on(cpu, {"q_len": 8, "kv_len": 8, "soft_cap": 30.0}) is None
-    with pytest.raises(KernelError, match="xla.*cannot run on cpu: logit soft-cap"):
-        resolve("attention", cpu, {"q_len": 8, "kv_len": 8, "soft_cap": 30.0}, override="xla")
+    gpu = Target("gpu")
+    assert resolve("attention", gpu, {"q_len": 8, "kv_len": 8, "causal": True}, override="sdpa").name == "sdpa"
+    # soft-cap: sdpa declines, the registry falls through (never silently to an unsupported one)
+    q = {"q_len": 8, "kv_len": 8, "soft_cap": 30.0, "dtype": "float32", "head_dim": 16}
+    got = resolve("attention", gpu, q)
+    assert got.name != "sdpa" and got.supported_on(gpu, q) is None
+    with pytest.raises(KernelError, match="sdpa.*cannot run on gpu: logit soft-cap"):
+        resolve("attention", gpu, q, override="sdpa")
     with pytest.raises(KernelError, match="not registered; available"):
         resolve("attention", cpu, {}, override="nonexistent")
     with pytest.raises(KernelError, match="unknown kernel op"):
@@ -50,3 +53,6 @@ def test_xla_attention_matches_reference(H, K, window):
     out = attention(q, k, v, policy=pol, sliding_window=window)
     want = ref_attn.attention(q, k, v, sliding_window=window)
     np.testing.assert_allclose(out, want, atol=2e-5, rtol=2e-5)
+    from polychip.kernels.attention.xla import sdpa
+
+    np.testing.assert_allclose(sdpa(q, k, v, sliding_window=window), want, atol=2e-5, rtol=2e-5)

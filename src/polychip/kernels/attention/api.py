@@ -13,7 +13,9 @@ from polychip.kernels.registry import KernelPolicy, register
 OP = "attention"
 
 # Priority order (lower first): hand-written backends register at 10-40, XLA at 50, reference last.
-register(OP, "xla", priority=50, supported_on=xla.supported_on, verified="executed in CI (CPU)")(xla.attention)
+register(OP, "sdpa", priority=40, supported_on=xla.sdpa_supported_on,
+         verified="CPU path executed in CI; cuDNN dispatch needs a GPU (not in CI)")(xla.sdpa)
+register(OP, "xla", priority=50, verified="executed in CI (CPU)")(xla.attention)
 register(OP, "reference", priority=100, verified="executed in CI (CPU); the ground truth")(reference.attention)
 # Pallas backends register themselves on import (TPU 10, GPU 20; their CPU interpreters at 200+, after the
 # reference, so only an explicit override selects them).
