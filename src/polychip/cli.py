@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     try:
-        return int(args.fn(args) or 0)
+        fn = getattr(args, "fn", None) or getattr(args, "func")
+        return int(fn(args) or 0)
     except _user_errors() as e:
         print(f"polychip: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
