@@ -3,6 +3,9 @@ tables, soft-cap, bf16/f32, rerun bit-identity, API checks and a deviceless TPU 
 from __future__ import annotations
 
 import functools
+import os
+
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other processes may hold libtpu's lockfile
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +39,14 @@ def _inputs(B, H, K, D, ps, M, lengths, dtype, seed=0):
     return q, kp, vp, bt, jnp.asarray(lengths, jnp.int32)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("case", CASES, ids=["gqa", "mha", "mqa"])
+# GQA in both dtypes, MHA/MQA in one each in CI; the full grid under -m heavy.
+GRID = [pytest.param(c, dt, id=f"{name}-{dt.__name__}",
+                     marks=() if name == "gqa" or (i + j) % 2 == 0 else pytest.mark.heavy)
+        for i, (name, c) in enumerate(zip(["gqa", "mha", "mqa"], CASES))
+        for j, dt in enumerate([jnp.float32, jnp.bfloat16])]
+
+
+@pytest.mark.parametrize("case,dtype", GRID)
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_matches_reference(backend, case, dtype):
     *shape, lengths = case
@@ -99,4 +108,4 @@ def test_tpu_kernel_compiles_for_v5e_deviceless():
     args = (S((B, H, D), jnp.bfloat16), S((K, P, ps, D), jnp.bfloat16), S((K, P, ps, D), jnp.bfloat16),
             S((B, M), jnp.int32), S((B,), jnp.int32))
     compiled = jax.jit(pallas_tpu.paged_attention).lower(*args).compile()
-    assert "paged_attention" in compiled.as_text() or compiled.memory_analysis() is not None
+    assert "tpu_custom_call" in compiled.as_text()
