@@ -86,6 +86,11 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, soft_cap=None
         grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct((B, K, G, D), q.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=pltpu.InterpretParams() if interpret else False, name="paged_attention",
+        # Mosaic kernels are opaque to XLA's cost model; this analytic estimate (every sequence at
+        # full max_pages length: an upper bound, lengths are runtime values) is what it reports.
+        cost_estimate=pl.CostEstimate(
+            flops=4 * B * H * M * ps * D, transcendentals=B * H * M * ps,
+            bytes_accessed=2 * B * K * M * ps * D * k_pages.dtype.itemsize + 2 * B * H * D * q.dtype.itemsize),
     )(block_tables.reshape(-1).astype(jnp.int32), lengths.astype(jnp.int32), qg, k_pages, v_pages)
     return out.reshape(B, H, D)
 
