@@ -49,8 +49,6 @@ def _write_json(path: str, obj) -> None:
 
 
 def handler(args) -> int:
-    from rich.console import Console
-
     from polychip.compile import display
     from polychip.compile.report import planner_record
     from polychip.compile.run import Request, compile_report
@@ -59,7 +57,7 @@ def handler(args) -> int:
     req = Request(model=args.model, target=args.target, mesh=args.mesh, batch=args.batch, seq=args.seq,
                   mode=args.mode, overrides=tuple(args.overrides), output_tokens=args.output_tokens,
                   use_cache=not args.no_cache)
-    console = Console()
+    console = display._console()
     if args.search:
         rows = search(req, max_trials=args.max_trials, show_progress=True,
                       on_row=lambda r: console.print(

@@ -8,6 +8,7 @@ _LABELS = [
     ("hbm_per_chip", "HBM per chip"),
     ("hbm_margin_per_device", "HBM margin per device"),
     ("hbm_margin_per_chip", "HBM margin per chip"),
+    ("compiler_available_hbm_per_device", "HBM usable per device (compiler)"),
     ("argument_bytes_per_device", "  arguments"),
     ("output_bytes_per_device", "  outputs"),
     ("alias_bytes_per_device", "  aliased (donated)"),
@@ -56,11 +57,19 @@ def fmt_value(v, unit: str) -> str:
     return f"{v} {unit}"
 
 
+def _console():
+    import sys
+
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
 def print_report(rep: dict, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    console = console or _console()
     t = rep["target"]
     head = (f"[bold]{rep['model']}[/] ({rep['n_params'] / 1e9:.2f}B params) {rep['mode']} on [bold]{t['text']}[/] "
             f"({t['chips']} x {t['chip']}, {t['devices']} devices), mesh {rep['mesh_text']}, batch {rep['batch']} x "
@@ -100,7 +109,7 @@ def print_search(rows: list[dict], console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    console = console or _console()
     tab = Table(title="search: fitting configurations first, fastest first", title_justify="left", show_edge=False)
     for col in ("#", "mesh", "grad_accum", "remat", "param dtype", "fits", "HBM/chip", "est. step", "est. MFU", "source"):
         tab.add_column(col)

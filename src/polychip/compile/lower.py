@@ -10,6 +10,7 @@ for an SPMD executable), except `program_flops`, which is global (all devices).
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -41,6 +42,11 @@ class CompiledStep:
     dropped_rules: list = field(default_factory=list)
     #: Why the registry's first choice of kernels was replaced (empty when it was not).
     kernel_fallback: str = ""
+    #: Pallas kernel call sites whose FLOPs program_flops cannot see (counted as 0 there).
+    opaque_kernel_calls: int = 0
+    #: The compiler's out-of-memory message when it refused to compile (then memory holds the arguments
+    #: from the shardings and the temporaries from the message; cost and hlo are empty).
+    oom: str = ""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -97,7 +103,37 @@ def _kernels_used(policy, cfg: Config, seq: int, dtype: str, decode: bool) -> di
     return out
 
 
-def _compile(name: str, jitted, args: tuple, trace_fn, n_devices: int, on_phase=None) -> CompiledStep:
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
+
+
+def parse_oom(msg: str) -> dict | None:
+    """XLA TPU's "Ran out of memory on HBM, the total memory required for HLO temporaries (1.20T) exceeds
+    available HBM (15.75G)" -> {"temp": bytes, "available": bytes} (XLA prints binary units, 3 digits)."""
+    m = re.search(r"temporaries \(([\d.]+)([KMGTP]?)\).*?available HBM \(([\d.]+)([KMGTP]?)\)", msg)
+    if not m:
+        return None
+    return {"temp": int(float(m.group(1)) * _UNITS[m.group(2)]), "available": int(float(m.group(3)) * _UNITS[m.group(4)])}
+
+
+def argument_bytes(args: tuple, shardings: tuple) -> int:
+    """Per-device bytes of the arguments as sharded (the largest shard of each leaf)."""
+    import jax
+    import numpy as np
+
+    total = 0
+    for a, sh in zip(args, shardings):
+        leaves = jax.tree.leaves(a)
+        shs = jax.tree.leaves(sh) if sh is not None else [None] * len(leaves)
+        if len(shs) != len(leaves):
+            shs = [shs[0] if shs else None] * len(leaves)
+        for x, s in zip(leaves, shs):
+            shape = s.shard_shape(x.shape) if s is not None else x.shape
+            total += int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+    return total
+
+
+def _compile(name: str, jitted, args: tuple, trace_fn, n_devices: int, on_phase=None,
+             in_shardings: tuple = ()) -> CompiledStep:
     t0 = time.perf_counter()
     if on_phase:
         on_phase(f"{name}: lowering")
@@ -105,7 +141,20 @@ def _compile(name: str, jitted, args: tuple, trace_fn, n_devices: int, on_phase=
     t1 = time.perf_counter()
     if on_phase:
         on_phase(f"{name}: compiling (XLA TPU)")
-    compiled = lowered.compile()
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001 - only the compiler's OOM refusal is a result; the rest re-raise
+        oom = parse_oom(str(e)) if "RESOURCE_EXHAUSTED" in str(e) else None
+        if oom is None:
+            raise
+        t2 = time.perf_counter()
+        pf = program_flops.count(trace_fn, *args)
+        mem = {"argument": argument_bytes(args, in_shardings), "output": 0, "alias": 0, "temp": oom["temp"],
+               "generated_code": 0, "compiler_available_hbm": oom["available"]}
+        return CompiledStep(name=name, memory=mem, cost={}, hlo=dataclasses.asdict(hlo_mod.HloStats()),
+                            program_flops=pf.flops, program_flops_loops_once=pf.flops_loops_once, lower_s=t1 - t0,
+                            compile_s=t2 - t1, oom=str(e).strip().splitlines()[0],
+                            opaque_kernel_calls=pf.opaque_calls)
     t2 = time.perf_counter()
     if on_phase:
         on_phase(f"{name}: analysing")
@@ -113,7 +162,7 @@ def _compile(name: str, jitted, args: tuple, trace_fn, n_devices: int, on_phase=
     pf = program_flops.count(trace_fn, *args)
     return CompiledStep(name=name, memory=_mem_dict(compiled.memory_analysis()), cost=_cost_dict(compiled.cost_analysis()),
                         hlo=dataclasses.asdict(stats), program_flops=pf.flops, program_flops_loops_once=pf.flops_loops_once,
-                        lower_s=t1 - t0, compile_s=t2 - t1)
+                        lower_s=t1 - t0, compile_s=t2 - t1, opaque_kernel_calls=pf.opaque_calls)
 
 
 # Pallas (Mosaic) kernels lower to a custom call XLA cannot partition over a multi-device mesh unless
@@ -131,7 +180,10 @@ def _fallback_cfg(cfg: Config, serve: bool) -> Config:
     if k.rms_norm == "auto":
         k.rms_norm = "reference"
     if k.cross_entropy == "auto":
-        k.cross_entropy = "xla_chunked"
+        # Not xla_chunked: its lax.map over token chunks runs over a batch-sharded axis, which the SPMD
+        # partitioner turns into every device walking all chunks with an all-reduce per tile
+        # (llama3-8b on v6e:16x16: 8192 iterations, ~4 TB of all-reduce per device per step).
+        k.cross_entropy = "reference"
     return dataclasses.replace(cfg, kernels=k)
 
 
@@ -170,7 +222,8 @@ def _compile_train(cfg: Config, spec: TargetSpec, sizes: dict, on_phase=None) ->
     shardings = S.state_shardings(cfg, layout, abstract)
     jitted = S.jit_train_step(cfg, rt, shardings)
     batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len + 1), jnp.int32)
-    out = _compile("train", jitted, (abstract, batch), jitted, len(devices), on_phase)
+    out = _compile("train", jitted, (abstract, batch), jitted, len(devices), on_phase,
+                   (shardings, S.batch_sharding(layout)))
     out.kernels = _kernels_used(policy, cfg, cfg.train.seq_len, cfg.train.compute_dtype, False)
     out.dropped_rules = layout.dropped(S.state_axes(cfg, abstract)["params"], abstract["params"])
     return out
@@ -227,8 +280,9 @@ def _compile_serve(cfg: Config, spec: TargetSpec, sizes: dict, batch: int, seq: 
     toks = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
     tok1 = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
     pos = jax.ShapeDtypeStruct((), jnp.int32)
-    a = _compile("prefill", jp, (params, toks, cache), jp, len(devices), on_phase)
+    a = _compile("prefill", jp, (params, toks, cache), jp, len(devices), on_phase, (p_sh, tok_sh, c_sh))
     a.kernels = _kernels_used(policy, cfg, seq, cfg.train.compute_dtype, True)
-    b = _compile("decode", jd, (params, tok1, cache, pos), jd, len(devices), on_phase)
+    b = _compile("decode", jd, (params, tok1, cache, pos), jd, len(devices), on_phase,
+                 (p_sh, layout.sharding(("batch", "seq"), (batch, 1)), c_sh, None))
     b.kernels = _kernels_used(policy, cfg, seq, cfg.train.compute_dtype, True)
     return [a, b]

@@ -70,10 +70,21 @@ def step_report(c: CompiledStep, cfg: Config, spec: TargetSpec, batch: int, seq:
     r = StepReport(c.name)
     f = r.figures
     mem = c.memory
-    for k in ("argument", "output", "alias", "temp", "generated_code"):
-        f[f"{k}_bytes_per_device"] = fig(mem[k], "B", "compiled")
-    used = hbm_used(mem)
-    f["hbm_used_per_device"] = fig(used, "B", "compiled", "argument + output - alias + temp + generated code")
+    if c.oom:
+        # The compiler refused (temporaries alone exceed HBM): arguments from the shardings, temporaries
+        # from its message; outputs/code unknown, so "used" is a lower bound.
+        f["argument_bytes_per_device"] = fig(mem["argument"], "B", "compiled", "per-device shard sizes of the inputs")
+        f["temp_bytes_per_device"] = fig(mem["temp"], "B", "compiled", "from the compiler's out-of-memory message")
+        f["compiler_available_hbm_per_device"] = fig(mem["compiler_available_hbm"], "B", "compiled",
+                                                     "usable HBM per device as the compiler counts it")
+        used = mem["argument"] + mem["temp"]
+        f["hbm_used_per_device"] = fig(used, "B", "compiled", "at least: arguments + temporaries")
+        r.notes.append(f"the TPU compiler refused: {c.oom}")
+    else:
+        for k in ("argument", "output", "alias", "temp", "generated_code"):
+            f[f"{k}_bytes_per_device"] = fig(mem[k], "B", "compiled")
+        used = hbm_used(mem)
+        f["hbm_used_per_device"] = fig(used, "B", "compiled", "argument + output - alias + temp + generated code")
     f["hbm_used_per_chip"] = fig(used * dpc, "B", "compiled", f"{dpc} device(s) per chip" if dpc > 1 else "")
     cap = spec.hbm_per_device
     if cap is not None:
@@ -86,6 +97,9 @@ def step_report(c: CompiledStep, cfg: Config, spec: TargetSpec, batch: int, seq:
     f["program_flops"] = fig(c.program_flops, "FLOP", "program", "matmuls of the traced step incl. remat and "
                              "masked attention work, all devices")
     f["program_flops_per_device"] = fig(c.program_flops / n_dev, "FLOP", "program")
+    if c.opaque_kernel_calls:
+        r.notes.append(f"program FLOPs leave out {c.opaque_kernel_calls} Pallas kernel call site(s) (custom calls; "
+                       "their matmuls are not visible in the jaxpr), so they undercount and the compute time is low")
     if "flops" in c.cost:
         f["compiler_flops_per_device"] = fig(c.cost["flops"], "FLOP", "compiler-estimate",
                                              "cost_analysis: per device, each loop body counted once")
@@ -100,12 +114,15 @@ def step_report(c: CompiledStep, cfg: Config, spec: TargetSpec, batch: int, seq:
         f["compiler_bytes_accessed_per_device"] = fig(c.cost["bytes accessed"], "B", "compiler-estimate",
                                                       "each loop body counted once")
     h = c.hlo
+    if c.oom:
+        f["compile_time"] = fig(c.lower_s + c.compile_s, "s", "compiled", "until the compiler refused")
+        return r
     f["hbm_traffic_per_device"] = fig(h["hbm_traffic_bytes"], "B", "compiled", "HLO walk, loop trips included")
     coll = sum(h["collective_bytes"].values())
     f["collective_bytes_per_device"] = fig(coll, "B", "compiled",
                                            ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in sorted(h["collective_bytes"].items())))
     peak = chip.peak(dtype)
-    if peak:
+    if peak and not c.oom:
         dev_peak = peak / dpc
         t_c = c.program_flops / n_dev / dev_peak
         t_m = h["hbm_traffic_bytes"] / (chip.hbm_bandwidth / dpc) if chip.hbm_bandwidth else 0.0

@@ -192,7 +192,7 @@ def parse_mesh(text: str | None, n_devices: int) -> dict[str, int]:
         sizes[k] = int(v)
     prod = math.prod(sizes.values())
     if prod != n_devices:
-        examples = [fmt_mesh({"data": 1, **f}) for f in factorizations(n_devices)]
+        examples = [fmt_mesh({"data": 1, **f}) for f in sorted(factorizations(n_devices), key=lambda f: f["tensor"])]
         more = "" if len(examples) <= 12 else f" (and {len(examples) - 12} more, plus data=... splits)"
         raise CompileError(f"mesh {text!r} uses {prod} devices but the target has {n_devices}; "
                            f"valid (fsdp x tensor) meshes: {'; '.join(examples[:12])}{more}")

@@ -1,0 +1,54 @@
+"""`polychip compile` through polychip.cli.main: bad input exits 2 with one line; modelled targets work without a compiler."""
+import json
+
+import pytest
+
+from polychip.cli import main
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--model", "tiny", "--target", "v9:2x2"], "unknown target 'v9:2x2'; valid: TPU topologies"),
+    (["--model", "tiny", "--target", "v5e:2x2", "--mesh", "fsdp=3"], "valid (fsdp x tensor) meshes: fsdp=4; fsdp=2,tensor=2; tensor=4"),
+    (["--model", "tiny", "--target", "v5e:2x2", "--batch", "6"], "valid batches: 4, 8, 12, 16"),
+    (["--model", "tiny", "--target", "v5e:2x2", "--mesh", "data=2,fsdp=2", "--batch", "2", "train.grad_accum=2"],
+     "micro-batch 1 with grad_accum=2"),
+    (["--model", "tiny", "--target", "h100:8", "train.remat=sometimes"], "train.remat must be none, full or dots"),
+    (["--model", "tiny", "--target", "v5e:2x2", "--mode", "serve", "--seq", "100", "--output-tokens", "64"],
+     "must fit the model's context"),
+])
+def test_bad_input_exits_2(argv, needle, capsys):
+    assert main(["compile", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("polychip: error:") and needle in err and "\n" not in err
+
+
+def test_modelled_gpu_target(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["compile", "--model", "llama3-8b", "--target", "h100:8", "--batch", "32", "--seq", "4096",
+                 "train.compute_dtype=bfloat16", "train.remat=full", "--json", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["target"]["kind"] == "modelled"
+    figs = rep["steps"][0]["figures"]
+    assert {f["source"] for f in figs.values()} <= {"modelled", "model"}
+    assert figs["step_time"]["source"] == "modelled" and 0 < figs["mfu"]["value"] <= 1
+    assert rep["measured"] is None  # no GPU on this host: nothing measured, nothing pretended
+    assert "modelled" in capsys.readouterr().out
+
+
+def test_modelled_serve_and_search(tmp_path):
+    out = tmp_path / "s.json"
+    assert main(["compile", "--model", "llama3-8b", "--target", "trn2:16", "--mode", "serve", "--batch", "16",
+                 "--seq", "2048", "--json", str(out)]) == 0
+    steps = {s["name"]: s for s in json.loads(out.read_text())["steps"]}
+    assert set(steps) == {"prefill", "decode"}
+    out2 = tmp_path / "search.json"
+    main(["compile", "--model", "llama3-70b", "--target", "h100:8", "--batch", "32", "--seq", "4096", "--search",
+          "train.compute_dtype=bfloat16", "--json", str(out2)])
+    rows = json.loads(out2.read_text())["search"]
+    assert len(rows) >= 3
+    ok = [r for r in rows if not r["error"]]
+    # ranked: every fitting row before every non-fitting one, fitting rows by step time
+    fits = [r["fits"] for r in ok]
+    assert fits == sorted(fits, reverse=True)
+    times = [r["step_time"] for r in ok if r["fits"]]
+    assert times == sorted(times)

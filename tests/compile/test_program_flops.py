@@ -1,0 +1,58 @@
+"""The traced-program FLOP counter against the FLOPs formula, exactly (matmuls only, reference kernels).
+
+With reference attention (dense T x T scores) and reference cross-entropy, every matmul of the train
+step is a weight matmul or QK^T / PV, and backward does exactly two matmuls per forward one, so
+program FLOPs = 3 * (2 * matmul_params + 4 * L * H * Dh * T) * B * T: the formula of
+polychip.model.flops with the full context T instead of the causal mean (T + 1) / 2.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from polychip.compile import program_flops
+from polychip.config import build_config
+from polychip.kernels.registry import KernelPolicy, Target
+from polychip.model import flops as F
+from polychip.train import step as S
+
+REF = ["kernels.attention=reference", "kernels.cross_entropy=reference", "kernels.rms_norm=reference"]
+
+
+def _count(cfg):
+    rt = S.make_runtime(cfg, KernelPolicy.create(Target("cpu"), cfg.kernels.overrides()), None)
+    fn = S.train_step_fn(cfg, rt)
+    batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len + 1), jnp.int32)
+    return program_flops.count(fn, S.abstract_state(cfg), batch)
+
+
+def _dense_formula(m, B, T):
+    return 3 * (2 * F.matmul_params(m) + 4 * m.n_layers * m.n_heads * m.head_dim * T) * B * T
+
+
+@pytest.mark.parametrize("extra", [[], ["model.n_layers=5"], ["train.grad_accum=4"]])
+def test_train_program_flops_exact(extra):
+    cfg = build_config("tiny", overrides=REF + extra)
+    m, t = cfg.model, cfg.train
+    got = _count(cfg)
+    assert got.flops == pytest.approx(_dense_formula(m, t.batch_size, t.seq_len), rel=1e-9)
+    # The model formula counts causal attention ((T+1)/2 keys per query): lower by exactly the masked half.
+    assert got.flops > F.train_flops_per_step(m, t.batch_size, t.seq_len)
+    # Loops: layers under scan (and the micro-batch scan): counted once, the total is much smaller.
+    assert got.flops_loops_once < got.flops
+    assert ("scan", m.n_layers) in got.loops
+
+
+def test_full_remat_recomputes_the_blocks_forward_except_w_down():
+    """remat=full recomputes each block's forward in backward, except the last matmul (w_down): its
+    output only feeds the residual sum, which the scan carries, so backward never needs it and JAX's
+    partial evaluation drops it."""
+    base = build_config("tiny", overrides=REF)
+    full = build_config("tiny", overrides=REF + ["train.remat=full"])
+    m, t = base.model, base.train
+    tokens = t.batch_size * t.seq_len
+    block_fwd = (2 * (F.matmul_params(m) - m.d_model * m.vocab_size)
+                 + 4 * m.n_layers * m.n_heads * m.head_dim * t.seq_len) * tokens
+    w_down = 2 * m.n_layers * m.d_ff * m.d_model * tokens
+    assert _count(full).flops - _count(base).flops == pytest.approx(block_fwd - w_down, rel=1e-9)
