@@ -151,7 +151,7 @@ def build_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = 
         return Sampling(temperature=req.temperature, top_k=top_k, top_p=req.top_p, seed=seed % (2 ** 31),
                         max_tokens=mt)
 
-    def submit(prompt: list[int], sp: Sampling) -> tuple[int, asyncio.Queue]:
+    def submit(prompt: list[int], sp: Sampling, ignore_eos: bool) -> tuple[int, asyncio.Queue]:
         """Queue the request in the engine now (so a full queue is a 429 before any response starts)."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
@@ -160,7 +160,7 @@ def build_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = 
             loop.call_soon_threadsafe(q.put_nowait, ev)
 
         try:
-            return engine.submit(prompt, sp, sink, stop_ids), q
+            return engine.submit(prompt, sp, sink, frozenset() if ignore_eos else stop_ids), q
         except QueueFull as e:
             engine.metrics.count_rejected()
             raise APIError(429, str(e), type_="rate_limit_error", code="queue_full") from None
@@ -212,7 +212,7 @@ def build_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = 
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         obj = "chat.completion" if chat else "text_completion"
         now = int(time.time())
-        handle, q = submit(prompt, sp)
+        handle, q = submit(prompt, sp, req.ignore_eos)
         if not req.stream:
             parts, reason, n = [], "stop", 0
             try:

@@ -137,7 +137,7 @@ class Engine:
             log.warning("KV pool of %d blocks cannot hold one full-context sequence (%d blocks)", n_blocks - 1,
                         self.max_pages)
         self.pool = BlockPool(n_blocks, ps, self.ecfg.prefix_cache)
-        self.kv = PM.init_pages(cfg, n_blocks, ps, dtype)
+        self.kv = self._new_pages()
         self.kv_bytes = n_blocks * PM.bytes_per_block(cfg, ps, dtype)
         self.uses_kernel = PM.kernel_available()
         self._step = PM.make_step(cfg, self.rt, self.uses_kernel)
@@ -169,6 +169,13 @@ class Engine:
     # ------------------------------------------------------------------------------------------
     # Sizing and start-up
     # ------------------------------------------------------------------------------------------
+    def _new_pages(self) -> dict:
+        # Committed to the device like the step's outputs: an uncommitted first input would give the
+        # first bucket a second compilation at serving time (jit's cache key includes commitment).
+        dev = jax.devices()[0]
+        return jax.device_put(PM.init_pages(self.cfg, self.pool.num_blocks, self.ecfg.page_size,
+                                            T.DTYPES[self.ecfg.compute_dtype]), dev)
+
     def _blocks_from_memory(self, dtype) -> int:
         per_block = PM.bytes_per_block(self.cfg, self.ecfg.page_size, dtype)
         stats = None
@@ -282,8 +289,7 @@ class Engine:
                 log.exception("engine step failed")
                 for s in list(self._prefilling) + list(self._decoding):
                     self._finish(s, "error", f"engine error: {type(e).__name__}: {e}")
-                self.kv = PM.init_pages(self.cfg, self.pool.num_blocks, self.ecfg.page_size,
-                                        T.DTYPES[self.ecfg.compute_dtype])
+                self.kv = self._new_pages()
                 continue
             if not ran and self._waiting:
                 # Nothing could run (blocks held by no one?) - avoid a hot spin; admission retries.

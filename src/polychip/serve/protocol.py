@@ -68,6 +68,8 @@ class _Sampling(BaseModel):
     n: int = Field(1, ge=1, le=1, description="Only 1 is supported.")
     logprobs: Optional[Union[bool, int]] = None
     user: Optional[str] = None
+    ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence tokens (vLLM's extension; "
+                                                "benchmarks use it for fixed output lengths).")
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
