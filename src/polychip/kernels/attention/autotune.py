@@ -1,7 +1,8 @@
 """Block-size autotuner for the Pallas flash-attention kernels; winners go to tuned/<device-kind>.json.
 
 TPU (`tune_tpu`, no TPU needed): each candidate is compiled for a deviceless topology with libtpu,
-forward + backward in one program. A candidate that Mosaic rejects (VMEM overflow, layout) is dropped.
+forward + backward in one program. A candidate that Mosaic rejects (VMEM overflow, layout) is dropped, and so is one
+whose estimate comes back negative (seen for tpu7x at seq >= 4096 with libtpu 0.0.42.1).
 Score = the compiler's `cost_analysis()["optimal_seconds"]` + grid steps x GRID_STEP_S.
 
 What the score does and does not see: for a Mosaic custom call the compiler cannot look inside the
@@ -66,7 +67,10 @@ def tpu_score(topology: str, *, B, T, H, K, D, dtype="bfloat16", causal=True, wi
         compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv).compile()
     except Exception:  # Mosaic rejects the candidate (e.g. VMEM): not a usable configuration
         return None
-    return float(compiled.cost_analysis()["optimal_seconds"]) + grid_steps(B, T, T, H, bs) * GRID_STEP_S
+    est = float(compiled.cost_analysis()["optimal_seconds"])
+    if est < 0:  # libtpu 0.0.42.1 returns about -2 s for tpu7x programs at seq >= 4096: no estimate
+        return None
+    return est + grid_steps(B, T, T, H, bs) * GRID_STEP_S
 
 
 def _fits(c: int, seq: int) -> bool:
