@@ -71,3 +71,17 @@ def test_stop_strings_from_a_trained_run(tiny_run):
     stop = full.text[5:8]
     cut = g.generate("def ", SamplingParams(temperature=0, max_tokens=30, stop=[stop]))
     assert cut.finish_reason == "stop" and stop not in cut.text and full.text.startswith(cut.text)
+
+
+def test_generate_from_an_exported_hf_folder(tiny_run, tmp_path):
+    """A run exported to Hugging Face format generates the same greedy tokens through the CLI loader."""
+    from polychip.model.hf import save_hf
+
+    cfg, p, tok = load_for_inference(tiny_run)
+    save_hf(tmp_path / "hf", cfg, jax.device_get(p), dtype="float32", tokenizer_path=tiny_run / "tokenizer.json")
+    cfg2, p2, tok2 = load_for_inference(tmp_path / "hf")
+    import dataclasses
+
+    assert dataclasses.replace(cfg2, multiple_of=cfg.multiple_of) == cfg  # d_ff is explicit in HF configs
+    sp = SamplingParams(temperature=0, max_tokens=16)
+    assert Generator(cfg2, p2, tok2).generate("class ", sp).tokens == Generator(cfg, p, tok).generate("class ", sp).tokens
