@@ -56,3 +56,10 @@ def test_xla_attention_matches_reference(H, K, window):
     from polychip.kernels.attention.xla import sdpa
 
     np.testing.assert_allclose(sdpa(q, k, v, sliding_window=window), want, atol=2e-5, rtol=2e-5)
+
+
+def test_non_auto_implementations_are_only_used_when_named():
+    register("test_op2", "reference", priority=100)(lambda x: x)
+    register("test_op2", "unproven", priority=1, auto=False)(lambda x: x)
+    assert KernelPolicy.create(Target("cpu")).pick("test_op2").name == "reference"
+    assert KernelPolicy.create(Target("cpu"), {"test_op2": "unproven"}).pick("test_op2").name == "unproven"

@@ -56,17 +56,22 @@ class Impl:
     priority: int
     #: Human-readable verification status (e.g. "executed in CI (CPU)", "unverified: needs Neuron").
     verified: str = ""
+    #: Whether "auto" may pick it. False for interpreters (test-only) and for kernels not yet run on
+    #: their hardware: those are used only when named in an override.
+    auto: bool = True
 
 
 _REGISTRY: dict[str, list[Impl]] = {}
 
 
-def register(op: str, name: str, *, priority: int, supported_on: SupportFn = always, verified: str = ""):
-    """Decorator: add `fn` as implementation `name` of `op`. Lower priority number = tried first."""
+def register(op: str, name: str, *, priority: int, supported_on: SupportFn = always, verified: str = "",
+             auto: bool = True):
+    """Decorator: add `fn` as implementation `name` of `op`. Lower priority number = tried first.
+    auto=False: never chosen automatically, only when named in an override."""
 
     def deco(fn: Callable) -> Callable:
         impls = [i for i in _REGISTRY.get(op, []) if i.name != name]
-        impls.append(Impl(op, name, fn, supported_on, priority, verified))
+        impls.append(Impl(op, name, fn, supported_on, priority, verified, auto))
         impls.sort(key=lambda i: i.priority)
         _REGISTRY[op] = impls
         return fn
@@ -101,6 +106,8 @@ def resolve(op: str, target: Target, query: dict, override: str | None = None) -
         return named[0]
     reasons = []
     for impl in impls:
+        if not impl.auto:
+            continue
         reason = impl.supported_on(target, query)
         if reason is None:
             return impl
