@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover
 if pallas_tpu is not None:
     register(OP, "pallas_tpu", priority=10, supported_on=pallas_tpu.supported_on,
              verified="TPU interpret mode on CPU + deviceless compile for TPU topologies in CI")(pallas_tpu.cross_entropy)
-    register(OP, "pallas_tpu_interpret", priority=200, supported_on=pallas_tpu.interpret_supported_on,
+    register(OP, "pallas_tpu_interpret", priority=200, supported_on=pallas_tpu.interpret_supported_on, auto=False,
              verified="executed in CI (CPU, TPU interpret mode)")(
         functools.partial(pallas_tpu.cross_entropy, interpret=True))
 
