@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from polychip.config import ConfigError
 from polychip.serve.engine import Engine, QueueFull, Sampling
-from polychip.serve.protocol import ERROR_RESPONSES, APIError, ChatRequest, CompletionRequest, error_body
+from polychip.serve.protocol import ERROR_RESPONSES, GENERATION_OK, APIError, ChatRequest, CompletionRequest, error_body
 from polychip.serve.text import TextStream, render_chat, stop_token_ids
 
 
@@ -266,7 +266,7 @@ def build_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @app.post("/v1/completions", dependencies=[Depends(auth)], responses=ERROR_RESPONSES)
+    @app.post("/v1/completions", dependencies=[Depends(auth)], responses={**GENERATION_OK, **ERROR_RESPONSES})
     async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
         if req.echo:
@@ -284,7 +284,7 @@ def build_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = 
         sp = sampling_for(req, len(ids), req.max_tokens, limits.default_completion_tokens)
         return await respond(req, ids, sp, req.stop_list(), request, chat=False)
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(auth)], responses=ERROR_RESPONSES)
+    @app.post("/v1/chat/completions", dependencies=[Depends(auth)], responses={**GENERATION_OK, **ERROR_RESPONSES})
     async def chat_completions(req: ChatRequest, request: Request):
         check_model(req.model)
         ids, extra_stops = render_chat(tokenizer, [{"role": m.role, "content": m.text()} for m in req.messages])

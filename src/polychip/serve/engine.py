@@ -232,6 +232,16 @@ class Engine:
             raise ConfigError(f"the prompt is {n} tokens; the model's context is {self.max_len}")
         if any(t < 0 or t >= self.cfg.vocab_size for t in prompt):
             raise ConfigError(f"prompt token ids must be in [0, {self.cfg.vocab_size})")
+        if not (math.isfinite(sampling.temperature) and sampling.temperature >= 0):
+            raise ConfigError(f"temperature must be a finite number >= 0, got {sampling.temperature}")
+        if not 0 < sampling.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {sampling.top_p}")
+        if sampling.max_tokens < 0:
+            raise ConfigError(f"max_tokens must be >= 0, got {sampling.max_tokens}")
+        # Normalise into the step's int32 inputs: top_k >= vocab (or <= 0) is "off"; seeds wrap.
+        top_k = sampling.top_k if 0 < sampling.top_k < self.cfg.vocab_size else 0
+        sampling = Sampling(float(sampling.temperature), int(top_k), float(sampling.top_p), sampling.seed % (2 ** 31),
+                            int(sampling.max_tokens))
         seq = Sequence(next(self._ids), list(prompt), sampling, stop_ids, sink)
         seq.budget = min(sampling.max_tokens, self.max_len - n)
         need = math.ceil((n + seq.budget) / self.ecfg.page_size)

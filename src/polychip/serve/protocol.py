@@ -39,6 +39,9 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+GENERATION_OK = {200: {"description": "A completion (JSON), or server-sent events when stream=true",
+                       "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}}}}
+
 ERROR_RESPONSES = {
     400: {"model": ErrorResponse, "description": "Invalid request"},
     401: {"model": ErrorResponse, "description": "Missing or wrong API key"},
