@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from polychip.kernels.registry import KernelError
+
 from polychip.kernels import KernelPolicy, Target
 from polychip.kernels.paged_attention import api, pallas_gpu, pallas_tpu, reference
 from tests.kernels.tolerance import assert_close
@@ -92,8 +94,12 @@ def test_api_registry_and_errors():
     assert_close(got, want, jnp.float32, 64 + 40)
     q_ = dict(batch=1, n_heads=8, n_kv_heads=2, head_dim=128, page_size=16)
     assert KernelPolicy.create(Target("tpu", "TPU v6 lite")).pick("paged_attention", **q_).name == "pallas_tpu"
-    assert KernelPolicy.create(Target("gpu", "NVIDIA H100")).pick("paged_attention", **q_).name == "pallas_gpu"
-    assert KernelPolicy.create(Target("gpu")).pick("paged_attention", **{**q_, "page_size": 12}).name == "reference"
+    gpu = KernelPolicy.create(Target("gpu", "NVIDIA H100"))
+    assert gpu.pick("paged_attention", **q_).name == "reference"  # the GPU kernel is not yet run on a GPU: named only
+    named = gpu.with_overrides(paged_attention="pallas_gpu")
+    assert named.pick("paged_attention", **q_).name == "pallas_gpu"
+    with pytest.raises(KernelError):
+        named.pick("paged_attention", **{**q_, "page_size": 12})
     with pytest.raises(ValueError, match="multiple of kv heads"):
         api.paged_attention(q[:, :3], kp, vp, bt, ln, policy=cpu)
 
