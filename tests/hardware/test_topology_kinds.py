@@ -1,8 +1,13 @@
 """device_kind strings and topology prefixes, checked against libtpu's deviceless topologies."""
+import os
+
 import pytest
 
 from polychip.hardware import chip_for_device_kind, load_catalog
 
+# Deviceless topology descriptions touch no chip; without this, libtpu refuses to start while any other
+# process (a parallel test run, `polychip compile`) holds its lockfile.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 topologies = pytest.importorskip("jax.experimental.topologies")
 pytest.importorskip("libtpu")
 

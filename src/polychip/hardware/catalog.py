@@ -311,6 +311,8 @@ def _norm(s: str) -> str:
 def get_chip(name: str, catalog: dict[str, Chip] | None = None) -> Chip:
     """Chip by name or alias (case-insensitive). Unknown -> HardwareError listing valid names."""
     cat = catalog if catalog is not None else active_catalog()
+    if name in cat:
+        return cat[name]
     key = _norm(str(name))
     for chip in cat.values():
         if key == _norm(chip.name) or key in (_norm(a) for a in chip.aliases):

@@ -11,6 +11,10 @@ from typing import Any
 import yaml
 
 
+#: libyaml's C loader when present (about 10x faster on large fleet files), else the pure-Python one.
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 class YamlSyntaxError(ValueError):
     """The text is not valid YAML (the message carries file and line)."""
 
@@ -30,14 +34,18 @@ def _walk(node: yaml.Node, path: tuple, out: dict[tuple, int]) -> None:
 
 def load(text: str, name: str = "<yaml>") -> tuple[Any, dict[tuple, int]]:
     """Parse `text`; returns (data, {path tuple: line}). Raises YamlSyntaxError naming `name`:line."""
+    # One parse: compose the node tree (keeps line marks), then construct plain data from it.
+    loader = _Loader(text)
     try:
-        data = yaml.safe_load(text)
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{name} line {mark.line + 1}" if mark is not None else name
         problem = getattr(e, "problem", None) or str(e)
         raise YamlSyntaxError(f"{where}: not valid YAML ({problem})") from None
+    finally:
+        loader.dispose()
     lines: dict[tuple, int] = {}
     if node is not None:
         _walk(node, (), lines)

@@ -219,6 +219,9 @@ def _chips(p: _P, value, path: tuple, catalog: dict) -> tuple[str, ...]:
         raise p.err(path, f"must be a list of chip names, got {value!r}")
     out = []
     for i, v in enumerate(value):
+        if isinstance(v, str) and v in catalog:  # fast path for canonical names (large fleet files)
+            out.append(v)
+            continue
         try:
             out.append(get_chip(str(v), catalog).name)
         except HardwareError as e:

@@ -47,6 +47,6 @@ def greedy(fleet: Fleet, cands: O.Candidates, objective: str) -> Plan | None:
                 need -= o.rps
         if need > 1e-9:
             return None
-    plan = Plan(objective, "greedy", _placements(fleet, train, serve, x), n_options=len(x))
+    plan = Plan(objective, "greedy", _placements(fleet, train + serve, x), n_options=len(x))
     _totals(plan, fleet)
     return plan

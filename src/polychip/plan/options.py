@@ -60,23 +60,21 @@ def _allowed(w, pool: Pool) -> bool:
     return not w.chips or pool.chip.name in w.chips
 
 
-def train_counts(w: TrainWorkload, pool: Pool) -> list[int]:
-    hi = min(pool.count, w.max_chips or pool.count, w.batch * w.max_tensor)
-    lo = w.min_chips
-    if hi < lo:
-        return []
-    out = {c for c in pow2_upto(hi, 1) if c >= lo} | {lo, hi}
-    return sorted(out)
+def _pareto(rows: list[tuple], objective: str, avail_h: float, deadline_h: float | None) -> list[tuple]:
+    """Counts of one pool that no smaller count beats or ties on everything the plan sees.
 
-
-def _dominated(opts: list[Option], key) -> list[Option]:
-    """Drop options another option in the same pool beats or ties on every key attribute."""
-    keep: list[Option] = []
-    for o in sorted(opts, key=key):
-        ko = key(o)
-        if not any(all(a <= b for a, b in zip(key(k), ko)) for k in keep):
-            keep.append(o)
-    return keep
+    rows: (n, estimate, hours, chip-hours) sorted by n. Within a pool, chips and power grow with n,
+    and cost and energy grow with chip-hours (price and watts are the pool's), so a count survives
+    only if it is better on chip-hours (cost, energy) or hours (time) or lateness than every
+    smaller kept count.
+    """
+    keep: list[tuple] = []
+    for r in rows:
+        late = max(0.0, avail_h + r[2] - deadline_h) if deadline_h is not None else 0.0
+        key = (r[3], late) if objective != "time" else (r[2], r[3], late)
+        if not any(all(a <= b for a, b in zip(k, key)) for k, _ in keep):
+            keep.append((key, r))
+    return [r for _, r in keep]
 
 
 def build(fleet: Fleet, perf: PerfModel, objective: str, keep_late: bool = False) -> Candidates:
@@ -89,6 +87,24 @@ def build(fleet: Fleet, perf: PerfModel, objective: str, keep_late: bool = False
     if unpriced and objective == "cost":
         c.notes.append(f"pools without a price are left out of a cost plan: {', '.join(unpriced)} "
                        "(give price: in the fleet file to use them)")
+    est_cache: dict = {}  # (model identity, shape of the run, chip, n) -> estimate; shared across workloads
+    hi_max = max(p.count for p in fleet.pools)
+
+    def template(w, chip) -> list[tuple]:
+        """(n, estimate, hours, chip-hours) for every candidate count of w on this chip kind, by n."""
+        key = (id(w.model), w.seq_len, w.batch, w.remat, w.max_tensor, w.min_chips, w.max_chips, chip.name)
+        if key not in est_cache:
+            top = min(hi_max, w.max_chips or hi_max, w.batch * w.max_tensor)
+            counts = sorted({c for c in pow2_upto(top) if c >= w.min_chips} | {w.min_chips}
+                            | {min(p.count, top) for p in fleet.pools if p.chip is chip and p.count >= w.min_chips})
+            rows = []
+            for n in counts:
+                est = perf.train(w, chip, n)
+                if est is not None:
+                    rows.append((n, est, 1.0 / est.tokens_per_s / 3600.0))
+            est_cache[key] = rows
+        return [(n, est, w.tokens * h, n * w.tokens * h) for n, est, h in est_cache[key]]
+
     for w in fleet.workloads:
         reasons: list[str] = []
         opts_all: list[Option] = []
@@ -101,31 +117,29 @@ def build(fleet: Fleet, perf: PerfModel, objective: str, keep_late: bool = False
                 continue
             price = p.price_per_hour
             if isinstance(w, TrainWorkload):
-                counts = train_counts(w, p)
-                if not counts:
+                hi = min(p.count, w.max_chips or p.count, w.batch * w.max_tensor)
+                if hi < w.min_chips:
                     reasons.append(f"{p.name}: {p.count} chips, below min_chips {w.min_chips}")
                     continue
-                mine = []
-                for n in counts:
-                    est = perf.train(w, p.chip, n)
-                    if est is None:
-                        continue
-                    dur = w.tokens / est.tokens_per_s / 3600.0
-                    finish = p.available_h + dur
-                    late = max(0.0, finish - w.deadline_h) if w.deadline_h is not None else 0.0
-                    lc = None if price is None else n * dur * price
-                    mine.append(Option(w.name, "train", p.name, p.chip.name, n, p.available_h, finish,
-                                       None if lc is None else (0.0 if p.pricing == "reserved" else lc), lc,
-                                       n * p.power_w * oh * dur / 1e3, n * p.power_w * oh, late, est=est))
+                tmpl = template(w, p.chip)
+                # This pool's counts: powers of two up to its size, plus the run's minimum and the whole pool.
+                mine = [t for t in tmpl if t[0] <= hi and (t[0] & (t[0] - 1) == 0 or t[0] == w.min_chips or t[0] == hi)]
                 if not mine:
-                    reasons.append(f"{p.name}: model state does not fit on {counts[-1]} or fewer {p.chip.name} chips")
+                    reasons.append(f"{p.name}: model state does not fit on {hi} or fewer {p.chip.name} chips")
                     continue
-                on_time = [o for o in mine if o.lateness_h == 0]
+                dl = w.deadline_h
+                on_time = mine if dl is None else [t for t in mine if p.available_h + t[2] <= dl]
                 if not on_time:
-                    best = min(mine, key=lambda o: o.finish_h)
-                    reasons.append(f"{p.name}: finishes at {best.finish_h:.0f} h at best ({best.chips} chips), "
-                                   f"deadline {w.deadline_h:.0f} h")
-                opts_all += mine if keep_late else on_time
+                    best = min(mine, key=lambda t: t[2])
+                    reasons.append(f"{p.name}: finishes at {p.available_h + best[2]:.0f} h at best ({best[0]} chips), "
+                                   f"deadline {dl:.0f} h")
+                for n, est, dur, ch in _pareto(mine if keep_late else on_time, objective, p.available_h, dl):
+                    finish = p.available_h + dur
+                    late = max(0.0, finish - dl) if dl is not None else 0.0
+                    lc = None if price is None else ch * price
+                    opts_all.append(Option(w.name, "train", p.name, p.chip.name, n, p.available_h, finish,
+                                           None if lc is None else (0.0 if p.pricing == "reserved" else lc), lc,
+                                           ch * p.power_w * oh / 1e3, n * p.power_w * oh, late, est=est))
             else:
                 if p.available_h > 0:
                     reasons.append(f"{p.name}: available only from {p.available_h:.0f} h (services need the whole horizon)")
@@ -144,16 +158,7 @@ def build(fleet: Fleet, perf: PerfModel, objective: str, keep_late: bool = False
                                        cfg.k * p.power_w * oh * fleet.horizon_h / 1e3, cfg.k * p.power_w * oh,
                                        rps=cfg.rps, max_units=max(1, units), est=cfg))
         if isinstance(w, TrainWorkload):
-            # Objective-aware pruning inside each pool: what the objective and the constraints see.
-            keyf = {
-                "cost": lambda o: (o.cost if o.cost is not None else 0.0, o.chips, o.lateness_h, o.list_cost or 0.0),
-                "energy": lambda o: (o.energy_kwh, o.chips, o.lateness_h, o.cost or 0.0),
-                "time": lambda o: (o.finish_h, o.chips, o.lateness_h, o.cost or 0.0),
-            }[objective]
-            kept = []
-            for p in {o.pool for o in opts_all}:
-                kept += _dominated([o for o in opts_all if o.pool == p], keyf)
-            c.train[w.name] = sorted(kept, key=lambda o: (o.pool, o.chips))
+            c.train[w.name] = opts_all
         else:
             c.serve[w.name] = opts_all
         if not opts_all:

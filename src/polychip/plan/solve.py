@@ -17,15 +17,10 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
-from scipy.sparse import coo_matrix
-
 from polychip.plan import options as O
+from polychip.plan import program as P
 from polychip.plan.fleet import Fleet
 from polychip.plan.perf import PerfModel, ServeConfig
-
-TIE = 1e-6
-
 
 @dataclass
 class Placement:
@@ -61,6 +56,8 @@ class Plan:
     solve_s: float = 0.0
     gap: float | None = None
     n_options: int = 0
+    #: Seconds spent building candidate options (performance model included); solve_s includes it.
+    options_s: float = 0.0
     diagnosis: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -84,126 +81,10 @@ def _coefs(o: O.Option, objective: str) -> tuple[float, float]:
     return 0.0, cost if o.cost is not None else o.energy_kwh
 
 
-def _milp(fleet: Fleet, train: list[O.Option], serve: list[O.Option], objective: str, relaxed: bool,
-          time_limit: float, gap: float):
-    """Build and solve. Returns (scipy result, column map)."""
-    tw = sorted({o.workload for o in train})
-    sw = sorted({o.workload for o in serve})
-    services = {w.name: w for w in fleet.workloads}
-    pools = {p.name: i for i, p in enumerate(fleet.pools)}
-    nT, nS = len(train), len(serve)
-    col = {"T": None}
-    ncol = nT + nS
-    if objective == "time":
-        col["T"] = ncol
-        ncol += 1
-    if relaxed:
-        col["u"] = {w: ncol + i for i, w in enumerate(tw)}
-        ncol += len(tw)
-        col["v"] = {w: ncol + i for i, w in enumerate(sw)}
-        ncol += len(sw)
-        col["sp"] = {p: ncol + i for p, i in pools.items()}
-        ncol += len(pools)
-        col["sP"] = ncol
-        ncol += 1
-    c = np.zeros(ncol)
-    prim = np.array([_coefs(o, objective)[0] for o in train + serve])
-    tie = np.array([_coefs(o, objective)[1] for o in train + serve])
-    if objective == "time":
-        scale = max([o.finish_h for o in train] + [1.0])
-        c[col["T"]] = 1.0
-    else:
-        scale = max(float(np.abs(prim).sum()), 1.0)
-    tie_w = TIE * scale / max(float(np.abs(tie).sum()), 1e-12)
-    c[: nT + nS] = prim + tie_w * tie
-    if relaxed:
-        # Normalised slacks dominate; the original objective only breaks ties between relaxations.
-        c[: nT + nS] = c[: nT + nS] * 1e-6 / scale
-        if col["T"] is not None:
-            c[col["T"]] = 1e-6 / scale
-        late = {w.name: w.deadline_h for w in fleet.workloads if getattr(w, "deadline_h", None)}
-        for i, o in enumerate(train):
-            if o.lateness_h > 0:
-                c[i] += o.lateness_h / late[o.workload]
-        for w in tw:
-            c[col["u"][w]] = 10.0
-        for w in sw:
-            c[col["v"][w]] = 10.0
-        for p in fleet.pools:
-            c[col["sp"][p.name]] = 1.0 / p.count
-        c[col["sP"]] = 1.0 / fleet.power_cap_w if fleet.power_cap_w else 0.0
-
-    rows, cols, vals, lb, ub = [], [], [], [], []
-    r = 0
-    by_w: dict[str, list[int]] = {}
-    for i, o in enumerate(train):
-        by_w.setdefault(o.workload, []).append(i)
-    for w in tw:  # exactly one option per training run
-        for i in by_w[w]:
-            rows.append(r), cols.append(i), vals.append(1.0)
-        if relaxed:
-            rows.append(r), cols.append(col["u"][w]), vals.append(1.0)
-        lb.append(1.0), ub.append(1.0)
-        r += 1
-    by_s: dict[str, list[int]] = {}
-    for j, o in enumerate(serve):
-        by_s.setdefault(o.workload, []).append(nT + j)
-    for w in sw:  # replicas cover the request rate
-        rate = services[w].rate
-        for k in by_s[w]:
-            rows.append(r), cols.append(k), vals.append(serve[k - nT].rps / rate)
-        if relaxed:
-            rows.append(r), cols.append(col["v"][w]), vals.append(1.0)
-        lb.append(1.0), ub.append(np.inf)
-        r += 1
-    for p in fleet.pools:  # pool sizes
-        idx = [(i, o.chips) for i, o in enumerate(train + serve) if o.pool == p.name]
-        if not idx and not relaxed:
-            continue
-        for i, ch in idx:
-            rows.append(r), cols.append(i), vals.append(ch / p.count)
-        if relaxed:
-            rows.append(r), cols.append(col["sp"][p.name]), vals.append(-1.0 / p.count)
-        lb.append(-np.inf), ub.append(1.0)
-        r += 1
-    if fleet.power_cap_w:  # site power
-        for i, o in enumerate(train + serve):
-            rows.append(r), cols.append(i), vals.append(o.power_w / fleet.power_cap_w)
-        if relaxed:
-            rows.append(r), cols.append(col["sP"]), vals.append(-1.0 / fleet.power_cap_w)
-        lb.append(-np.inf), ub.append(1.0)
-        r += 1
-    if col["T"] is not None:  # T >= finish of each run
-        for w in tw:
-            for i in by_w[w]:
-                rows.append(r), cols.append(i), vals.append(train[i].finish_h)
-            rows.append(r), cols.append(col["T"]), vals.append(-1.0)
-            lb.append(-np.inf), ub.append(0.0)
-            r += 1
-    A = coo_matrix((vals, (rows, cols)), shape=(r, ncol)).tocsr()
-    integrality = np.zeros(ncol)
-    integrality[: nT + nS] = 1
-    lo = np.zeros(ncol)
-    hi = np.full(ncol, np.inf)
-    hi[:nT] = 1
-    for j, o in enumerate(serve):
-        hi[nT + j] = o.max_units
-    if relaxed:
-        for w in tw:
-            integrality[col["u"][w]] = 1
-            hi[col["u"][w]] = 1
-        for w in sw:
-            hi[col["v"][w]] = 1
-    res = milp(c, integrality=integrality, bounds=Bounds(lo, hi),
-               constraints=[LinearConstraint(A, lb, ub)] if r else [],
-               options={"time_limit": time_limit, "mip_rel_gap": gap, "disp": False})
-    return res, col
-
-
-def _placements(fleet: Fleet, train, serve, x) -> list[Placement]:
+def _placements(fleet: Fleet, opts, x) -> list[Placement]:
     pools = {p.name: p for p in fleet.pools}
     out = []
-    for i, o in enumerate(train + serve):
+    for i, o in enumerate(opts):
         units = int(round(x[i]))
         if units <= 0:
             continue
@@ -245,29 +126,29 @@ def _totals(plan: Plan, fleet: Fleet) -> None:
                                     if p.pricing == "reserved" and p.price_per_hour is not None))
 
 
-def _diagnose(fleet: Fleet, train, serve, x, col) -> list[str]:
+def _diagnose(fleet: Fleet, opts, x, slack: dict) -> list[str]:
     msgs = []
     pools = {p.name: p for p in fleet.pools}
-    if fleet.power_cap_w and x[col["sP"]] > 1e-6:
-        short = x[col["sP"]]
+    if "sP" in slack and x[slack["sP"]] > 1e-6:
+        short = x[slack["sP"]] * fleet.power_cap_w
         msgs.append(f"power cap short by {_mw(short)} (the plan needs {_mw(fleet.power_cap_w + short)} of "
                     f"{_mw(fleet.power_cap_w)}) for the deadlines and services")
-    for name, j in col["sp"].items():
-        if x[j] > 1e-6:
-            p = pools[name]
-            msgs.append(f"pool {name} ({p.chip.name}) short by {int(np.ceil(x[j] - 1e-6))} chips "
-                        f"(needs {p.count + int(np.ceil(x[j] - 1e-6))}, has {p.count})")
-    for i, o in enumerate(train):
-        if x[i] > 0.5 and o.lateness_h > 0:
+    for name, j in slack.items():
+        if name.startswith("sp:") and x[j] > 1e-6:
+            p = pools[name[3:]]
+            extra = int(np.ceil(x[j] * p.count - 1e-6))
+            msgs.append(f"pool {p.name} ({p.chip.name}) short by {extra} chips (needs {p.count + extra}, has {p.count})")
+    for i, o in enumerate(opts):
+        if o.kind == "train" and x[i] > 0.5 and o.lateness_h > 0:
             msgs.append(f"run {o.workload} misses its deadline by {o.lateness_h:.1f} h even on {o.chips} {o.chip} "
                         f"chips in {o.pool}")
-    for w, j in col["u"].items():
-        if x[j] > 0.5:
-            msgs.append(f"run {w} cannot be placed within the pools")
-    for w, j in col["v"].items():
-        if x[j] > 1e-6:
-            rate = next(s.rate for s in fleet.workloads if s.name == w)
-            msgs.append(f"service {w}: only {rate * (1 - x[j]):.1f} of {rate:.1f} req/s can be served")
+    rates = {w.name: getattr(w, "rate", 0.0) for w in fleet.workloads}
+    for name, j in slack.items():
+        if name.startswith("u:") and x[j] > 0.5:
+            msgs.append(f"run {name[2:]} cannot be placed within the pools")
+        if name.startswith("v:") and x[j] > 1e-6:
+            rate = rates[name[2:]]
+            msgs.append(f"service {name[2:]}: only {rate * (1 - x[j]):.1f} of {rate:.1f} req/s can be served")
     return msgs
 
 
@@ -275,36 +156,69 @@ def _mw(w: float) -> str:
     return f"{w / 1e6:,.2f} MW" if w >= 1e6 else f"{w / 1e3:,.1f} kW"
 
 
+def _program(fleet: Fleet, cands: O.Candidates, objective: str, relaxed: bool):
+    opts = [o for w in cands.train.values() for o in w] + [o for w in cands.serve.values() for o in w]
+    co = [_coefs(o, objective) for o in opts]
+    prim = np.array([a for a, _ in co])
+    tie = np.array([b for _, b in co])
+    dl = {w.name: getattr(w, "deadline_h", None) for w in fleet.workloads}
+    late = np.array([o.lateness_h / dl[o.workload] if o.lateness_h > 0 else 0.0 for o in opts])
+    return opts, P.build(fleet, opts, prim, tie, late, objective, relaxed)
+
+
 def plan_fleet(fleet: Fleet, perf: PerfModel, objective: str = "cost", time_limit: float = 60.0,
-               gap: float = 1e-4) -> Plan:
-    """Solve; on infeasibility, solve the slack program and explain what binds."""
+               gap: float = 1e-4, colgen_above: int = 5000) -> Plan:
+    """Solve; on infeasibility, solve the slack program and explain what binds.
+
+    Up to `colgen_above` options the whole MILP goes to HiGHS; above it, column generation
+    (program.solve_colgen) keeps the MILP small and still reports a true optimality gap.
+    """
     t0 = time.perf_counter()
     cands = O.build(fleet, perf, objective)
-    train = [o for w in cands.train.values() for o in w]
-    serve = [o for w in cands.serve.values() for o in w]
+    t_opts = time.perf_counter() - t0
     notes = list(cands.notes) + [f"{w}: not on {r}" for w, rs in cands.skipped.items() for r in rs]
-    if not cands.blocked:
-        res, col = _milp(fleet, train, serve, objective, False, time_limit, gap)
-        if res.x is not None and res.status in (0, 1):
-            plan = Plan(objective, "optimal" if res.status == 0 else "feasible", _placements(fleet, train, serve, res.x),
-                        gap=getattr(res, "mip_gap", None), n_options=len(train) + len(serve), notes=notes)
+    diag = [f"{w}: no placement meets every limit: " + _short(rs) for w, rs in cands.blocked.items()]
+    opts, prog = _program(fleet, cands, objective, relaxed=False)
+    n_opt = len(opts)
+    status, x, g, which = 2, None, None, "strict"
+    if not cands.blocked and n_opt:
+        if n_opt <= colgen_above:
+            status, x, g, _ = P.solve_direct(prog, time_limit, gap)
+        else:
+            # Phase I runs on the same options plus slack columns (is the LP feasible at all?).
+            _, rprog = _program(fleet, cands, objective, relaxed=True)
+            status, x, g, which = P.solve_colgen(prog, rprog, np.arange(n_opt), time_limit, gap)
+        if x is not None and status in (0, 1):
+            plan = Plan(objective, "optimal" if status == 0 else "feasible", _placements(fleet, opts, x),
+                        gap=g, n_options=n_opt, notes=notes)
             _totals(plan, fleet)
-            plan.solve_s = time.perf_counter() - t0
+            plan.solve_s, plan.options_s = time.perf_counter() - t0, t_opts
             return plan
-        if res.status == 1:
-            plan = Plan(objective, "infeasible", [], n_options=len(train) + len(serve), notes=notes,
+        if status == 1 and x is None:
+            plan = Plan(objective, "infeasible", [], n_options=n_opt, notes=notes,
                         diagnosis=[f"no feasible plan found within the {time_limit:.0f} s time limit"])
-            plan.solve_s = time.perf_counter() - t0
+            plan.solve_s, plan.options_s = time.perf_counter() - t0, t_opts
             return plan
-    # Infeasible: explain.
-    diag = [f"{w}: no placement meets every limit: " + "; ".join(rs) for w, rs in cands.blocked.items()]
+    # Infeasible: explain with the slack program (deadline-missing options included).
     late = O.build(fleet, perf, objective, keep_late=True)
-    ltrain = [o for w in late.train.values() for o in w]
-    lserve = [o for w in late.serve.values() for o in w]
-    res, col = _milp(fleet, ltrain, lserve, objective, True, time_limit, gap)
-    if res.x is not None:
-        diag += _diagnose(fleet, ltrain, lserve, res.x, col)
-    plan = Plan(objective, "infeasible", [], n_options=len(ltrain) + len(lserve), diagnosis=diag or
+    lopts, lprog = _program(fleet, late, objective, relaxed=True)
+    if lopts:
+        if len(lopts) <= colgen_above:
+            _, lx, _, _ = P.solve_direct(lprog, time_limit, gap)
+        else:
+            r = P.colgen(lprog, P.initial_columns(lprog))
+            lx = None
+            if r is not None:  # the MILP over the generated columns: a relaxation, maybe not the least
+
+                _, lx = P._milp(lprog, r[0], time_limit, gap)
+        if lx is not None:
+            diag += _diagnose(fleet, lopts, lx, lprog.slack)
+    plan = Plan(objective, "infeasible", [], n_options=len(lopts), diagnosis=diag or
                 ["infeasible; the slack program found no single binding constraint"], notes=notes)
-    plan.solve_s = time.perf_counter() - t0
+    plan.solve_s, plan.options_s = time.perf_counter() - t0, t_opts
     return plan
+
+
+def _short(reasons: list[str], keep: int = 4) -> str:
+    more = len(reasons) - keep
+    return "; ".join(reasons[:keep]) + (f"; and {more} more pool(s)" if more > 0 else "")
