@@ -30,7 +30,8 @@ def test_round_trip(small_tok, text):
 def test_merges_compress_ascii_code(small_tok):
     text = "import os\nfor i in range(10):\n    print(i)\n"
     # Byte-level would be one token per byte; trained merges must do better on code like the corpus.
-    assert len(small_tok.encode(text).ids) < len(text.encode()) / 2
+    # (threshold 0.6: a 1k-token BPE trained on a 200 KB sample, whichever part of the stdlib it is)
+    assert len(small_tok.encode(text).ids) < 0.6 * len(text.encode())
 
 
 def test_special_tokens_of_trained_tokenizer(small_tok):

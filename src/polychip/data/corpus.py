@@ -26,7 +26,8 @@ TEXT_EXTS = (".txt", ".md", ".py")
 KNOWN_EXTS = TEXT_EXTS + (".jsonl", ".parquet")
 # Directories skipped under the stdlib: installed packages are not "the standard library", and the
 # test suites are large, repetitive and full of deliberately odd code.
-_STDLIB_SKIP = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
+# Skipped: installed packages, tests, and `encodings` (generated codec tables, not prose-like code).
+_STDLIB_SKIP = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test", "encodings"}
 
 
 class DataError(ValueError):
@@ -52,7 +53,9 @@ def _stdlib_files() -> list[Path]:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in _STDLIB_SKIP]
         out.extend(Path(dirpath) / f for f in filenames if f.endswith(".py"))
-    return sorted(out)
+    # A fixed pseudo-random order (hash of the relative path), so that a byte cap samples the whole
+    # library rather than its alphabetical beginning; the same on every machine with this layout.
+    return sorted(out, key=lambda p: (hashlib.sha256(str(p.relative_to(root)).encode()).hexdigest(), str(p)))
 
 
 def _dir_files(root: Path) -> list[Path]:
