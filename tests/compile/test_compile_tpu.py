@@ -110,3 +110,17 @@ def test_llama3_70b_on_one_v5e_does_not_fit(cache_dir):
     assert state <= arg <= state + 1e6  # + the [1, 1025] int32 batch and the step counter
     assert _f(rep, "hbm_margin_per_device")["value"] < -(state - 16e9)
     assert _f(rep, "hbm_used_per_device")["value"] > 50 * 16e9
+
+
+def test_tiny_serve_prefill_and_decode(cache_dir):
+    rep = compile_report(Request(model="tiny", target="v5e:2x2", mode="serve", batch=4, seq=64, output_tokens=32))
+    steps = {s["name"]: s for s in rep["steps"]}
+    assert set(steps) == {"prefill", "decode"} and rep["fits"] is True
+    m = build_config("tiny").model
+    cache = 2 * m.n_layers * 4 * (64 + 32) * m.n_kv_heads * m.head_dim * 4  # K and V, float32, batch 4
+    params = 4 * m.n_params
+    for s in steps.values():
+        # Each device holds its batch shard of the cache and its fsdp shard of the weights (or more: padding).
+        assert s["figures"]["argument_bytes_per_device"]["value"] >= (cache + params) / 4
+    dec = steps["decode"]["figures"]
+    assert dec["model_flops"]["value"] == F.decode_flops_per_token(m, 64 + 32 - 1) * 4

@@ -44,6 +44,8 @@ class HloStats:
     hbm_traffic_bytes: float = 0.0
     #: The same walk with every loop body counted once (comparable with cost_analysis' "bytes accessed").
     hbm_traffic_bytes_loops_once: float = 0.0
+    #: Largest HBM traffic contributors: [(JAX op name from the HLO metadata, bytes)], loop trips included.
+    traffic_by_op: list = field(default_factory=list)
 
     @property
     def collective_total(self) -> float:
@@ -138,6 +140,7 @@ def analyse(text: str, n_devices: int) -> HloStats:
     stats = HloStats()
     coll: dict[str, float] = defaultdict(float)
     traffic = [0.0, 0.0]
+    by_op: dict[str, float] = defaultdict(float)
 
     def walk(name: str, mult: float, mult_once: float, stack: tuple = ()):
         if name not in comps or name in stack:
@@ -167,6 +170,7 @@ def analyse(text: str, n_devices: int) -> HloStats:
                     shape_bytes(shapes.get(o, ""), hbm_only=True) for o in ins.operands)
                 traffic[0] += t * mult
                 traffic[1] += t * mult_once
+                by_op[_op_name(ins.attrs)] += t * mult
             if ins.opcode == "while":
                 body = re.search(r"body=%?([\w.\-]+)", ins.attrs)
                 cond = re.search(r"condition=%?([\w.\-]+)", ins.attrs)
@@ -192,7 +196,17 @@ def analyse(text: str, n_devices: int) -> HloStats:
     walk(entry, 1.0, 1.0)
     stats.collective_bytes = dict(coll)
     stats.hbm_traffic_bytes, stats.hbm_traffic_bytes_loops_once = traffic
+    stats.traffic_by_op = sorted(by_op.items(), key=lambda kv: -kv[1])[:8]
     return stats
+
+
+def _op_name(attrs: str) -> str:
+    """The JAX-level op an HLO instruction came from, without jit/transpose wrappers: 'while/body/...'"""
+    m = re.search(r'op_name="([^"]*)"', attrs)
+    if not m:
+        return "(no metadata)"
+    parts = [p for p in m.group(1).split("/") if not p.startswith(("jit(", "jvp(", "transpose(")) and p not in ("while", "body", "closed_call", "checkpoint", "rematted_computation")]
+    return "/".join(parts[-2:]) if parts else m.group(1)
 
 
 def _constants_by_comp(text: str) -> dict[str, list[str]]:
