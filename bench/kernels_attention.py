@@ -72,8 +72,12 @@ def tpu_table(topologies=TOPOLOGIES, seqs=SEQS):
                 t_x = jax.jit(xla[i]).lower(q, kv, kv).compile().cost_analysis()["optimal_seconds"]
                 t_p = jax.jit(ours[i]).lower(q, kv, kv).compile().cost_analysis()["optimal_seconds"]
                 t_ps = t_p + nsteps * autotune.GRID_STEP_S
-                print(f"{dev.device_kind:<12}{T:>6} {name:<8}{t_x * 1e3:>9.3f}{t_p * 1e3:>11.3f}{t_ps * 1e3:>11.3f}"
-                      f"{t_x / t_ps:>12.2f}  {bs.bq}x{bs.bk}/{bs.bq_dkv}x{bs.bk_dkv}")
+                # libtpu 0.0.42.1 returns negative optimal_seconds for some programs (tpu7x at seq >=
+                # 4096, also for XLA's own attention; v6e fwd+bwd at 8192): print n/a, not a number.
+                ms = lambda t, w: f"{t * 1e3:>{w}.3f}" if t >= 0 else f"{'n/a':>{w}}"  # noqa: E731
+                ratio = f"{t_x / t_ps:>12.2f}" if t_x >= 0 and t_p >= 0 else f"{'n/a':>12}"
+                print(f"{dev.device_kind:<12}{T:>6} {name:<8}{ms(t_x, 9)}{ms(t_p, 11)}{ms(t_ps if t_p >= 0 else -1, 11)}"
+                      f"{ratio}  {bs.bq}x{bs.bk}/{bs.bq_dkv}x{bs.bk_dkv}")
 
 
 def _fwd_steps(T: int, bs: BlockSizes) -> int:

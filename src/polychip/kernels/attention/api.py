@@ -17,8 +17,8 @@ register(OP, "sdpa", priority=40, supported_on=xla.sdpa_supported_on,
          verified="CPU path executed in CI; cuDNN dispatch needs a GPU (not in CI)")(xla.sdpa)
 register(OP, "xla", priority=50, verified="executed in CI (CPU)")(xla.attention)
 register(OP, "reference", priority=100, verified="executed in CI (CPU); the ground truth")(reference.attention)
-# Pallas backends register themselves on import (TPU 10, GPU 20; their CPU interpreters at 200+, after the
-# reference, so only an explicit override selects them).
+# Pallas backends register themselves on import: pallas_tpu (10), pallas_gpu (20, auto=False until run on
+# a GPU) and their CPU interpreters (200, 210, auto=False: only an explicit override selects them).
 from polychip.kernels.attention import pallas_gpu, pallas_tpu  # noqa: E402,F401
 
 

@@ -332,8 +332,8 @@ def _attention_interpret(q, k, v, **kw):
 if pl is not None:
     from polychip.kernels.registry import register
 
-    register("attention", "pallas_gpu", priority=20, supported_on=supported_on,
+    # auto=False until it has run on a GPU: only an explicit override (attention=pallas_gpu) picks it.
+    register("attention", "pallas_gpu", priority=20, supported_on=supported_on, auto=False,
              verified="interpret mode in CI (CPU); Triton path not run on a GPU")(_attention)
-    # After the reference (100): only an explicit override selects the interpreter.
-    register("attention", "pallas_gpu_interpret", priority=210, supported_on=lambda t, q: _reason(q),
+    register("attention", "pallas_gpu_interpret", priority=210, supported_on=lambda t, q: _reason(q), auto=False,
              verified="executed in CI (CPU, Pallas interpreter)")(_attention_interpret)

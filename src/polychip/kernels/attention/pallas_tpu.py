@@ -442,8 +442,7 @@ def supported_on(target, query: dict) -> str | None:
 
 
 def supported_interpret(target, query: dict) -> str | None:
-    """The interpreter runs on any platform. It is registered after the reference (priority 100,
-    supports everything), so the automatic walk never reaches it: only an explicit override picks it."""
+    """The interpreter runs on any platform; registered auto=False, so only an override picks it."""
     return _common_reason(query)
 
 
@@ -461,5 +460,5 @@ if pl is not None:
     register("attention", "pallas_tpu", priority=10, supported_on=supported_on,
              verified="interpret mode in CI (CPU); compiled deviceless for v5e/v6e/tpu7x; not run on a TPU")(
         _attention)
-    register("attention", "pallas_tpu_interpret", priority=200, supported_on=supported_interpret,
+    register("attention", "pallas_tpu_interpret", priority=200, supported_on=supported_interpret, auto=False,
              verified="executed in CI (CPU, Mosaic TPU interpreter)")(_attention_interpret)
