@@ -63,3 +63,9 @@ def test_non_auto_implementations_are_only_used_when_named():
     register("test_op2", "unproven", priority=1, auto=False)(lambda x: x)
     assert KernelPolicy.create(Target("cpu")).pick("test_op2").name == "reference"
     assert KernelPolicy.create(Target("cpu"), {"test_op2": "unproven"}).pick("test_op2").name == "unproven"
+
+
+def test_kernels_with_tuning_receive_the_target_device_kind():
+    register("test_op3", "tuned", priority=1, wants_device_kind=True)(lambda x, device_kind=None: (x, device_kind))
+    pol = KernelPolicy.create(Target("tpu", "TPU v6 lite"))
+    assert pol.pick("test_op3").call(pol.target, 1) == (1, "TPU v6 lite")

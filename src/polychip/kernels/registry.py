@@ -59,19 +59,27 @@ class Impl:
     #: Whether "auto" may pick it. False for interpreters (test-only) and for kernels not yet run on
     #: their hardware: those are used only when named in an override.
     auto: bool = True
+    #: Pass the target's device_kind as `device_kind=` (kernels with per-chip tuned block sizes): a
+    #: deviceless compile on a CPU host then uses the target chip's tuning, not the host's.
+    wants_device_kind: bool = False
+
+    def call(self, target: "Target", *args, **kwargs):
+        if self.wants_device_kind:
+            kwargs["device_kind"] = target.device_kind
+        return self.fn(*args, **kwargs)
 
 
 _REGISTRY: dict[str, list[Impl]] = {}
 
 
 def register(op: str, name: str, *, priority: int, supported_on: SupportFn = always, verified: str = "",
-             auto: bool = True):
+             auto: bool = True, wants_device_kind: bool = False):
     """Decorator: add `fn` as implementation `name` of `op`. Lower priority number = tried first.
     auto=False: never chosen automatically, only when named in an override."""
 
     def deco(fn: Callable) -> Callable:
         impls = [i for i in _REGISTRY.get(op, []) if i.name != name]
-        impls.append(Impl(op, name, fn, supported_on, priority, verified, auto))
+        impls.append(Impl(op, name, fn, supported_on, priority, verified, auto, wants_device_kind))
         impls.sort(key=lambda i: i.priority)
         _REGISTRY[op] = impls
         return fn

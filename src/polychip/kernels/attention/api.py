@@ -31,5 +31,5 @@ def attention(q, k, v, *, policy: KernelPolicy, causal=True, sliding_window=None
         dtype=str(q.dtype), causal=causal, sliding_window=sliding_window, soft_cap=soft_cap,
         has_q_offset=q_offset is not None, has_kv_lengths=kv_lengths is not None,
     )
-    return impl.fn(q, k, v, causal=causal, sliding_window=sliding_window, soft_cap=soft_cap, q_offset=q_offset,
-                   kv_lengths=kv_lengths)
+    return impl.call(policy.target, q, k, v, causal=causal, sliding_window=sliding_window, soft_cap=soft_cap,
+                     q_offset=q_offset, kv_lengths=kv_lengths)
