@@ -1,5 +1,4 @@
 """Property tests: every plan respects every constraint and never loses to greedy cheapest-first."""
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

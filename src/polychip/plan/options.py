@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from polychip.plan.fleet import Fleet, Pool, ServeWorkload, TrainWorkload
+from polychip.plan.fleet import Fleet, Pool, TrainWorkload
 from polychip.plan.perf import PerfModel, ServeConfig, TrainEstimate
 from polychip.plan.roofline import pow2_upto
 

@@ -1,4 +1,4 @@
-"""The optimiser: a mixed-integer program (HiGHS via scipy.optimize.milp) over candidate placements.
+"""The optimiser: a mixed-integer program (HiGHS via scipy) over candidate placements (program.py).
 
 Variables: y_o in {0,1} per training option (exactly one per run), z_o in {0..max} replicas per
 serving option, and T (the finishing time) for the time objective. Constraints: one option per
@@ -10,6 +10,10 @@ When nothing is feasible, the same program is solved again with slack on every c
 pool chips, extra power, lateness past a deadline, unserved requests, an unplaced run), each slack
 normalised by its limit, and the slacks the solver needed are reported: which constraint binds and
 by how much. That is one minimal relaxation, not the only one.
+
+Up to `colgen_above` options HiGHS gets the whole MILP (exact to its gap). Larger fleets go through
+column generation (program.solve_colgen); the gap it reports is against the LP bound over every
+option, so it is a true upper bound on the distance from the optimum.
 """
 from __future__ import annotations
 
