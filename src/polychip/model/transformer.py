@@ -121,9 +121,13 @@ def output_weight(params: dict, cfg: ModelConfig):
 # ----------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------
-def _block(x, lp, positions, cfg: ModelConfig, rt: Runtime, inv_freq, cache=None, cache_pos=None):
-    """One pre-norm block. x [B, T, D]. With `cache` ({"k","v"}: [B, S, K, Dh]) the new keys/values are
-    written at cache_pos and attention runs over the whole cache (decoding)."""
+def block(x, lp, positions, cfg: ModelConfig, rt: Runtime, inv_freq, attend=None, state=None):
+    """One pre-norm block. x [B, T, D], positions [B, T].
+
+    `attend(q, k, v, state) -> (o, state)` receives the rotated q [B, T, H, Dh] and k, v [B, T, K, Dh]
+    and decides where keys/values live: None is causal self-attention over these T tokens; a
+    contiguous KV cache (`contiguous_cache_attend`) and the server's paged cache plug in here, so
+    the block is defined once for training, generation and serving."""
     dt = DTYPES[rt.compute_dtype]
     h = rms_norm(x, lp["attn_norm"], eps=cfg.norm_eps, policy=rt.policy)
     q = jnp.einsum("btd,dhk->bthk", h, lp["wq"].astype(dt))
@@ -132,14 +136,10 @@ def _block(x, lp, positions, cfg: ModelConfig, rt: Runtime, inv_freq, cache=None
     q = rt.constrain(q, ("batch", "seq", "act_heads", "head_dim"))
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
-    new_cache = None
-    if cache is None:
+    if attend is None:
         o = attention(q, k, v, policy=rt.policy, causal=True)
     else:
-        ck = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_pos, axis=1)
-        cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_pos, axis=1)
-        new_cache = {"k": ck, "v": cv}
-        o = attention(q, ck.astype(dt), cv.astype(dt), policy=rt.policy, causal=True, q_offset=cache_pos)
+        o, state = attend(q, k, v, state)
     x = x + jnp.einsum("bthk,hkd->btd", o, lp["wo"].astype(dt))
     x = rt.constrain(x, ("batch", "seq", "act_embed"))
     h = rms_norm(x, lp["mlp_norm"], eps=cfg.norm_eps, policy=rt.policy)
@@ -148,7 +148,20 @@ def _block(x, lp, positions, cfg: ModelConfig, rt: Runtime, inv_freq, cache=None
     a = rt.constrain(jax.nn.silu(g) * u, ("batch", "seq", "act_mlp"))
     x = x + jnp.einsum("btf,fd->btd", a, lp["w_down"].astype(dt))
     x = rt.constrain(x, ("batch", "seq", "act_embed"))
-    return x, new_cache
+    return x, state
+
+
+def contiguous_cache_attend(rt: Runtime, cache_pos):
+    """attend() for a per-layer contiguous cache {"k","v"}: [B, S, K, Dh]: write the new keys/values at
+    cache_pos, then attend over the whole cache with the queries offset to cache_pos (decoding)."""
+
+    def attend(q, k, v, cache):
+        ck = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_pos, axis=1)
+        cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_pos, axis=1)
+        o = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), policy=rt.policy, causal=True, q_offset=cache_pos)
+        return o, {"k": ck, "v": cv}
+
+    return attend
 
 
 def hidden_states(params: dict, tokens, cfg: ModelConfig, rt: Runtime, positions=None, cache=None, cache_pos=None):
@@ -165,10 +178,11 @@ def hidden_states(params: dict, tokens, cfg: ModelConfig, rt: Runtime, positions
     x = jnp.take(params["embed"], tokens, axis=0).astype(dt)
     x = rt.constrain(x, ("batch", "seq", "act_embed"))
 
+    attend = None if cache is None else contiguous_cache_attend(rt, cache_pos)
+
     def body(carry, xs):
         lp, lc = xs
-        y, nc = _block(carry, lp, positions, cfg, rt, inv_freq, lc, cache_pos)
-        return y, nc
+        return block(carry, lp, positions, cfg, rt, inv_freq, attend, lc)
 
     if rt.remat == "full":
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)

@@ -10,8 +10,8 @@ to `paged_attention_gather` below (plain jnp: gather the sequence's pages into a
 [B, S, K, Dh] view and call the registry's `attention`). Prefill chunks always use the gather path:
 their cost is amortised over T query tokens.
 
-The block mirrors transformer._block (same weights, norms, RoPE and registry kernels); only the
-cache write and the attention read differ, because positions and lengths are per row here.
+The block is transformer.block itself; only its `attend` (the cache write and the attention read)
+is the paged one here, because positions and lengths are per row.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from polychip.kernels.attention import attention
 from polychip.kernels.registry import KernelPolicy
 from polychip.kernels.rms_norm import rms_norm
 from polychip.model import transformer as T
-from polychip.model.rope import apply_rope, inv_frequencies
+from polychip.model.rope import inv_frequencies
 
 try:  # the Pallas/NKI paged kernel package, when present
     from polychip.kernels.paged_attention import paged_attention as _kernel_paged_attention
@@ -88,15 +88,9 @@ def forward(params: dict, kv: dict, tokens, positions, n_valid, block_tables, la
 
     x = jnp.take(params["embed"], tokens, axis=0).astype(dt)
 
-    def body(carry, xs):
-        x, kp, vp = carry
-        lp, layer = xs
-        h = rms_norm(x, lp["attn_norm"], eps=cfg.norm_eps, policy=rt.policy)
-        q = jnp.einsum("btd,dhk->bthk", h, lp["wq"].astype(dt))
-        k = jnp.einsum("btd,dhk->bthk", h, lp["wk"].astype(dt))
-        v = jnp.einsum("btd,dhk->bthk", h, lp["wv"].astype(dt))
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
+    def attend(q, k, v, state):
+        """The paged cache behind transformer.block: write this step's keys/values, then attend."""
+        kp, vp, layer = state
         K, D = k.shape[2], k.shape[3]
         # Scatter: advanced indices (layer, pages, slots) around a slice -> update is [B*T, K, D].
         kp = kp.at[layer, :, pages, slots].set(k.reshape(B * Tn, K, D).astype(kp.dtype))
@@ -110,11 +104,12 @@ def forward(params: dict, kv: dict, tokens, positions, n_valid, block_tables, la
             kg = _gather(kp[layer], block_tables).astype(dt)
             vg = _gather(vp[layer], block_tables).astype(dt)
             o = attention(q, kg, vg, policy=rt.policy, causal=True, q_offset=positions[:, 0], kv_lengths=kv_len)
-        x = x + jnp.einsum("bthk,hkd->btd", o, lp["wo"].astype(dt))
-        h = rms_norm(x, lp["mlp_norm"], eps=cfg.norm_eps, policy=rt.policy)
-        g = jnp.einsum("btd,df->btf", h, lp["w_gate"].astype(dt))
-        u = jnp.einsum("btd,df->btf", h, lp["w_up"].astype(dt))
-        x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(g) * u, lp["w_down"].astype(dt))
+        return o, (kp, vp, layer)
+
+    def body(carry, xs):
+        x, kp, vp = carry
+        lp, layer = xs
+        x, (kp, vp, _) = T.block(x, lp, positions, cfg, rt, inv_freq, attend, (kp, vp, layer))
         return (x, kp, vp), None
 
     layers = jnp.arange(cfg.n_layers, dtype=jnp.int32)
