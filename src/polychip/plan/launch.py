@@ -61,8 +61,9 @@ def command(w, p: Placement) -> str:
                 f"train.grad_accum={f['grad_accum']}", f"train.remat={f['remat']}", "train.param_dtype=bfloat16",
                 "train.compute_dtype=bfloat16", f"mesh.fsdp={f['dp']}", f"mesh.tensor={f['tp']}"]
     else:
-        args = ["polychip", "serve", *_model_args(w), "--port", "8000", "mesh.fsdp=1",
-                f"mesh.tensor={f['replica_chips']}"]
+        # `polychip serve` loads weights from a run folder or an HF folder; the engine runs one replica
+        # per device today (no tensor-parallel serving yet), so a multi-chip replica is not expressible.
+        args = ["polychip", "serve", "--checkpoint", f"weights/{w.name}", "--host", "0.0.0.0", "--port", "8000"]
     return " ".join(args)
 
 

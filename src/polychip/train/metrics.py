@@ -22,7 +22,7 @@ def peak_flops_per_device(compute_dtype: str) -> tuple[float | None, str]:
         return None, "no hardware catalog"
     chip = current_chip()
     try:
-        peak = chip.peak(compute_dtype)
+        peak = chip.device_peak(compute_dtype)
     except Exception:  # noqa: BLE001 - unknown dtype/peak: MFU n/a rather than a crash
         peak = None
     return peak, chip.name
