@@ -13,7 +13,7 @@ every *.json under DIR. `polychip bench` writes `source: measured`, `polychip co
       "seq": 4096,                    # train: tokens per sequence
       "step_time_s": 0.81,            # train: seconds per optimiser step
       "tokens_per_s": 161000,         # train: tokens/s over all chips (step_time_s is derived from it if absent)
-      "remat": "full",                # train: none | full
+      "remat": "full",                # train: none | full | dots
       "prompt_tokens": 1800, "output_tokens": 128,   # serve
       "requests_per_s": 10.8,         # serve: sustained requests/s of one replica of `chips` chips
       "dtype": "bfloat16",
@@ -125,8 +125,8 @@ def parse_record(d: Any, where: str = "<record>") -> Record:
         if step is None:
             step = batch * seq / tps
         remat = d.get("remat", "none")
-        if remat not in ("none", "full"):
-            raise PlanError(f"{where}: field remat must be none or full, got {remat!r}")
+        if remat not in ("none", "full", "dots"):
+            raise PlanError(f"{where}: field remat must be none, full or dots, got {remat!r}")
         return Record(chip, model, mname, mode, chips, d["source"], batch=batch, seq=seq, step_time_s=step,
                       remat=remat, dtype=str(d.get("dtype", "bfloat16")), ref=str(d.get("ref", "")),
                       notes=str(d.get("notes", "")))

@@ -118,7 +118,9 @@ def train_bound(cfg: ModelConfig, chip: Chip, n_chips: int, batch: int, seq: int
     t_comm = comm / chip.link_bandwidth if chip.link_bandwidth else 0.0
 
     state = adam_state_bytes_per_param(param_dtype) * P / n + wbytes * P / n  # + sharded grads
-    saved = act if remat == "none" else 2 * cfg.d_model * cfg.n_layers * tokens_local / tp
+    # "dots" saves the matmul outputs and recomputes only elementwise work: counted like "none" (no extra
+    # matmul FLOPs, activations mostly kept); a conservative memory figure for it.
+    saved = act if remat in ("none", "dots") else 2 * cfg.d_model * cfg.n_layers * tokens_local / tp
     gathered = 2 * wbytes * Pm / cfg.n_layers / tp  # one layer's weights gathered (double-buffered)
     need = state + saved + gathered
     fits = chip.hbm_bytes is None or need <= HBM_USABLE * chip.hbm_bytes
