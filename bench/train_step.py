@@ -44,7 +44,9 @@ def main() -> int:
 
         runs = [measure_cpu_matmul_flops(args.dtype) for _ in range(3)]
         baseline = statistics.median(runs)
-        print(f"baseline: {args.dtype} 2048^3 matmul on this CPU, median of 3 best-of-5 runs: {baseline / 1e12:.3f} TFLOP/s")
+        print(f"baseline: {args.dtype} 2048^3 matmul on this CPU, median of 3 best-of-5 runs: {baseline / 1e12:.3f} TFLOP/s"
+              f"  (load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}, {os.cpu_count()} CPUs: a loaded"
+              f" machine lowers both figures, not always alike)")
     rows = []
     for name in args.presets:
         ov = [f"train.compute_dtype={args.dtype}", *args.overrides]

@@ -1,5 +1,6 @@
-"""The XLA attention (heads-first GEMMs, custom VJP that recomputes probabilities) against the
-reference: forward and gradients for every option, including rows with no allowed key."""
+"""The XLA attention (heads-first GEMMs, custom VJP that recomputes probabilities, causal query
+blocks) against the reference: forward and gradients for every option, including rows with no
+allowed key and ragged query blocks."""
 from __future__ import annotations
 
 import jax
@@ -18,6 +19,8 @@ CASES = {
     "gqa_offset_per_row": dict(H=4, K=2, T=5, q_offset=np.array([0, 9], np.int32)),
     "kv_lengths_with_empty_row": dict(H=2, K=1, kv_lengths=np.array([0, 11], np.int32), causal=False),
     "not_causal": dict(H=4, K=2, causal=False),
+    "gqa_query_blocks": dict(H=4, K=2, query_block=4),  # 13 rows: blocks of 4, 4, 4, 1
+    "gqa_window_query_blocks": dict(H=4, K=2, sliding_window=3, query_block=5),
 }
 
 
@@ -37,9 +40,10 @@ def test_forward_and_gradients_match_reference(case, dtype):
     H, K, T = c.pop("H"), c.pop("K"), c.pop("T", 13)
     q, k, v, do = _inputs(H, K, T=T, S=13 if "q_offset" not in c else 16, dtype=dtype)
     f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
+    qb = {"query_block": c.pop("query_block")} if "query_block" in c else {}
     want, ref_vjp = jax.vjp(lambda q, k, v: reference.attention(q, k, v, **c), *f32[:3])
     want_grads = ref_vjp(f32[3])
-    got, vjp = jax.vjp(lambda q, k, v: xla.attention(q, k, v, **c), q, k, v)
+    got, vjp = jax.vjp(lambda q, k, v: xla.attention(q, k, v, **c, **qb), q, k, v)
     grads = vjp(do)
     assert got.dtype == dtype and all(g.dtype == dtype for g in grads)
     S = k.shape[1]

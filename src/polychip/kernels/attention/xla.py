@@ -18,13 +18,19 @@ from polychip.kernels.attention.reference import NEG_INF, attention_mask
 
 
 F32 = jnp.float32
+# Causal self-attention is split into this many query blocks (see _query_blocks): 62.5% of the dense
+# score work; the `small` preset's attention fwd+bwd measured 1.5x faster on CPU than one block (8
+# blocks were no faster), and a fixed count keeps the traced program's size independent of T.
+QUERY_BLOCKS = 4
 
 
 def attention(q, k, v, *, causal=True, sliding_window=None, soft_cap=None, q_offset=None, kv_lengths=None,
-              scale=None):
+              scale=None, query_block=None):
     """q [B, T, H, D], k/v [B, S, K, D] -> [B, T, H, D] in q's dtype; the reference's semantics.
 
-    Differs from the reference in form only (the FLOPs of the forward are the same):
+    Differs from the reference in form only:
+    - Causal self-attention (no query offset) runs as QUERY_BLOCKS query blocks, each against only
+      the keys it can see, so most of the masked upper triangle is never computed.
     - Memory-efficient backward (Rabe & Staats 2021; FlashAttention, Dao et al. 2022, section 3.1):
       a custom VJP saves q, k, v, the output and the per-row log-sum-exp, and recomputes the
       probabilities in the backward pass, so no [B, H, T, S] tensor outlives the layer. Under the
@@ -41,12 +47,36 @@ def attention(q, k, v, *, causal=True, sliding_window=None, soft_cap=None, q_off
       exactly 0 and its output 0, as in the reference, without a second mask pass.
     """
     B, T, H, D = q.shape
-    K = k.shape[2]
+    S, K = k.shape[1], k.shape[2]
     scale = D ** -0.5 if scale is None else float(scale)
-    mask = attention_mask(T, k.shape[1], q_offset, causal, sliding_window, kv_lengths)  # [B|1, T, S]
-    qh = _heads_first(q, K)
-    o = _attend(qh, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask, scale, soft_cap)
-    return _heads_last(o, H // K).astype(q.dtype)
+    mask = attention_mask(T, S, q_offset, causal, sliding_window, kv_lengths)  # [B|1, T, S]
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    query_block = -(-T // QUERY_BLOCKS) if query_block is None else query_block
+    outs = []
+    for t0, t1, lo, hi in _query_blocks(T, S, causal and q_offset is None, sliding_window, query_block):
+        o = _attend(_heads_first(q[:, t0:t1], K), kh[:, :, lo:hi], vh[:, :, lo:hi], mask[:, t0:t1, lo:hi],
+                    scale, soft_cap)
+        outs.append(_heads_last(o, H // K))
+    return (outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)).astype(q.dtype)
+
+
+def _query_blocks(T, S, causal_from_zero, sliding_window, query_block):
+    """[(t0, t1, lo, hi)]: query rows [t0, t1) and the key columns [lo, hi) they can see.
+
+    Without causal structure known at trace time (a query offset, or not causal) that is one block
+    over everything. With queries at positions 0..T-1, query block [t0, t1) sees keys < t1 (and,
+    under a sliding window W, > t0 - W), so the fully masked upper triangle is never computed:
+    n blocks do (n + 1) / (2n) of the dense score work."""
+    if not causal_from_zero or query_block >= T:
+        return [(0, T, 0, S)]
+    out = []
+    for t0 in range(0, T, query_block):
+        t1 = min(T, t0 + query_block)
+        lo = 0 if sliding_window is None else max(0, t0 - sliding_window + 1)
+        out.append((t0, t1, lo, min(S, t1)))
+    if any(hi <= lo for _, _, lo, hi in out):  # more queries than keys: keep the plain form
+        return [(0, T, 0, S)]
+    return out
 
 
 def _heads_first(x, K):
