@@ -62,6 +62,9 @@ class Impl:
     #: Pass the target's device_kind as `device_kind=` (kernels with per-chip tuned block sizes): a
     #: deviceless compile on a CPU host then uses the target chip's tuning, not the host's.
     wants_device_kind: bool = False
+    #: A custom call XLA cannot partition (Mosaic, Triton): on a multi-device mesh the op's api runs it
+    #: per shard under shard_map (see `KernelPolicy.per_shard`).
+    manual_partition: bool = False
 
     def call(self, target: "Target", *args, **kwargs):
         if self.wants_device_kind:
@@ -73,13 +76,14 @@ _REGISTRY: dict[str, list[Impl]] = {}
 
 
 def register(op: str, name: str, *, priority: int, supported_on: SupportFn = always, verified: str = "",
-             auto: bool = True, wants_device_kind: bool = False):
+             auto: bool = True, wants_device_kind: bool = False, manual_partition: bool = False):
     """Decorator: add `fn` as implementation `name` of `op`. Lower priority number = tried first.
     auto=False: never chosen automatically, only when named in an override."""
 
     def deco(fn: Callable) -> Callable:
         impls = [i for i in _REGISTRY.get(op, []) if i.name != name]
-        impls.append(Impl(op, name, fn, supported_on, priority, verified, auto, wants_device_kind))
+        impls.append(Impl(op, name, fn, supported_on, priority, verified, auto, wants_device_kind,
+                          manual_partition))
         impls.sort(key=lambda i: i.priority)
         _REGISTRY[op] = impls
         return fn
@@ -129,6 +133,9 @@ class KernelPolicy:
 
     target: Target
     overrides: tuple[tuple[str, str], ...] = ()
+    #: The sharding layout (polychip.parallel.sharding.Layout) the model runs under, if any: kernels
+    #: that XLA cannot partition are run per shard over its mesh.
+    layout: Any = None
 
     @staticmethod
     def create(target: Target | None = None, overrides: dict[str, str] | None = None) -> "KernelPolicy":
@@ -140,6 +147,35 @@ class KernelPolicy:
 
     def pick(self, op: str, **query: Any) -> Impl:
         return resolve(op, self.target, query, self.override(op))
+
+    def with_layout(self, layout: Any) -> "KernelPolicy":
+        return dataclasses.replace(self, layout=layout)
+
+    def per_shard(self, impl: Impl, fn: Callable, args: tuple, axes: tuple, psum_outputs: bool = False):
+        """fn(*args), run per shard under shard_map when `impl` is a custom call XLA cannot partition
+        (Mosaic, Triton) and the layout's mesh has more than one device; otherwise a plain call.
+
+        args: arrays; axes: each one's logical axis names (mesh axes that do not divide a dimension are
+        dropped, as everywhere). The output is laid out like args[0]; with psum_outputs the outputs are
+        per-shard partial sums (e.g. a loss sum) added up over the mesh axes args[0]'s first dimension
+        is split on, and returned replicated."""
+        layout = self.layout
+        if not impl.manual_partition or layout is None or layout.mesh.size == 1:
+            return fn(*args)
+        from jax.sharding import PartitionSpec as P
+
+        specs = tuple(layout.spec(ax, a.shape) for ax, a in zip(axes, args))
+        lead = specs[0][0] if len(specs[0]) else None
+        split = () if lead is None else (tuple(lead) if isinstance(lead, tuple) else (lead,))
+
+        def body(*local):
+            out = fn(*local)
+            if psum_outputs and split:
+                out = jax.tree.map(lambda o: jax.lax.psum(o, split), out)
+            return out
+
+        out_specs = P() if psum_outputs else specs[0]
+        return jax.shard_map(body, mesh=layout.mesh, in_specs=specs, out_specs=out_specs, check_vma=False)(*args)
 
     def with_overrides(self, **ov: str) -> "KernelPolicy":
         merged = dict(self.overrides)

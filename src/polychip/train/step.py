@@ -33,7 +33,9 @@ class StepSpec:
 
 
 def make_runtime(cfg: Config, policy: KernelPolicy, layout: Layout | None) -> T.Runtime:
-    return T.Runtime(policy=policy, layout=layout, compute_dtype=cfg.train.compute_dtype, remat=cfg.train.remat)
+    """The kernel policy learns the layout too: kernels XLA cannot partition then run per shard."""
+    return T.Runtime(policy=policy.with_layout(layout), layout=layout, compute_dtype=cfg.train.compute_dtype,
+                     remat=cfg.train.remat)
 
 
 def train_step_fn(cfg: Config, rt: T.Runtime) -> Callable:

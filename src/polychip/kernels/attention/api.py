@@ -7,6 +7,8 @@ soft_cap (logits -> cap * tanh(logits / cap)), q_offset (absolute position of qu
 """
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 from polychip.kernels.attention import reference, xla
 from polychip.kernels.registry import KernelPolicy, register
 
@@ -31,5 +33,20 @@ def attention(q, k, v, *, policy: KernelPolicy, causal=True, sliding_window=None
         dtype=str(q.dtype), causal=causal, sliding_window=sliding_window, soft_cap=soft_cap,
         has_q_offset=q_offset is not None, has_kv_lengths=kv_lengths is not None,
     )
-    return impl.call(policy.target, q, k, v, causal=causal, sliding_window=sliding_window, soft_cap=soft_cap,
-                     q_offset=q_offset, kv_lengths=kv_lengths)
+    args, axes = [q, k, v], [("batch", None, "act_heads", None)] * 3
+    if policy.layout is not None and (policy.layout.spec(axes[0], q.shape)[2] != policy.layout.spec(axes[1], k.shape)[2]):
+        axes = [("batch", None, None, None)] * 3  # heads split only when query and KV heads split alike (GQA groups)
+    extra = []
+    for name, val in (("q_offset", q_offset), ("kv_lengths", kv_lengths)):
+        if val is not None:
+            val = jnp.asarray(val, jnp.int32)
+            extra.append(name)
+            args.append(val)
+            axes.append(("batch",) if val.ndim == 1 else ())
+
+    def run(q, k, v, *rest):
+        opts = dict(zip(extra, rest))
+        return impl.call(policy.target, q, k, v, causal=causal, sliding_window=sliding_window, soft_cap=soft_cap,
+                         q_offset=opts.get("q_offset"), kv_lengths=opts.get("kv_lengths"))
+
+    return policy.per_shard(impl, run, tuple(args), tuple(axes))

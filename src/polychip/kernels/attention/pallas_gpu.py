@@ -333,7 +333,7 @@ if pl is not None:
     from polychip.kernels.registry import register
 
     # auto=False until it has run on a GPU: only an explicit override (attention=pallas_gpu) picks it.
-    register("attention", "pallas_gpu", priority=20, supported_on=supported_on, auto=False,
+    register("attention", "pallas_gpu", priority=20, manual_partition=True, supported_on=supported_on, auto=False,
              verified="interpret mode in CI (CPU); Triton path not run on a GPU")(_attention)
-    register("attention", "pallas_gpu_interpret", priority=210, supported_on=lambda t, q: _reason(q), auto=False,
+    register("attention", "pallas_gpu_interpret", priority=210, manual_partition=True, supported_on=lambda t, q: _reason(q), auto=False,
              verified="executed in CI (CPU, Pallas interpreter)")(_attention_interpret)

@@ -457,8 +457,8 @@ def _attention_interpret(q, k, v, **kw):
 if pl is not None:
     from polychip.kernels.registry import register
 
-    register("attention", "pallas_tpu", priority=10, supported_on=supported_on, wants_device_kind=True,
+    register("attention", "pallas_tpu", priority=10, manual_partition=True, supported_on=supported_on, wants_device_kind=True,
              verified="interpret mode in CI (CPU); compiled deviceless for v5e/v6e/tpu7x; not run on a TPU")(
         _attention)
-    register("attention", "pallas_tpu_interpret", priority=200, supported_on=supported_interpret, auto=False,
+    register("attention", "pallas_tpu_interpret", priority=200, manual_partition=True, supported_on=supported_interpret, auto=False,
              verified="executed in CI (CPU, Mosaic TPU interpreter)")(_attention_interpret)

@@ -25,13 +25,16 @@ try:  # guarded: a jax build without Mosaic drops these entries, never the impor
 except ImportError:  # pragma: no cover
     pallas_tpu = None
 if pallas_tpu is not None:
-    register(OP, "pallas_tpu", priority=10, supported_on=pallas_tpu.supported_on,
+    register(OP, "pallas_tpu", priority=10, manual_partition=True, supported_on=pallas_tpu.supported_on,
              verified="TPU interpret mode on CPU + deviceless compile for TPU topologies in CI")(pallas_tpu.cross_entropy)
-    register(OP, "pallas_tpu_interpret", priority=200, supported_on=pallas_tpu.interpret_supported_on, auto=False,
+    register(OP, "pallas_tpu_interpret", priority=200, manual_partition=True, supported_on=pallas_tpu.interpret_supported_on, auto=False,
              verified="executed in CI (CPU, TPU interpret mode)")(
         functools.partial(pallas_tpu.cross_entropy, interpret=True))
 
 
 def cross_entropy(h, w, labels, mask, *, policy: KernelPolicy):
     impl = policy.pick(OP, n_tokens=h.shape[0], d_model=h.shape[1], vocab=w.shape[1], dtype=str(h.dtype))
-    return impl.fn(h, w, labels, mask)
+    # Per shard: each device takes its own tokens against the whole output projection; the partial
+    # loss sums and counts are added up across the batch shards.
+    return policy.per_shard(impl, impl.fn, (h, w, labels, mask), (("batch", None), (None, None), ("batch",), ("batch",)),
+                            psum_outputs=True)

@@ -36,9 +36,9 @@ try:
 except ImportError:  # pragma: no cover
     pallas_tpu = None
 if pallas_tpu is not None:
-    register(OP, "pallas_tpu", priority=10, supported_on=pallas_tpu.supported_on,
+    register(OP, "pallas_tpu", priority=10, manual_partition=True, supported_on=pallas_tpu.supported_on,
              verified="TPU interpret mode on CPU + deviceless compile in CI")(pallas_tpu.paged_attention)
-    register(OP, "pallas_tpu_interpret", priority=200, supported_on=pallas_tpu.interpret_supported_on, auto=False,
+    register(OP, "pallas_tpu_interpret", priority=200, manual_partition=True, supported_on=pallas_tpu.interpret_supported_on, auto=False,
              verified="executed in CI (CPU, TPU interpret mode)")(
         functools.partial(pallas_tpu.paged_attention, interpret=True))
 
@@ -47,10 +47,10 @@ try:
 except ImportError:  # pragma: no cover
     pallas_gpu = None
 if pallas_gpu is not None:
-    register(OP, "pallas_gpu", priority=20, supported_on=pallas_gpu.supported_on, auto=False,  # not yet run on a GPU
+    register(OP, "pallas_gpu", priority=20, manual_partition=True, supported_on=pallas_gpu.supported_on, auto=False,  # not yet run on a GPU
             
              verified="unverified on GPU hardware; interpret mode executed in CI (CPU)")(pallas_gpu.paged_attention)
-    register(OP, "pallas_gpu_interpret", priority=210, supported_on=pallas_gpu.interpret_supported_on, auto=False,
+    register(OP, "pallas_gpu_interpret", priority=210, manual_partition=True, supported_on=pallas_gpu.interpret_supported_on, auto=False,
              verified="executed in CI (CPU, interpret mode)")(
         functools.partial(pallas_gpu.paged_attention, interpret=True))
 

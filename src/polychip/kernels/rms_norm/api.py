@@ -24,9 +24,9 @@ try:  # Mosaic TPU lowering ships with jax; guard anyway so a broken install dro
 except ImportError:  # pragma: no cover
     pallas_tpu = None
 if pallas_tpu is not None:
-    register(OP, "pallas_tpu", priority=10, supported_on=pallas_tpu.supported_on,
+    register(OP, "pallas_tpu", priority=10, manual_partition=True, supported_on=pallas_tpu.supported_on,
              verified="TPU interpret mode on CPU + deviceless compile for v5e/v6e/tpu7x in CI")(pallas_tpu.rms_norm)
-    register(OP, "pallas_tpu_interpret", priority=200, supported_on=pallas_tpu.interpret_supported_on, auto=False,
+    register(OP, "pallas_tpu_interpret", priority=200, manual_partition=True, supported_on=pallas_tpu.interpret_supported_on, auto=False,
              verified="executed in CI (CPU, TPU interpret mode)")(
         functools.partial(pallas_tpu.rms_norm, interpret=True))
 
@@ -35,13 +35,14 @@ try:
 except ImportError:  # pragma: no cover - no Triton lowering in this jax build
     pallas_gpu = None
 if pallas_gpu is not None:
-    register(OP, "pallas_gpu", priority=20, supported_on=pallas_gpu.supported_on, auto=False,  # not yet run on a GPU
+    register(OP, "pallas_gpu", priority=20, manual_partition=True, supported_on=pallas_gpu.supported_on, auto=False,  # not yet run on a GPU
             
              verified="unverified on GPU hardware; interpret mode executed in CI (CPU)")(pallas_gpu.rms_norm)
-    register(OP, "pallas_gpu_interpret", priority=210, supported_on=pallas_gpu.interpret_supported_on, auto=False,
+    register(OP, "pallas_gpu_interpret", priority=210, manual_partition=True, supported_on=pallas_gpu.interpret_supported_on, auto=False,
              verified="executed in CI (CPU, interpret mode)")(functools.partial(pallas_gpu.rms_norm, interpret=True))
 
 
 def rms_norm(x, scale, *, eps: float, policy: KernelPolicy):
     impl = policy.pick(OP, shape=tuple(x.shape), dtype=str(x.dtype))
-    return impl.fn(x, scale, eps=eps)
+    axes = (("batch",) + (None,) * (x.ndim - 1), (None,))
+    return policy.per_shard(impl, lambda x, s: impl.fn(x, s, eps=eps), (x, scale), axes)
