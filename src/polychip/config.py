@@ -160,6 +160,8 @@ class TrainConfig:
     compute_dtype: str = "float32"
     #: Rematerialisation: none, full (recompute each block in backward), dots (save matmul outputs only).
     remat: str = "none"
+    #: Layer loop: scan (compile time independent of depth), unroll, or auto (unroll up to 4 layers).
+    layer_loop: str = "auto"
     #: Seed for parameter initialisation.
     seed: int = 0
     #: Print and log metrics every N steps.
@@ -250,6 +252,8 @@ class Config:
                 raise ConfigError(f"train.{name} must be float32 or bfloat16, got {getattr(t, name)!r}")
         if t.remat not in ("none", "full", "dots"):
             raise ConfigError(f"train.remat must be none, full or dots, got {t.remat!r}")
+        if t.layer_loop not in ("auto", "scan", "unroll"):
+            raise ConfigError(f"train.layer_loop must be auto, scan or unroll, got {t.layer_loop!r}")
 
 
 # ----------------------------------------------------------------------------------------------

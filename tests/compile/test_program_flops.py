@@ -17,7 +17,8 @@ from polychip.kernels.registry import KernelPolicy, Target
 from polychip.model import flops as F
 from polychip.train import step as S
 
-REF = ["kernels.attention=reference", "kernels.cross_entropy=reference", "kernels.rms_norm=reference"]
+REF = ["kernels.attention=reference", "kernels.cross_entropy=reference", "kernels.rms_norm=reference",
+       "train.layer_loop=scan"]  # a real layer loop, as in every deep model
 
 
 def _count(cfg):

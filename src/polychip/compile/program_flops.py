@@ -77,9 +77,12 @@ def _walk(jaxpr, trips: bool, loops: list | None, opaque: list | None = None) ->
             total += _conv_flops(eqn)
         elif name == "scan":
             n = int(eqn.params["length"])
-            if loops is not None:
+            # A fully unrolled scan (unroll >= length, e.g. shallow models) compiles to straight-line
+            # code, not a loop: the compiler counts every copy, so "loops once" must too.
+            unrolled = int(eqn.params.get("unroll", 1)) >= n
+            if loops is not None and not unrolled:
                 loops.append(("scan", n))
-            total += (n if trips else 1) * _walk(eqn.params["jaxpr"].jaxpr, trips, loops, opaque)
+            total += (n if (trips or unrolled) else 1) * _walk(eqn.params["jaxpr"].jaxpr, trips, loops, opaque)
         elif name == "while":
             if loops is not None:
                 loops.append(("while", None))

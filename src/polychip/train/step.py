@@ -34,8 +34,9 @@ class StepSpec:
 
 def make_runtime(cfg: Config, policy: KernelPolicy, layout: Layout | None) -> T.Runtime:
     """The kernel policy learns the layout too: kernels XLA cannot partition then run per shard."""
+    unroll = {"auto": None, "scan": False, "unroll": True}[cfg.train.layer_loop]
     return T.Runtime(policy=policy.with_layout(layout), layout=layout, compute_dtype=cfg.train.compute_dtype,
-                     remat=cfg.train.remat)
+                     remat=cfg.train.remat, unroll_layers=unroll)
 
 
 def train_step_fn(cfg: Config, rt: T.Runtime) -> Callable:
