@@ -18,5 +18,6 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip==24.3.1 >/dev/null 2>&1 || true
 target="."
 [ -n "$extra" ] && target=".[$extra]"
-.venv/bin/python -m pip install -q -c constraints.txt -e "$target"
+# (pip's notes about this machine's extra local indexes are noise; errors still show)
+.venv/bin/python -m pip install -q -c constraints.txt -e "$target" 2> >(grep -v "is ignored: it is neither" >&2)
 echo "$want" > "$stamp"
