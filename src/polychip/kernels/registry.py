@@ -13,6 +13,7 @@ no Mosaic, no NKI) catches its ImportError and registers nothing, so `import pol
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -89,6 +90,31 @@ def register(op: str, name: str, *, priority: int, supported_on: SupportFn = alw
         return fn
 
     return deco
+
+
+def register_pallas(op: str, backend: str, fn: Callable, *, priority: int, supported_on: SupportFn,
+                    interpret_supported_on: SupportFn, verified: str, auto: bool = True,
+                    wants_device_kind: bool = False) -> None:
+    """Register a Pallas kernel as `pallas_<backend>` and its CPU interpreter (`fn(..., interpret=True)`)
+    as `pallas_<backend>_interpret` (priority + 190, auto=False: only tests that name it use it). Both
+    are custom calls XLA cannot partition, so both run per shard on a mesh."""
+    register(op, f"pallas_{backend}", priority=priority, supported_on=supported_on, verified=verified, auto=auto,
+             wants_device_kind=wants_device_kind, manual_partition=True)(fn)
+    register(op, f"pallas_{backend}_interpret", priority=priority + 190, supported_on=interpret_supported_on,
+             auto=False, manual_partition=True,
+             verified=f"executed in CI (CPU, {'Mosaic TPU' if backend == 'tpu' else 'Pallas'} interpreter)")(
+        functools.partial(fn, interpret=True))
+
+
+def optional_backend(module: str):
+    """Import a backend module, or None when its toolchain is missing (one registry entry fewer, never
+    a broken `import polychip`)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:  # pragma: no cover - depends on the jax build
+        return None
 
 
 def implementations(op: str) -> list[Impl]:

@@ -325,15 +325,10 @@ def _attention(q, k, v, **kw):
     return flash_attention(q, k, v, **kw)
 
 
-def _attention_interpret(q, k, v, **kw):
-    return flash_attention(q, k, v, interpret=True, **kw)
-
-
 if pl is not None:
-    from polychip.kernels.registry import register
+    from polychip.kernels.registry import register_pallas
 
     # auto=False until it has run on a GPU: only an explicit override (attention=pallas_gpu) picks it.
-    register("attention", "pallas_gpu", priority=20, manual_partition=True, supported_on=supported_on, auto=False,
-             verified="interpret mode in CI (CPU); Triton path not run on a GPU")(_attention)
-    register("attention", "pallas_gpu_interpret", priority=210, manual_partition=True, supported_on=lambda t, q: _reason(q), auto=False,
-             verified="executed in CI (CPU, Pallas interpreter)")(_attention_interpret)
+    register_pallas("attention", "gpu", _attention, priority=20, supported_on=supported_on,
+                    interpret_supported_on=lambda t, q: _reason(q), auto=False,
+                    verified="interpret mode in CI (CPU); Triton path not run on a GPU")

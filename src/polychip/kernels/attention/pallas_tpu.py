@@ -450,15 +450,9 @@ def _attention(q, k, v, **kw):
     return flash_attention(q, k, v, **kw)
 
 
-def _attention_interpret(q, k, v, **kw):
-    return flash_attention(q, k, v, interpret=True, **kw)
-
-
 if pl is not None:
-    from polychip.kernels.registry import register
+    from polychip.kernels.registry import register_pallas
 
-    register("attention", "pallas_tpu", priority=10, manual_partition=True, supported_on=supported_on, wants_device_kind=True,
-             verified="interpret mode in CI (CPU); compiled deviceless for v5e/v6e/tpu7x; not run on a TPU")(
-        _attention)
-    register("attention", "pallas_tpu_interpret", priority=200, manual_partition=True, supported_on=supported_interpret, auto=False,
-             verified="executed in CI (CPU, Mosaic TPU interpreter)")(_attention_interpret)
+    register_pallas("attention", "tpu", _attention, priority=10, supported_on=supported_on,
+                    interpret_supported_on=supported_interpret, wants_device_kind=True,
+                    verified="interpret mode in CI (CPU); compiled deviceless for v5e/v6e/tpu7x; not run on a TPU")

@@ -11,10 +11,9 @@ There is no Pallas GPU kernel: on GPU, xla_chunked runs the tile matmuls on cuBL
 """
 from __future__ import annotations
 
-import functools
 
 from polychip.kernels.cross_entropy import reference, xla_chunked
-from polychip.kernels.registry import KernelPolicy, register
+from polychip.kernels.registry import KernelPolicy, optional_backend, register, register_pallas
 
 OP = "cross_entropy"
 # manual_partition: chunked per device shard (under SPMD a lax.map over a batch-sharded axis made every
@@ -22,16 +21,12 @@ OP = "cross_entropy"
 register(OP, "xla_chunked", priority=50, manual_partition=True, verified="executed in CI (CPU)")(xla_chunked.cross_entropy)
 register(OP, "reference", priority=100, verified="executed in CI (CPU); the ground truth")(reference.cross_entropy)
 
-try:  # guarded: a jax build without Mosaic drops these entries, never the import
-    from polychip.kernels.cross_entropy import pallas_tpu
-except ImportError:  # pragma: no cover
-    pallas_tpu = None
-if pallas_tpu is not None:
-    register(OP, "pallas_tpu", priority=10, manual_partition=True, supported_on=pallas_tpu.supported_on,
-             verified="TPU interpret mode on CPU + deviceless compile for TPU topologies in CI")(pallas_tpu.cross_entropy)
-    register(OP, "pallas_tpu_interpret", priority=200, manual_partition=True, supported_on=pallas_tpu.interpret_supported_on, auto=False,
-             verified="executed in CI (CPU, TPU interpret mode)")(
-        functools.partial(pallas_tpu.cross_entropy, interpret=True))
+for _backend, _priority, _auto in (("tpu", 10, True),):  # no Pallas GPU kernel: xla_chunked uses cuBLAS tiles
+    _mod = optional_backend(f"polychip.kernels.cross_entropy.pallas_{_backend}")
+    if _mod is not None:
+        register_pallas(OP, _backend, _mod.cross_entropy, priority=_priority, supported_on=_mod.supported_on,
+                        interpret_supported_on=_mod.interpret_supported_on, auto=_auto,
+                        verified={"tpu": 'TPU interpret mode on CPU + deviceless compile for TPU topologies in CI; not run on a TPU', "gpu": 'unverified on GPU hardware (not yet run on a GPU); interpret mode executed in CI (CPU)'}[_backend])
 
 
 def cross_entropy(h, w, labels, mask, *, policy: KernelPolicy):

@@ -23,36 +23,19 @@ Implementations (lower first; interpret variants sit after the reference, overri
 """
 from __future__ import annotations
 
-import functools
 
 from polychip.kernels.paged_attention import reference
-from polychip.kernels.registry import KernelPolicy, register
+from polychip.kernels.registry import KernelPolicy, optional_backend, register, register_pallas
 
 OP = "paged_attention"
 register(OP, "reference", priority=100, verified="executed in CI (CPU); the ground truth")(reference.paged_attention)
 
-try:
-    from polychip.kernels.paged_attention import pallas_tpu
-except ImportError:  # pragma: no cover
-    pallas_tpu = None
-if pallas_tpu is not None:
-    register(OP, "pallas_tpu", priority=10, manual_partition=True, supported_on=pallas_tpu.supported_on,
-             verified="TPU interpret mode on CPU + deviceless compile in CI")(pallas_tpu.paged_attention)
-    register(OP, "pallas_tpu_interpret", priority=200, manual_partition=True, supported_on=pallas_tpu.interpret_supported_on, auto=False,
-             verified="executed in CI (CPU, TPU interpret mode)")(
-        functools.partial(pallas_tpu.paged_attention, interpret=True))
-
-try:
-    from polychip.kernels.paged_attention import pallas_gpu
-except ImportError:  # pragma: no cover
-    pallas_gpu = None
-if pallas_gpu is not None:
-    register(OP, "pallas_gpu", priority=20, manual_partition=True, supported_on=pallas_gpu.supported_on, auto=False,  # not yet run on a GPU
-            
-             verified="unverified on GPU hardware; interpret mode executed in CI (CPU)")(pallas_gpu.paged_attention)
-    register(OP, "pallas_gpu_interpret", priority=210, manual_partition=True, supported_on=pallas_gpu.interpret_supported_on, auto=False,
-             verified="executed in CI (CPU, interpret mode)")(
-        functools.partial(pallas_gpu.paged_attention, interpret=True))
+for _backend, _priority, _auto in (("tpu", 10, True), ("gpu", 20, False)):  # GPU: not yet run on a GPU
+    _mod = optional_backend(f"polychip.kernels.paged_attention.pallas_{_backend}")
+    if _mod is not None:
+        register_pallas(OP, _backend, _mod.paged_attention, priority=_priority, supported_on=_mod.supported_on,
+                        interpret_supported_on=_mod.interpret_supported_on, auto=_auto,
+                        verified={"tpu": 'TPU interpret mode on CPU + deviceless compile for TPU topologies in CI; not run on a TPU', "gpu": 'unverified on GPU hardware (not yet run on a GPU); interpret mode executed in CI (CPU)'}[_backend])
 
 
 def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, policy: KernelPolicy, soft_cap=None, scale=None):

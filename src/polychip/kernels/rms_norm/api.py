@@ -11,35 +11,19 @@ they run only when named in an override, e.g. `KernelPolicy.create(overrides={"r
 """
 from __future__ import annotations
 
-import functools
 
-from polychip.kernels.registry import KernelPolicy, register
+from polychip.kernels.registry import KernelPolicy, optional_backend, register, register_pallas
 from polychip.kernels.rms_norm import reference
 
 OP = "rms_norm"
 register(OP, "reference", priority=100, verified="executed in CI (CPU); the ground truth")(reference.rms_norm)
 
-try:  # Mosaic TPU lowering ships with jax; guard anyway so a broken install drops one entry only.
-    from polychip.kernels.rms_norm import pallas_tpu
-except ImportError:  # pragma: no cover
-    pallas_tpu = None
-if pallas_tpu is not None:
-    register(OP, "pallas_tpu", priority=10, manual_partition=True, supported_on=pallas_tpu.supported_on,
-             verified="TPU interpret mode on CPU + deviceless compile for v5e/v6e/tpu7x in CI")(pallas_tpu.rms_norm)
-    register(OP, "pallas_tpu_interpret", priority=200, manual_partition=True, supported_on=pallas_tpu.interpret_supported_on, auto=False,
-             verified="executed in CI (CPU, TPU interpret mode)")(
-        functools.partial(pallas_tpu.rms_norm, interpret=True))
-
-try:
-    from polychip.kernels.rms_norm import pallas_gpu
-except ImportError:  # pragma: no cover - no Triton lowering in this jax build
-    pallas_gpu = None
-if pallas_gpu is not None:
-    register(OP, "pallas_gpu", priority=20, manual_partition=True, supported_on=pallas_gpu.supported_on, auto=False,  # not yet run on a GPU
-            
-             verified="unverified on GPU hardware; interpret mode executed in CI (CPU)")(pallas_gpu.rms_norm)
-    register(OP, "pallas_gpu_interpret", priority=210, manual_partition=True, supported_on=pallas_gpu.interpret_supported_on, auto=False,
-             verified="executed in CI (CPU, interpret mode)")(functools.partial(pallas_gpu.rms_norm, interpret=True))
+for _backend, _priority, _auto in (("tpu", 10, True), ("gpu", 20, False)):  # GPU: not yet run on a GPU
+    _mod = optional_backend(f"polychip.kernels.rms_norm.pallas_{_backend}")
+    if _mod is not None:
+        register_pallas(OP, _backend, _mod.rms_norm, priority=_priority, supported_on=_mod.supported_on,
+                        interpret_supported_on=_mod.interpret_supported_on, auto=_auto,
+                        verified={"tpu": 'TPU interpret mode on CPU + deviceless compile for TPU topologies in CI; not run on a TPU', "gpu": 'unverified on GPU hardware (not yet run on a GPU); interpret mode executed in CI (CPU)'}[_backend])
 
 
 def rms_norm(x, scale, *, eps: float, policy: KernelPolicy):
