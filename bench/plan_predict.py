@@ -26,13 +26,10 @@ import numpy as np
 
 from polychip.config import build_config
 from polychip.hardware.detect import cpu_chip, current_chip
-from polychip.kernels.registry import KernelPolicy, Target
-from polychip.parallel.mesh import make_mesh
-from polychip.parallel.sharding import Layout
 from polychip.plan import roofline as R
 from polychip.plan.perf import Calibration, _fit_accum
 from polychip.plan.records import parse_record, write_record
-from polychip.train import step as S
+from polychip.train.step import StepSpec
 
 CASES = [  # (preset, batch, seq)
     ("tiny", 8, 64),
@@ -61,13 +58,9 @@ def _timed(fn) -> float:
 
 def measure_step(preset: str, batch: int, seq: int, steps: int = 4) -> float:
     cfg = build_config(preset, None, [f"train.batch_size={batch}", f"train.seq_len={seq}", "mesh.fsdp=-1"])
-    layout = Layout.create(make_mesh(cfg.mesh), cfg.mesh.rules)
-    rt = S.make_runtime(cfg, KernelPolicy.create(Target.of(), cfg.kernels.overrides()), layout)
-    shardings = S.state_shardings(cfg, layout)
-    state = S.init_state(cfg, layout)
-    fn = S.jit_train_step(cfg, rt, shardings)
-    tokens = jax.device_put(np.random.default_rng(0).integers(0, cfg.model.vocab_size, (batch, seq + 1), dtype=np.int32),
-                            S.batch_sharding(layout))
+    spec = StepSpec.build(cfg)
+    state, fn = spec.init_state(), spec.jitted
+    tokens = spec.put_batch(np.random.default_rng(0).integers(0, cfg.model.vocab_size, (batch, seq + 1), dtype=np.int32))
     state, m = fn(state, tokens)  # compile
     jax.block_until_ready(m)
     best = math.inf

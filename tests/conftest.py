@@ -20,3 +20,37 @@ def tiny_run(tmp_path_factory):
                                           "mesh.num_devices=1"])
     train(cfg, log=lambda *a: None)
     return out
+
+
+def run_train_steps(cfg, batches, devices=None, target=None):
+    """Train `cfg` on `batches` (each [B, T+1] int32, host or device) through the one step builder.
+    Returns (losses, spec, final state, last batch as laid out for the step)."""
+    from polychip.train.step import StepSpec
+
+    spec = StepSpec.build(cfg, devices=devices, target=target)
+    state, losses, b = spec.init_state(), [], None
+    for batch in batches:
+        b = spec.put_batch(batch)
+        state, m = spec.jitted(state, b)
+        losses.append(float(m["loss"]))
+    return losses, spec, state, b
+
+
+def random_batches(cfg, n, seed=0):
+    """n random token batches [B, T+1] for cfg (numpy, reproducible from seed)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    t = cfg.train
+    return [rng.integers(0, cfg.model.vocab_size, (t.batch_size, t.seq_len + 1), dtype=np.int32) for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def train_steps():
+    """The step-running helper for tests (fixtures share it; `run_train_steps` documents it)."""
+    return run_train_steps
+
+
+@pytest.fixture(scope="session")
+def batches():
+    return random_batches

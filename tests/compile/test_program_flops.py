@@ -8,24 +8,20 @@ polychip.model.flops with the full context T instead of the causal mean (T + 1) 
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import pytest
 
 from polychip.compile import program_flops
 from polychip.config import build_config
-from polychip.kernels.registry import KernelPolicy, Target
 from polychip.model import flops as F
-from polychip.train import step as S
+from polychip.train.step import StepSpec
 
 REF = ["kernels.attention=reference", "kernels.cross_entropy=reference", "kernels.rms_norm=reference",
        "train.layer_loop=scan"]  # a real layer loop, as in every deep model
 
 
 def _count(cfg):
-    rt = S.make_runtime(cfg, KernelPolicy.create(Target("cpu"), cfg.kernels.overrides()), None)
-    fn = S.train_step_fn(cfg, rt)
-    batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len + 1), jnp.int32)
-    return program_flops.count(fn, S.abstract_state(cfg), batch)
+    spec = StepSpec.build(cfg, devices=jax.devices()[:1])
+    return program_flops.count(spec.step_fn, spec.abstract_state, spec.abstract_batch)
 
 
 def _dense_formula(m, B, T):

@@ -7,25 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from polychip.config import build_config
-from polychip.kernels import KernelPolicy, Target
-from polychip.model import transformer as T
-from polychip.train.optim import make_optimizer
-from polychip.train.step import train_step_fn
+from tests.conftest import run_train_steps
 
 STEPS = 4
 
 
 def _losses(attention: str, cfg, batch) -> list[float]:
-    policy = KernelPolicy.create(Target("cpu"), {"attention": attention})
-    rt = T.Runtime(policy=policy, compute_dtype=cfg.train.compute_dtype)
-    params = T.init_params(cfg.model, jax.random.key(0), jnp.float32)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": make_optimizer(cfg.train).init(params)}
-    step = jax.jit(train_step_fn(cfg, rt))
-    out = []
-    for _ in range(STEPS):
-        state, metrics = step(state, batch)
-        out.append(float(metrics["loss"]))
-    return out
+    cfg.kernels.attention = attention
+    # one device: Mosaic's TPU interpreter does not run under shard_map on the CPU multi-device backend
+    return run_train_steps(cfg, [batch] * STEPS, devices=jax.devices()[:1])[0]
 
 
 def test_training_with_pallas_tpu_attention_matches_reference():

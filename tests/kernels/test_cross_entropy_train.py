@@ -6,22 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from polychip.config import preset
-from polychip.kernels import KernelPolicy, Target
-from polychip.parallel.mesh import make_mesh
-from polychip.parallel.sharding import Layout
-from polychip.train import step as S
+from tests.conftest import run_train_steps
 
 
 def _curve(overrides: dict, cfg, batches) -> list[float]:
-    layout = Layout.create(make_mesh(cfg.mesh), cfg.mesh.rules)
-    rt = S.make_runtime(cfg, KernelPolicy.create(Target("cpu"), overrides), layout)
-    state = S.init_state(cfg, layout)
-    step = jax.jit(S.train_step_fn(cfg, rt))
-    losses = []
-    for b in batches:
-        state, metrics = step(state, b)
-        losses.append(float(metrics["loss"]))
-    return losses
+    for op, name in overrides.items():
+        setattr(cfg.kernels, op, name)
+    return run_train_steps(cfg, batches, devices=jax.devices()[:1])[0]
 
 
 def test_tiny_model_with_fused_kernels_matches_reference_loss_curve():

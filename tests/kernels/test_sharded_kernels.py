@@ -8,7 +8,8 @@ from polychip.config import build_config
 from polychip.kernels.registry import KernelPolicy, Target
 from polychip.parallel.mesh import make_mesh
 from polychip.parallel.sharding import Layout
-from polychip.train import step as S
+from polychip.train.step import StepSpec
+from tests.conftest import random_batches, run_train_steps
 
 # The generic Pallas interpreter (the GPU kernels' interpret mode) runs under shard_map on the 8 CPU
 # devices. Mosaic's TPU interpreter does not (it hung for 15 minutes here): the TPU kernels' per-shard
@@ -20,19 +21,10 @@ def _losses(overrides, mesh, steps=2):
     d, f, t = mesh
     cfg = build_config("tiny", overrides=[f"mesh.data={d}", f"mesh.fsdp={f}", f"mesh.tensor={t}",
                                           f"mesh.num_devices={d * f * t}", "train.batch_size=8", "train.seq_len=32",
-                                          "train.warmup_steps=0", "train.steps=4"])
-    layout = Layout.create(make_mesh(cfg.mesh), cfg.mesh.rules)
-    rt = S.make_runtime(cfg, KernelPolicy.create(Target.of(), overrides), layout)
-    sh = S.state_shardings(cfg, layout)
-    state = S.init_state(cfg, layout)
-    fn = S.jit_train_step(cfg, rt, sh)
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(steps):
-        b = jax.device_put(rng.integers(0, cfg.model.vocab_size, (8, 33), dtype=np.int32), S.batch_sharding(layout))
-        state, m = fn(state, b)
-        out.append(float(m["loss"]))
-    return out, fn, state, b
+                                          "train.warmup_steps=0", "train.steps=4",
+                                          *(f"kernels.{op}={name}" for op, name in overrides.items())])
+    losses, spec, state, b = run_train_steps(cfg, random_batches(cfg, steps))
+    return losses, spec.jitted, state, b
 
 
 def test_interpreted_pallas_kernels_on_a_2x2x2_mesh_match_the_reference():
@@ -51,17 +43,10 @@ def test_tpu_train_step_with_pallas_kernels_compiles_for_a_multichip_topology():
     devices = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu").devices
     cfg = build_config("tiny", overrides=["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2", "train.batch_size=8",
                                           "train.seq_len=128", "train.compute_dtype=bfloat16"])
-    layout = Layout.create(make_mesh(cfg.mesh, devices), cfg.mesh.rules)
-    policy = KernelPolicy.create(Target("tpu", devices[0].device_kind))
-    rt = S.make_runtime(cfg, policy, layout)
-    assert policy.pick("attention", q_len=128, kv_len=128, n_heads=4, n_kv_heads=2, head_dim=16,
+    spec = StepSpec.build(cfg, devices=devices, target=Target("tpu", devices[0].device_kind))
+    assert spec.runtime.policy.pick("attention", q_len=128, kv_len=128, n_heads=4, n_kv_heads=2, head_dim=16,
                        dtype="bfloat16", causal=True).name == "pallas_tpu"
-    abstract = S.abstract_state(cfg)
-    sh = S.state_shardings(cfg, layout, abstract)
-    jitted = S.jit_train_step(cfg, rt, sh)
-    args = (jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, sh),
-            jax.ShapeDtypeStruct((8, 129), jnp.int32, sharding=S.batch_sharding(layout)))
-    text = jitted.lower(*args).compile().as_text()
+    text = spec.jitted.lower(spec.sharded_abstract_state(), spec.abstract_batch).compile().as_text()
     assert text.count("tpu_custom_call") >= 3  # Mosaic kernels (attention fwd/bwd, norm, loss) inside
 
 

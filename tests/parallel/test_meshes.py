@@ -6,11 +6,11 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from polychip.config import build_config
-from polychip.kernels.registry import KernelPolicy, Target
 from polychip.model import transformer as T
 from polychip.parallel.mesh import make_mesh, resolve_shape
 from polychip.parallel.sharding import Layout, ShardingError
-from polychip.train import step as S
+from polychip.train.step import StepSpec
+from tests.conftest import random_batches
 
 MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
 
@@ -24,20 +24,17 @@ def _cfg(mesh):
 
 def _run(mesh, n_steps=3):
     cfg = _cfg(mesh)
-    layout = Layout.create(make_mesh(cfg.mesh), cfg.mesh.rules)
-    rt = S.make_runtime(cfg, KernelPolicy.create(Target.of()), layout)
-    sh = S.state_shardings(cfg, layout)
-    state = S.init_state(cfg, layout)
+    spec = StepSpec.build(cfg)
+    rt = spec.runtime
+    state = spec.init_state()
     grads = jax.jit(jax.grad(lambda p, b: T.loss_fn(p, b, cfg.model, rt)[0]),
-                    in_shardings=(sh["params"], S.batch_sharding(layout)))
-    fn = S.jit_train_step(cfg, rt, sh)
-    rng = np.random.default_rng(0)
+                    in_shardings=(spec.shardings["params"], spec.batch_sharding))
     losses, g0 = [], None
-    for i in range(n_steps):
-        batch = jax.device_put(rng.integers(0, cfg.model.vocab_size, (8, 33), dtype=np.int32), S.batch_sharding(layout))
+    for i, local in enumerate(random_batches(cfg, n_steps)):
+        batch = spec.put_batch(local)
         if i == 0:
             g0 = jax.device_get(grads(state["params"], batch))
-        state, m = fn(state, batch)
+        state, m = spec.jitted(state, batch)
         losses.append(float(m["loss"]))
     return losses, g0, state
 

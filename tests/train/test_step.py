@@ -4,27 +4,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from polychip.config import build_config
-from polychip.kernels.registry import KernelPolicy, Target
-from polychip.parallel.mesh import make_mesh
-from polychip.parallel.sharding import Layout
-from polychip.train import step as S
+from polychip.config import ConfigError, build_config
+from polychip.train.step import StepSpec
+from tests.conftest import random_batches, run_train_steps
 
 
 def _run(*overrides, steps=3):
     cfg = build_config("tiny", overrides=["mesh.num_devices=2", "train.batch_size=8", "train.seq_len=32",
                                           "train.warmup_steps=0", "train.steps=10", *overrides])
-    layout = Layout.create(make_mesh(cfg.mesh), cfg.mesh.rules)
-    rt = S.make_runtime(cfg, KernelPolicy.create(Target.of()), layout)
-    sh = S.state_shardings(cfg, layout)
-    state = S.init_state(cfg, layout)
-    fn = S.jit_train_step(cfg, rt, sh)
-    rng = np.random.default_rng(1)
-    losses = []
-    for _ in range(steps):
-        b = jax.device_put(rng.integers(0, cfg.model.vocab_size, (8, 33), dtype=np.int32), S.batch_sharding(layout))
-        state, m = fn(state, b)
-        losses.append(float(m["loss"]))
+    losses, _, state, _ = run_train_steps(cfg, random_batches(cfg, steps, seed=1))
     return losses, state
 
 
@@ -52,12 +40,30 @@ def test_bf16_params_and_remat_run():
 
 def test_state_is_donated():
     cfg = build_config("tiny", overrides=["mesh.num_devices=1", "train.batch_size=8", "train.seq_len=32"])
-    layout = Layout.create(make_mesh(cfg.mesh), cfg.mesh.rules)
-    rt = S.make_runtime(cfg, KernelPolicy.create(Target.of()), layout)
-    sh = S.state_shardings(cfg, layout)
-    state = S.init_state(cfg, layout)
-    fn = S.jit_train_step(cfg, rt, sh)
-    b = jax.device_put(np.zeros((8, 33), np.int32), S.batch_sharding(layout))
+    spec = StepSpec.build(cfg)
+    state = spec.init_state()
     old = state["params"]["embed"]
-    fn(state, b)
+    spec.jitted(state, spec.put_batch(np.zeros((8, 33), np.int32)))
     assert old.is_deleted()
+
+
+def test_one_builder_builds_each_artefact_once():
+    """The optimizer, abstract state and shardings are built once per spec and shared by every artefact."""
+    cfg = build_config("tiny", overrides=["mesh.num_devices=2", "train.batch_size=8", "train.seq_len=32"])
+    spec = StepSpec.build(cfg)
+    assert spec.optimizer is spec.optimizer and spec.shardings is spec.shardings and spec.jitted is spec.jitted
+    state = spec.init_state()
+    # init_state lands exactly where the jitted step expects its (donated) input
+    jax.tree.map(lambda x, sh: x.sharding.is_equivalent_to(sh, x.ndim) or pytest.fail(f"{x.sharding} != {sh}"),
+                 state, spec.shardings)
+    assert spec.abstract_batch.shape == (8, 33) and spec.abstract_batch.sharding == spec.batch_sharding
+
+
+@pytest.mark.parametrize("overrides, msg", [
+    (["train.batch_size=6", "mesh.fsdp=4", "mesh.num_devices=4"], "not divisible by the data-parallel ways 4"),
+    (["mesh.tensor=8", "mesh.num_devices=8"], "model.n_heads=4 is not divisible by mesh.tensor=8"),
+])
+def test_builder_refuses_shapes_the_mesh_cannot_split(overrides, msg):
+    cfg = build_config("tiny", overrides=["train.batch_size=8", "mesh.fsdp=-1", *overrides])
+    with pytest.raises(ConfigError, match=msg):
+        StepSpec.build(cfg)

@@ -1,7 +1,7 @@
 """Lower and compile the real steps for a TPU topology, without the hardware.
 
-The train step is `polychip.train.step.jit_train_step` (the function `train` runs, with its donation
-and shardings); serve compiles prefill and decode over `polychip.model.transformer.logits` with a KV
+The train step is `polychip.train.step.StepSpec.build(...).jitted` (the function `train` runs, with its
+donation and shardings); serve compiles prefill and decode over `polychip.model.transformer.logits` with a KV
 cache, jitted the way `polychip.generate` does. Kernels are chosen for the *target* device kind.
 
 Every figure in a `CompiledStep` is per device (what `memory_analysis()` / `cost_analysis()` return
@@ -70,18 +70,30 @@ def _cost_dict(c) -> dict:
     return {k: float(c[k]) for k in ("flops", "bytes accessed", "optimal_seconds", "transcendentals") if k in c}
 
 
+def with_mesh(cfg: Config, sizes: dict) -> Config:
+    """cfg with the mesh shape compile chose (sizes: data/fsdp/tensor), over all the target's devices."""
+    return dataclasses.replace(cfg, mesh=MeshConfig(data=sizes["data"], fsdp=sizes["fsdp"], tensor=sizes["tensor"],
+                                                    rules=dict(cfg.mesh.rules)))
+
+
+def _target(devices):
+    from polychip.kernels.registry import Target
+
+    return Target(platform="tpu", device_kind=devices[0].device_kind)
+
+
 def _layout(cfg: Config, sizes: dict, devices):
     from polychip.parallel.mesh import make_mesh
     from polychip.parallel.sharding import Layout
 
-    mc = MeshConfig(data=sizes["data"], fsdp=sizes["fsdp"], tensor=sizes["tensor"], rules=dict(cfg.mesh.rules))
+    mc = with_mesh(cfg, sizes).mesh
     return Layout.create(make_mesh(mc, devices), mc.rules)
 
 
 def _policy(cfg: Config, devices):
-    from polychip.kernels.registry import KernelPolicy, Target
+    from polychip.kernels.registry import KernelPolicy
 
-    return KernelPolicy.create(Target(platform="tpu", device_kind=devices[0].device_kind), cfg.kernels.overrides())
+    return KernelPolicy.create(_target(devices), cfg.kernels.overrides())
 
 
 def _kernels_used(policy, cfg: Config, seq: int, dtype: str, decode: bool) -> dict:
@@ -209,23 +221,15 @@ def compile_train(cfg: Config, spec: TargetSpec, sizes: dict, on_phase=None) -> 
 
 
 def _compile_train(cfg: Config, spec: TargetSpec, sizes: dict, on_phase=None) -> CompiledStep:
-    import jax
-    import jax.numpy as jnp
-
-    from polychip.train import step as S
+    from polychip.train.step import StepSpec
 
     devices = tpu_devices(spec)
-    layout = _layout(cfg, sizes, devices)
-    policy = _policy(cfg, devices)
-    rt = S.make_runtime(cfg, policy, layout)
-    abstract = S.abstract_state(cfg)
-    shardings = S.state_shardings(cfg, layout, abstract)
-    jitted = S.jit_train_step(cfg, rt, shardings)
-    batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len + 1), jnp.int32)
-    out = _compile("train", jitted, (abstract, batch), jitted, len(devices), on_phase,
-                   (shardings, S.batch_sharding(layout)))
-    out.kernels = _kernels_used(policy, cfg, cfg.train.seq_len, cfg.train.compute_dtype, False)
-    out.dropped_rules = layout.dropped(S.state_axes(cfg, abstract)["params"], abstract["params"])
+    step = StepSpec.build(with_mesh(cfg, sizes), devices=devices, target=_target(devices), check=False)
+    args = (step.abstract_state, step.abstract_batch)
+    out = _compile("train", step.jitted, args, step.jitted, len(devices), on_phase,
+                   (step.shardings, step.batch_sharding))
+    out.kernels = _kernels_used(step.runtime.policy, cfg, cfg.train.seq_len, cfg.train.compute_dtype, False)
+    out.dropped_rules = step.dropped()
     return out
 
 

@@ -7,8 +7,6 @@ the target's catalog chip, and there are exactly as many devices as the target n
 """
 from __future__ import annotations
 
-import dataclasses
-
 
 def measure_local(r, req) -> dict | None:
     """Measured figures for the modelled target, or None (with no side effects) when the host cannot."""
@@ -27,12 +25,10 @@ def measure_local(r, req) -> dict | None:
     chip = chip_for_device_kind(devs[0].device_kind)
     if chip is None or chip.name != r.spec.chip.name or len(devs) != r.spec.n_chips:
         return None
-    from polychip.config import MeshConfig
+    from polychip.compile.lower import with_mesh
     from polychip.train.bench import bench_train
 
-    cfg = dataclasses.replace(r.cfg, mesh=MeshConfig(data=r.sizes["data"], fsdp=r.sizes["fsdp"],
-                                                     tensor=r.sizes["tensor"], rules=dict(r.cfg.mesh.rules)))
-    res = bench_train(cfg, warmup=2, steps=5, log=lambda *a, **k: None)
+    res = bench_train(with_mesh(r.cfg, r.sizes), warmup=2, steps=5, log=lambda *a, **k: None)
     return {"source": "measured", "device_kind": devs[0].device_kind, "devices": len(devs),
             "step_time_s": res["step_time_median_s"], "tokens_per_s": res["tokens_per_s"], "mfu": res["mfu"],
             "first_step_s": res["first_step_s"]}

@@ -10,32 +10,21 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from polychip.config import Config
-from polychip.kernels.registry import KernelPolicy, Target
 from polychip.model.flops import train_flops_per_step
-from polychip.parallel.mesh import make_mesh
-from polychip.parallel.sharding import Layout
-from polychip.train import step as S
 from polychip.train.metrics import peak_flops_per_device
+from polychip.train.step import StepSpec
 
 
 def bench_train(cfg: Config, warmup: int = 2, steps: int = 5, log=print) -> dict:
-    mesh = make_mesh(cfg.mesh)
-    layout = Layout.create(mesh, cfg.mesh.rules)
-    from polychip.train.loop import check_shapes
-
-    check_shapes(cfg, layout)
-    rt = S.make_runtime(cfg, KernelPolicy.create(Target.of(), cfg.kernels.overrides()), layout)
-    shardings = S.state_shardings(cfg, layout)
-    state = S.init_state(cfg, layout)
-    fn = S.jit_train_step(cfg, rt, shardings)
+    spec = StepSpec.build(cfg)
+    state = spec.init_state()
+    fn = spec.jitted
     t = cfg.train
     rng = np.random.default_rng(0)
-    batch = jax.device_put(rng.integers(0, cfg.model.vocab_size, (t.batch_size, t.seq_len + 1), dtype=np.int32),
-                           S.batch_sharding(layout))
+    batch = spec.put_batch(rng.integers(0, cfg.model.vocab_size, (t.batch_size, t.seq_len + 1), dtype=np.int32))
     t0 = time.perf_counter()
     state, m = fn(state, batch)
     jax.block_until_ready(m)

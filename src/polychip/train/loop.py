@@ -3,9 +3,12 @@
 Preemption: SIGTERM and SIGINT (Ctrl-C) set a flag; the loop finishes the step in flight, writes a
 checkpoint and exits with 128 + signal number. The next `train` with the same out_dir resumes from it
 and, because batches are a pure function of (seed, step), sees exactly the batches it would have.
+A step whose loss or gradient norm is not finite stops the run (`TrainingDiverged`) without saving
+it: the last good checkpoint stays the newest.
 """
 from __future__ import annotations
 
+import math
 import signal
 import time
 from dataclasses import dataclass, field
@@ -14,17 +17,17 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from polychip.config import Config, ConfigError, save_yaml, to_dict
-from polychip.kernels.registry import KernelPolicy, Target
+from polychip.config import Config, save_yaml, to_dict
 from polychip.model.flops import train_flops_per_step
 from polychip.parallel import distributed
-from polychip.parallel.mesh import make_mesh
-from polychip.parallel.sharding import Layout
-from polychip.train import step as S
 from polychip.train.checkpoint import Checkpointer
 from polychip.train.metrics import MetricsLogger
+from polychip.train.step import StepSpec
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm became NaN/inf; the step was not saved."""
 
 
 @dataclass
@@ -60,137 +63,125 @@ class _StopFlag:
             signal.signal(s, h)
 
 
-def check_shapes(cfg: Config, layout: Layout) -> None:
-    t = cfg.train
-    div = layout.batch_divisor
-    micro = t.batch_size // t.grad_accum
-    if micro % div:
-        raise ConfigError(
-            f"micro-batch {micro} (train.batch_size={t.batch_size} / train.grad_accum={t.grad_accum}) is not divisible "
-            f"by the data-parallel ways {div} (mesh data x fsdp = {layout.mesh.shape['data']} x {layout.mesh.shape['fsdp']})")
-    if t.batch_size % jax.process_count():
-        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the {jax.process_count()} processes")
-    m = cfg.model
-    tp = layout.mesh.shape["tensor"]
-    if tp > 1 and m.n_heads % tp:
-        raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by mesh.tensor={tp}")
-
-
-def make_global_batch(local: np.ndarray, sharding) -> jax.Array:
-    """This process's rows -> one global array laid out by `sharding` (multi-process aware)."""
-    if jax.process_count() == 1:
-        return jax.device_put(local, sharding)
-    return jax.make_array_from_process_local_data(sharding, local)
-
-
 def train(cfg: Config, log=print, stop_after: int | None = None) -> TrainResult:
     """Run (or resume) training as configured. `stop_after` ends the loop early after that many steps
     in this call (without changing the schedule): for tests of interrupted runs."""
     cfg.validate()
     distributed.initialize(cfg.distributed)
+    spec = StepSpec.build(cfg)
+    out = Path(cfg.out_dir)
+    stream = _prepare_data(cfg, out)
+    for d in spec.dropped():
+        log(f"note: replicated where the mesh does not divide: {d}")
+    ckpt = Checkpointer(out, keep=cfg.train.keep_checkpoints)
+    try:
+        state, start = _restore_or_init(spec, ckpt, log)
+        metrics = _metrics_logger(spec, out, log)
+        try:
+            result = _run_steps(spec, state, start, stream, ckpt, metrics, log, stop_after)
+        finally:
+            metrics.close()
+    finally:
+        ckpt.close()
+    return result
+
+
+def _prepare_data(cfg: Config, out: Path):
+    """Process 0 builds the tokenizer + token cache first; the others then reuse them."""
     from polychip.data.batches import prepare
     from polychip.data.tokenizer import check_vocab
 
-    out = Path(cfg.out_dir)
-    is_main = jax.process_index() == 0
-    mesh = make_mesh(cfg.mesh)
-    layout = Layout.create(mesh, cfg.mesh.rules)
-    check_shapes(cfg, layout)
-    policy = KernelPolicy.create(Target.of(), cfg.kernels.overrides())
-    rt = S.make_runtime(cfg, policy, layout)
-
-    # Data: process 0 builds tokenizer + token cache first; the others then reuse them.
-    if is_main:
+    if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
         tok, stream = prepare(cfg.data, out, cfg.model.vocab_size)
         save_yaml(cfg, out / "config.yaml")
     _sync("polychip_data")
-    if not is_main:
+    if jax.process_index() != 0:
         tok, stream = prepare(cfg.data, out, cfg.model.vocab_size)
     check_vocab(tok, cfg.model.vocab_size)
+    return stream
 
-    abstract = S.abstract_state(cfg)
-    shardings = S.state_shardings(cfg, layout, abstract)
-    for d in layout.dropped(S.T.param_axes(cfg.model), abstract["params"]):
-        log(f"note: replicated where the mesh does not divide: {d}")
-    ckpt = Checkpointer(out, keep=cfg.train.keep_checkpoints)
-    meta_want = {"model": to_dict(cfg.model)}
-    with_sh = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
-    restored = ckpt.restore(jax.tree.map(with_sh, abstract["params"], shardings["params"]),
-                            jax.tree.map(with_sh, abstract["opt_state"], shardings["opt_state"]),
-                            want_meta=meta_want, log=log)
-    if restored is not None:
-        start, params, opt_state, _ = restored
-        state = {"step": jax.device_put(jnp.asarray(start, jnp.int32), shardings["step"]), "params": params,
-                 "opt_state": opt_state}
-        log(f"resumed from checkpoint step {start} in {ckpt.dir}")
-    else:
-        start = 0
-        state = S.init_state(cfg, layout)
-    result = TrainResult(steps_run=0, final_step=start, resumed_from=start if restored else None)
 
-    t = cfg.train
+def _restore_or_init(spec: StepSpec, ckpt: Checkpointer, log) -> tuple[dict, int]:
+    """(state, first step): the newest good checkpoint restored onto this mesh, or a fresh state."""
+    target = spec.sharded_abstract_state()
+    restored = ckpt.restore(target["params"], target["opt_state"], want_meta={"model": to_dict(spec.cfg.model)},
+                            log=log)
+    if restored is None:
+        return spec.init_state(), 0
+    start, params, opt_state, _ = restored
+    step = jax.device_put(jnp.asarray(start, jnp.int32), spec.shardings["step"])
+    log(f"resumed from checkpoint step {start} in {ckpt.dir}")
+    return {"step": step, "params": params, "opt_state": opt_state}, start
+
+
+def _metrics_logger(spec: StepSpec, out: Path, log) -> MetricsLogger:
+    cfg, t = spec.cfg, spec.cfg.train
     flops = train_flops_per_step(cfg.model, t.batch_size, t.seq_len)
+    is_main = jax.process_index() == 0
     metrics = MetricsLogger(out, flops, jax.device_count(), t.compute_dtype, t.steps, enabled=is_main)
     if is_main:
-        log(f"model {cfg.model.n_params / 1e6:.2f}M params | mesh {dict(mesh.shape)} on {jax.device_count()} "
-            f"{jax.devices()[0].platform} devices x {jax.process_count()} process(es) | "
-            f"batch {t.batch_size}x{t.seq_len} | peak {metrics.peak_source}: "
-            f"{'n/a' if not metrics.peak else f'{metrics.peak / 1e12:.2f} TFLOP/s/device'}")
-    step_fn = S.jit_train_step(cfg, rt, shardings)
-    bsh = S.batch_sharding(layout)
-    tokens_per_step = t.batch_size * t.seq_len
-    step = start
-    try:
-        with _StopFlag() as stop:
-            while step < t.steps:
-                local = stream.batch(step, t.batch_size, t.seq_len, process_index=jax.process_index(),
-                                     process_count=jax.process_count())
-                batch = make_global_batch(local, bsh)
-                t0 = time.perf_counter()
-                state, m = step_fn(state, batch)
-                m = jax.device_get(m)  # waits for the step: honest per-step time
-                dt = time.perf_counter() - t0
-                step += 1
-                result.steps_run += 1
-                result.losses.append(float(m["loss"]))
-                first = result.steps_run == 1
-                metrics.record(step, m, dt, tokens_per_step,
-                               print_line=first or step % max(1, t.log_every) == 0 or step == t.steps, compiled=first)
-                if t.eval_every and step % t.eval_every == 0:
-                    _eval(cfg, rt, state, stream, bsh, step, log)
-                if stop.signum or (stop_after is not None and result.steps_run >= stop_after):
-                    result.interrupted = stop.signum
-                    break
-                if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.steps:
-                    ckpt.save(step, state["params"], state["opt_state"], _meta(cfg, step))
-        ckpt.save(step, state["params"], state["opt_state"], _meta(cfg, step))
-        if result.interrupted and is_main:
-            log(f"interrupted by signal {result.interrupted}: checkpoint written at step {step}; "
-                f"run the same command to resume")
-    finally:
-        metrics.close()
-        ckpt.close()
-    result.final_step = step
-    result.state = state
+        peak = "n/a" if not metrics.peak else f"{metrics.peak / 1e12:.2f} TFLOP/s/device"
+        log(f"model {cfg.model.n_params / 1e6:.2f}M params | mesh {dict(spec.layout.mesh.shape)} on "
+            f"{jax.device_count()} {jax.devices()[0].platform} devices x {jax.process_count()} process(es) | "
+            f"batch {t.batch_size}x{t.seq_len} | peak {metrics.peak_source}: {peak}")
+    return metrics
+
+
+def _run_steps(spec: StepSpec, state: dict, start: int, stream, ckpt: Checkpointer, metrics: MetricsLogger, log,
+               stop_after: int | None) -> TrainResult:
+    cfg, t = spec.cfg, spec.cfg.train
+    result = TrainResult(steps_run=0, final_step=start, resumed_from=start if start else None)
+    step_fn, tokens_per_step, step = spec.jitted, t.batch_size * t.seq_len, start
+    rows = {"process_index": jax.process_index(), "process_count": jax.process_count()}
+    with _StopFlag() as stop:
+        while step < t.steps:
+            batch = spec.put_batch(stream.batch(step, t.batch_size, t.seq_len, **rows))
+            t0 = time.perf_counter()
+            state, m = step_fn(state, batch)
+            m = jax.device_get(m)  # waits for the step: honest per-step time
+            dt = time.perf_counter() - t0
+            _check_finite(step + 1, m, ckpt)
+            step += 1
+            result.steps_run += 1
+            result.losses.append(float(m["loss"]))
+            first = result.steps_run == 1
+            metrics.record(step, m, dt, tokens_per_step,
+                           print_line=first or step % max(1, t.log_every) == 0 or step == t.steps, compiled=first)
+            if t.eval_every and step % t.eval_every == 0:
+                _eval(spec, state, stream, step, log)
+            if stop.signum or (stop_after is not None and result.steps_run >= stop_after):
+                result.interrupted = stop.signum
+                break
+            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.steps:
+                ckpt.save(step, state["params"], state["opt_state"], _meta(cfg, step))
+    ckpt.save(step, state["params"], state["opt_state"], _meta(cfg, step))
+    if result.interrupted and jax.process_index() == 0:
+        log(f"interrupted by signal {result.interrupted}: checkpoint written at step {step}; "
+            f"run the same command to resume")
+    result.final_step, result.state = step, state
     return result
+
+
+def _check_finite(step: int, m: dict, ckpt: Checkpointer) -> None:
+    loss, gnorm = float(m["loss"]), float(m["grad_norm"])
+    if math.isfinite(loss) and math.isfinite(gnorm):
+        return
+    good = ckpt.steps()
+    keep = f"the newest checkpoint is step {max(good)}" if good else "no checkpoint was written"
+    raise TrainingDiverged(f"step {step}: loss {loss} / grad norm {gnorm} is not finite; stopped without saving "
+                           f"this step ({keep}); lower train.lr or check the data and config")
 
 
 def _meta(cfg: Config, step: int) -> dict:
     return {"model": to_dict(cfg.model), "step": step, "config": to_dict(cfg)}
 
 
-_EVAL_FNS: dict = {}
-
-
-def _eval(cfg, rt, state, stream, bsh, step, log):
-    key = (cfg.model, rt)
-    if key not in _EVAL_FNS:
-        _EVAL_FNS[key] = jax.jit(S.eval_step_fn(cfg, rt))
-    t = cfg.train
+def _eval(spec: StepSpec, state: dict, stream, step: int, log) -> None:
+    t = spec.cfg.train
     local = stream.batch(0, t.batch_size, t.seq_len, split="eval", process_index=jax.process_index(),
                          process_count=jax.process_count())
-    loss = float(_EVAL_FNS[key](state["params"], make_global_batch(local, bsh)))
+    loss = float(spec.jitted_eval(state["params"], spec.put_batch(local)))
     if jax.process_index() == 0:
         log(f"step {step}: eval loss {loss:.4f}")
 

@@ -1,35 +1,156 @@
 """The train step: the one function that `train` runs, `compile` lowers for a pod, and `plan` calibrates.
 
+`StepSpec.build(cfg, ...)` is the one builder every caller uses (the train loop, `bench`, `compile`,
+benchmarks and tests): config -> mesh + layout -> kernel policy -> runtime -> abstract state ->
+shardings -> jitted step. What `compile` lowers ahead of time is therefore what `train` runs.
+
 state = {"step": int32 scalar, "params": pytree, "opt_state": optax state}. The batch [B, T+1] is split
 into grad_accum micro-batches scanned in sequence (gradients summed in float32), so peak activation
 memory is that of one micro-batch.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from polychip.config import Config
-from polychip.kernels.registry import KernelPolicy
+from polychip.config import Config, ConfigError
+from polychip.kernels.registry import KernelPolicy, Target
 from polychip.model import transformer as T
+from polychip.parallel.mesh import make_mesh
 from polychip.parallel.sharding import Layout
 from polychip.train.optim import make_optimizer, opt_state_axes, schedule
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class StepSpec:
-    """Everything (static) that defines a compiled train step."""
+    """Everything static that defines a train step, and the artefacts derived from it (each built once).
+
+    Build it with `StepSpec.build`; then `init_state()`, `jit()` (the donated, sharded step),
+    `abstract_state` / `shardings` / `abstract_batch` (for ahead-of-time lowering), `put_batch`."""
 
     cfg: Config
+    layout: Layout
     runtime: T.Runtime
 
-    @property
+    @staticmethod
+    def build(cfg: Config, *, devices: Sequence | None = None, target: Target | None = None,
+              check: bool = True) -> "StepSpec":
+        """devices: the mesh's devices (default all of this process's view, `jax.devices()`; a TPU
+        topology's devices for a deviceless compile). target: where the kernels will run (default: the
+        first device's platform and kind). check: refuse shapes the mesh cannot split (ConfigError)."""
+        devices = list(devices) if devices is not None else None
+        layout = Layout.create(make_mesh(cfg.mesh, devices), cfg.mesh.rules)
+        target = target or Target.of(devices[0] if devices else None)
+        policy = KernelPolicy.create(target, cfg.kernels.overrides())
+        spec = StepSpec(cfg, layout, make_runtime(cfg, policy, layout))
+        if check:
+            spec.check_shapes()
+        return spec
+
+    # -- static facts ------------------------------------------------------------------------------
+    @functools.cached_property
     def optimizer(self) -> optax.GradientTransformation:
         return make_optimizer(self.cfg.train)
+
+    @functools.cached_property
+    def abstract_state(self) -> dict:
+        """ShapeDtypeStructs of the whole train state, without allocating."""
+        params = T.abstract_params(self.cfg.model, T.DTYPES[self.cfg.train.param_dtype])
+        return {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
+                "opt_state": jax.eval_shape(self.optimizer.init, params)}
+
+    @functools.cached_property
+    def state_axes(self) -> dict:
+        p_axes = T.param_axes(self.cfg.model)
+        return {"step": (), "params": p_axes, "opt_state": opt_state_axes(self.abstract_state["opt_state"], p_axes)}
+
+    @functools.cached_property
+    def shardings(self) -> dict:
+        return self.layout.tree_shardings(self.state_axes, self.abstract_state)
+
+    @property
+    def batch_sharding(self) -> Any:
+        return self.layout.sharding(("batch", "seq"))
+
+    @property
+    def abstract_batch(self) -> jax.ShapeDtypeStruct:
+        t = self.cfg.train
+        return jax.ShapeDtypeStruct((t.batch_size, t.seq_len + 1), jnp.int32, sharding=self.batch_sharding)
+
+    def sharded_abstract_state(self) -> dict:
+        """abstract_state with each leaf's target sharding (what a checkpoint restores onto)."""
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            self.abstract_state, self.shardings)
+
+    def dropped(self) -> list:
+        """Sharding rules that could not apply to some parameter (mesh axis does not divide it)."""
+        return self.layout.dropped(self.state_axes["params"], self.abstract_state["params"])
+
+    def check_shapes(self) -> None:
+        """Refuse (ConfigError, one line) a batch or head count the mesh cannot split."""
+        t, m, mesh = self.cfg.train, self.cfg.model, self.layout.mesh
+        div = self.layout.batch_divisor
+        if t.batch_size % t.grad_accum:
+            raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+        micro = t.batch_size // t.grad_accum
+        if micro % div:
+            raise ConfigError(
+                f"micro-batch {micro} (train.batch_size={t.batch_size} / train.grad_accum={t.grad_accum}) is not "
+                f"divisible by the data-parallel ways {div} (mesh data x fsdp = {mesh.shape['data']} x "
+                f"{mesh.shape['fsdp']})")
+        if t.batch_size % jax.process_count():
+            raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the {jax.process_count()} processes")
+        tp = mesh.shape["tensor"]
+        if tp > 1 and m.n_heads % tp:
+            raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by mesh.tensor={tp}")
+
+    # -- artefacts ---------------------------------------------------------------------------------
+    @property
+    def step_fn(self) -> Callable:
+        """(state, batch) -> (state, metrics), pure (not jitted)."""
+        return train_step_fn(self.cfg, self.runtime, self.optimizer)
+
+    @functools.cached_property
+    def jitted(self):
+        """The jitted step with donated state and explicit in/out shardings (what train runs and compile
+        lowers)."""
+        return jax.jit(self.step_fn, in_shardings=(self.shardings, self.batch_sharding),
+                       out_shardings=(self.shardings, None), donate_argnums=(0,))
+
+    @functools.cached_property
+    def jitted_eval(self):
+        """(params, batch) -> mean loss, jitted."""
+        cfg, rt = self.cfg, self.runtime
+        return jax.jit(lambda params, batch: T.loss_fn(params, batch, cfg.model, rt)[0])
+
+    def init_state(self) -> dict:
+        """Initialise params + optimiser state directly into their shardings (no full copy on one device)."""
+        cfg, opt = self.cfg, self.optimizer
+
+        def init():
+            params = T.init_params(cfg.model, jax.random.key(cfg.train.seed), T.DTYPES[cfg.train.param_dtype])
+            return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt.init(params)}
+
+        return jax.jit(init, out_shardings=self.shardings)()
+
+    def put_batch(self, local: np.ndarray) -> jax.Array:
+        """This process's rows -> one global batch laid out for the step (multi-process aware)."""
+        if jax.process_count() == 1:
+            return jax.device_put(local, self.batch_sharding)
+        return jax.make_array_from_process_local_data(self.batch_sharding, local)
+
+    def with_cfg(self, **changes: Any) -> "StepSpec":
+        """The same mesh and target with some config sections replaced (e.g. kernels=...)."""
+        cfg = dataclasses.replace(self.cfg, **changes)
+        policy = KernelPolicy.create(self.runtime.policy.target, cfg.kernels.overrides())
+        return StepSpec(cfg, self.layout, make_runtime(cfg, policy, self.layout))
 
 
 def make_runtime(cfg: Config, policy: KernelPolicy, layout: Layout | None) -> T.Runtime:
@@ -39,91 +160,37 @@ def make_runtime(cfg: Config, policy: KernelPolicy, layout: Layout | None) -> T.
                      remat=cfg.train.remat, unroll_layers=unroll)
 
 
-def train_step_fn(cfg: Config, rt: T.Runtime) -> Callable:
-    """(state, batch) -> (state, metrics). Pure; jit it with donated state."""
-    opt = make_optimizer(cfg.train)
+def train_step_fn(cfg: Config, rt: T.Runtime, opt: optax.GradientTransformation) -> Callable:
+    """(state, batch) -> (state, metrics). Pure; `StepSpec.jitted` jits it with donated state."""
     sched = schedule(cfg.train)
     A = cfg.train.grad_accum
-    mcfg = cfg.model
+    grad_fn = jax.value_and_grad(lambda params, mb: T.loss_fn(params, mb, cfg.model, rt), has_aux=True)
 
-    def loss(params, mb):
-        return T.loss_fn(params, mb, mcfg, rt)
+    def grads_and_loss(params, batch):
+        if A == 1:
+            (loss, _), grads = grad_fn(params, batch)
+            return grads, loss
+        B = batch.shape[0]
+        mbs = batch.reshape(A, B // A, batch.shape[1])
+        if rt.layout is not None:
+            mbs = rt.layout.constrain(mbs, (None, "batch", "seq"))
+        zero = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
 
-    grad_fn = jax.value_and_grad(loss, has_aux=True)
+        def acc(carry, mb):
+            g_sum, l_sum = carry
+            (loss, _), g = grad_fn(params, mb)
+            return (jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_sum, g), l_sum + loss), None
+
+        (g_sum, l_sum), _ = jax.lax.scan(acc, (zero, jnp.zeros((), jnp.float32)), mbs)
+        return jax.tree.map(lambda g, p: (g / A).astype(p.dtype), g_sum, params), l_sum / A
 
     def step(state, batch):
         params = state["params"]
-        B = batch.shape[0]
-        if A == 1:
-            (l, _), grads = grad_fn(params, batch)
-        else:
-            mbs = batch.reshape(A, B // A, batch.shape[1])
-            if rt.layout is not None:
-                mbs = rt.layout.constrain(mbs, (None, "batch", "seq"))
-            zero = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-
-            def acc(carry, mb):
-                g_sum, l_sum = carry
-                (l, _), g = grad_fn(params, mb)
-                return (jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_sum, g), l_sum + l), None
-
-            (g_sum, l_sum), _ = jax.lax.scan(acc, (zero, jnp.zeros((), jnp.float32)), mbs)
-            grads = jax.tree.map(lambda g, p: (g / A).astype(p.dtype), g_sum, params)
-            l = l_sum / A
+        grads, loss = grads_and_loss(params, batch)
         gnorm = optax.tree.norm(grads)
         updates, new_opt = opt.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
-        metrics = {"loss": l, "grad_norm": gnorm, "lr": sched(state["step"])}
+        metrics = {"loss": loss, "grad_norm": gnorm, "lr": sched(state["step"])}
         return {"step": state["step"] + 1, "params": new_params, "opt_state": new_opt}, metrics
 
     return step
-
-
-def eval_step_fn(cfg: Config, rt: T.Runtime) -> Callable:
-    def ev(params, batch):
-        return T.loss_fn(params, batch, cfg.model, rt)[0]
-
-    return ev
-
-
-def state_axes(cfg: Config, abstract_state: dict) -> dict:
-    p_axes = T.param_axes(cfg.model)
-    return {"step": (), "params": p_axes, "opt_state": opt_state_axes(abstract_state["opt_state"], p_axes)}
-
-
-def abstract_state(cfg: Config) -> dict:
-    """ShapeDtypeStructs of the whole train state, without allocating."""
-    dtype = T.DTYPES[cfg.train.param_dtype]
-    params = T.abstract_params(cfg.model, dtype)
-    opt = make_optimizer(cfg.train)
-    return {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params, "opt_state": jax.eval_shape(opt.init, params)}
-
-
-def state_shardings(cfg: Config, layout: Layout, abstract: dict | None = None) -> dict:
-    abstract = abstract or abstract_state(cfg)
-    axes = state_axes(cfg, abstract)
-    return layout.tree_shardings(axes, abstract)
-
-
-def init_state(cfg: Config, layout: Layout) -> dict:
-    """Initialise params + optimiser state directly into their shardings (no full copy on one device)."""
-    dtype = T.DTYPES[cfg.train.param_dtype]
-    opt = make_optimizer(cfg.train)
-    shardings = state_shardings(cfg, layout)
-
-    def init():
-        params = T.init_params(cfg.model, jax.random.key(cfg.train.seed), dtype)
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt.init(params)}
-
-    return jax.jit(init, out_shardings=shardings)()
-
-
-def batch_sharding(layout: Layout) -> Any:
-    return layout.sharding(("batch", "seq"))
-
-
-def jit_train_step(cfg: Config, rt: T.Runtime, shardings: dict):
-    """The jitted step with donated state and explicit in/out shardings."""
-    fn = train_step_fn(cfg, rt)
-    bs = batch_sharding(rt.layout)
-    return jax.jit(fn, in_shardings=(shardings, bs), out_shardings=(shardings, None), donate_argnums=(0,))
