@@ -3,4 +3,7 @@
 TPU targets: libtpu's deviceless compiler (`jax.experimental.topologies`) gives the executable's memory
 use and the compiler's cost figures. GPU / Trainium targets: an analytic roofline, labelled "modelled".
 Entry points: `polychip.compile.run.compile_report(...)`, the `polychip compile` CLI (cli.py).
+
+Owns: deviceless TPU compile of the real steps, the HLO walk, compile reports, the compile cache.
+May import: files, config, hardware, data, kernels, parallel, model, train, plan, serve (layer 6; tests/test_layers.py).
 """

@@ -132,11 +132,7 @@ def _group_size(attrs: str, default: int) -> int:
 def analyse(text: str, n_devices: int) -> HloStats:
     comps, entry = parse_module(text)
     raw_lines = _constants_by_comp(text)
-    fused: set[str] = set()
-    for instrs in comps.values():
-        for ins in instrs:
-            if ins.opcode == "fusion":
-                fused.update(re.findall(r"calls=%?([\w.\-]+)", ins.attrs))
+    fused = _fusion_bodies(comps)
     stats = HloStats()
     coll: dict[str, float] = defaultdict(float)
     traffic = [0.0, 0.0]
@@ -150,21 +146,7 @@ def analyse(text: str, n_devices: int) -> HloStats:
         for ins in comps[name]:
             base = ins.opcode.replace("-start", "").replace("-done", "")
             if base in _COLLECTIVES and not ins.opcode.endswith("-done"):
-                n = _group_size(ins.attrs, n_devices)
-                frac = (n - 1) / n if n > 1 else 0.0
-                out_b = shape_bytes(ins.type_text)
-                in_b = sum(shape_bytes(shapes.get(o, "")) for o in ins.operands)
-                if ins.opcode.endswith("-start"):
-                    out_b = max(out_b - in_b, 0.0)  # async start returns (operands..., results..., scratch)
-                if base == "reduce-scatter":
-                    b = in_b * frac
-                elif base == "all-reduce":
-                    b = 2 * out_b * frac
-                elif base == "collective-permute":
-                    b = out_b
-                else:  # all-gather: the gathered result; all-to-all: same size in and out
-                    b = out_b * frac
-                coll[base] += b * mult
+                coll[base] += _collective_bytes(ins, base, shapes, n_devices) * mult
             if control and ins.opcode not in _NO_TRAFFIC and base not in _COLLECTIVES:
                 t = shape_bytes(ins.type_text, hbm_only=True) + sum(
                     shape_bytes(shapes.get(o, ""), hbm_only=True) for o in ins.operands)
@@ -182,22 +164,53 @@ def analyse(text: str, n_devices: int) -> HloStats:
                 if body:
                     walk(body.group(1), mult * k, mult_once, stack + (name,))
                 continue
-            for callee in re.findall(r"(?:calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)", ins.attrs):
-                if callee != name and ins.opcode != "fusion":
-                    walk(callee, mult, mult_once, stack + (name,))
-            for group in re.findall(r"branch_computations=\{([^}]*)\}", ins.attrs):
-                for callee in re.findall(r"%?([\w.\-]+)", group):
-                    walk(callee, mult, mult_once, stack + (name,))
-            if ins.opcode == "fusion":
-                # Collectives can sit inside fusions (TPU async collective fusions): count them, no traffic.
-                for callee in re.findall(r"calls=%?([\w.\-]+)", ins.attrs):
-                    walk(callee, mult, mult_once, stack + (name,))
+            for callee in _callees(ins, name):
+                walk(callee, mult, mult_once, stack + (name,))
 
     walk(entry, 1.0, 1.0)
     stats.collective_bytes = dict(coll)
     stats.hbm_traffic_bytes, stats.hbm_traffic_bytes_loops_once = traffic
     stats.traffic_by_op = sorted(by_op.items(), key=lambda kv: -kv[1])[:8]
     return stats
+
+
+def _fusion_bodies(comps: dict[str, list[_Instr]]) -> set[str]:
+    """Computations called by a fusion: their instructions run on chip, so they move no HBM bytes."""
+    fused: set[str] = set()
+    for instrs in comps.values():
+        for ins in instrs:
+            if ins.opcode == "fusion":
+                fused.update(re.findall(r"calls=%?([\w.\-]+)", ins.attrs))
+    return fused
+
+
+def _collective_bytes(ins: _Instr, base: str, shapes: dict[str, str], n_devices: int) -> float:
+    """Bytes one device sends for one collective, ring algorithm (see the module docstring)."""
+    n = _group_size(ins.attrs, n_devices)
+    frac = (n - 1) / n if n > 1 else 0.0
+    out_b = shape_bytes(ins.type_text)
+    in_b = sum(shape_bytes(shapes.get(o, "")) for o in ins.operands)
+    if ins.opcode.endswith("-start"):
+        out_b = max(out_b - in_b, 0.0)  # async start returns (operands..., results..., scratch)
+    if base == "reduce-scatter":
+        return in_b * frac
+    if base == "all-reduce":
+        return 2 * out_b * frac
+    if base == "collective-permute":
+        return out_b
+    return out_b * frac  # all-gather: the gathered result; all-to-all: same size in and out
+
+
+def _callees(ins: _Instr, name: str) -> list[str]:
+    """Computations a non-loop instruction runs, in walk order. A fusion's body is included: collectives can
+    sit inside fusions (TPU async collective fusions) and are counted there, with no traffic."""
+    out = [c for c in re.findall(r"(?:calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)", ins.attrs)
+           if c != name and ins.opcode != "fusion"]
+    for group in re.findall(r"branch_computations=\{([^}]*)\}", ins.attrs):
+        out += re.findall(r"%?([\w.\-]+)", group)
+    if ins.opcode == "fusion":
+        out += re.findall(r"calls=%?([\w.\-]+)", ins.attrs)
+    return out
 
 
 def _op_name(attrs: str) -> str:

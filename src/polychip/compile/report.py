@@ -66,10 +66,24 @@ def tokens_per_step(step: str, batch: int, seq: int) -> int:
 
 
 def step_report(c: CompiledStep, cfg: Config, spec: TargetSpec, batch: int, seq: int, dtype: str) -> StepReport:
-    chip, n_dev, dpc = spec.chip, spec.n_devices, spec.devices_per_chip
     r = StepReport(c.name)
-    f = r.figures
-    mem = c.memory
+    _memory_figures(r, c, spec)
+    mf = model_flops(cfg, c.name, batch, seq)
+    _flops_figures(r, c, mf, spec.n_devices)
+    if c.oom:
+        r.figures["compile_time"] = fig(c.lower_s + c.compile_s, "s", "compiled", "until the compiler refused")
+        return r
+    _roofline_figures(r, c, spec, mf, tokens_per_step(c.name, batch, seq), dtype)
+    r.figures["compile_time"] = fig(c.lower_s + c.compile_s, "s", "compiled",
+                                    f"lower {c.lower_s:.1f} s + compile {c.compile_s:.1f} s")
+    _compile_notes(r, c)
+    return r
+
+
+def _memory_figures(r: StepReport, c: CompiledStep, spec: TargetSpec) -> None:
+    """HBM per device and per chip, and whether it fits the catalog's capacity (sets r.fits)."""
+    chip, dpc = spec.chip, spec.devices_per_chip
+    f, mem = r.figures, c.memory
     if c.oom:
         # The compiler refused (temporaries alone exceed HBM): arguments from the shardings, temporaries
         # from its message; outputs/code unknown, so "used" is a lower bound.
@@ -92,7 +106,11 @@ def step_report(c: CompiledStep, cfg: Config, spec: TargetSpec, batch: int, seq:
                                   + (f" / {dpc} devices" if dpc > 1 else ""))
         r.fits = used <= cap
         f["hbm_margin_per_device"] = fig(cap - used, "B", "compiled", "negative: does not fit")
-    mf = model_flops(cfg, c.name, batch, seq)
+
+
+def _flops_figures(r: StepReport, c: CompiledStep, mf: float, n_dev: int) -> None:
+    """Model FLOPs, the traced program's FLOPs, and XLA's own cost_analysis beside them."""
+    f = r.figures
     f["model_flops"] = fig(mf, "FLOP", "model", "polychip.model.flops, all devices")
     f["program_flops"] = fig(c.program_flops, "FLOP", "program", "matmuls of the traced step incl. remat and "
                              "masked attention work, all devices")
@@ -113,40 +131,44 @@ def step_report(c: CompiledStep, cfg: Config, spec: TargetSpec, batch: int, seq:
     if "bytes accessed" in c.cost:
         f["compiler_bytes_accessed_per_device"] = fig(c.cost["bytes accessed"], "B", "compiler-estimate",
                                                       "each loop body counted once")
-    h = c.hlo
-    if c.oom:
-        f["compile_time"] = fig(c.lower_s + c.compile_s, "s", "compiled", "until the compiler refused")
-        return r
+
+
+def _roofline_figures(r: StepReport, c: CompiledStep, spec: TargetSpec, mf: float, tokens: int, dtype: str) -> None:
+    """Traffic and collectives from the compiled HLO; with a catalog peak, the "estimate" step time and MFU."""
+    chip, n_dev, dpc = spec.chip, spec.n_devices, spec.devices_per_chip
+    f, h = r.figures, c.hlo
     f["hbm_traffic_per_device"] = fig(h["hbm_traffic_bytes"], "B", "compiled", "HLO walk, loop trips included")
     coll = sum(h["collective_bytes"].values())
     f["collective_bytes_per_device"] = fig(coll, "B", "compiled",
                                            ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in sorted(h["collective_bytes"].items())))
     peak = chip.peak(dtype)
-    if peak and not c.oom:
-        dev_peak = peak / dpc
-        t_c = c.program_flops / n_dev / dev_peak
-        t_m = h["hbm_traffic_bytes"] / (chip.hbm_bandwidth / dpc) if chip.hbm_bandwidth else 0.0
-        t_n = coll / (chip.link_bandwidth / dpc) if chip.link_bandwidth else 0.0
-        t = max(t_c, t_m, t_n)
-        bound = max({"compute": t_c, "HBM": t_m, "collectives": t_n}.items(), key=lambda kv: kv[1])[0]
-        f["t_compute"] = fig(t_c, "s", "estimate", f"program FLOPs / {chip.peak_basis(dtype)}")
-        f["t_hbm"] = fig(t_m, "s", "estimate", "HBM traffic / catalog bandwidth")
-        f["t_collectives"] = fig(t_n, "s", "estimate", "collective bytes / catalog link bandwidth"
-                                 if chip.link_bandwidth else "no link bandwidth in the catalog: not counted")
-        f["step_time"] = fig(t, "s", "estimate", f"{bound}-bound roofline over the compiled program (optimistic)")
-        tok = tokens_per_step(c.name, batch, seq)
-        f["tokens_per_s_per_chip"] = fig(tok / t / spec.n_chips, "tok/s", "estimate")
-        f["mfu"] = fig(mf / (t * spec.n_chips * peak), "", "estimate", "model FLOPs / (step time x chips x peak): upper bound")
-    f["compile_time"] = fig(c.lower_s + c.compile_s, "s", "compiled", f"lower {c.lower_s:.1f} s + compile {c.compile_s:.1f} s")
+    if not peak:
+        return
+    t_c = c.program_flops / n_dev / (peak / dpc)
+    t_m = h["hbm_traffic_bytes"] / (chip.hbm_bandwidth / dpc) if chip.hbm_bandwidth else 0.0
+    t_n = coll / (chip.link_bandwidth / dpc) if chip.link_bandwidth else 0.0
+    t = max(t_c, t_m, t_n)
+    bound = max({"compute": t_c, "HBM": t_m, "collectives": t_n}.items(), key=lambda kv: kv[1])[0]
+    f["t_compute"] = fig(t_c, "s", "estimate", f"program FLOPs / {chip.peak_basis(dtype)}")
+    f["t_hbm"] = fig(t_m, "s", "estimate", "HBM traffic / catalog bandwidth")
+    f["t_collectives"] = fig(t_n, "s", "estimate", "collective bytes / catalog link bandwidth"
+                             if chip.link_bandwidth else "no link bandwidth in the catalog: not counted")
+    f["step_time"] = fig(t, "s", "estimate", f"{bound}-bound roofline over the compiled program (optimistic)")
+    f["tokens_per_s_per_chip"] = fig(tokens / t / spec.n_chips, "tok/s", "estimate")
+    f["mfu"] = fig(F.mfu(mf, t, spec.n_chips, peak), "", "estimate",
+                   "model FLOPs / (step time x chips x peak): upper bound")
+
+
+def _compile_notes(r: StepReport, c: CompiledStep) -> None:
+    """What the reader must know to trust the figures: kernel swaps, dropped sharding rules, loop counting."""
     if c.kernel_fallback:
         r.notes.append(c.kernel_fallback)
     if c.dropped_rules:
         r.notes.append(f"{len(c.dropped_rules)} sharding rule(s) dropped (axis does not divide): "
                        + "; ".join(c.dropped_rules[:3]))
-    if h["loops"]:
-        trips = ", ".join(str(t) for _, t in h["loops"])
+    if c.hlo["loops"]:
+        trips = ", ".join(str(t) for _, t in c.hlo["loops"])
         r.notes.append(f"compiled loops with trip counts {trips}: XLA's cost_analysis counts each body once")
-    return r
 
 
 def modelled_reports(cfg: Config, spec: TargetSpec, mode: str, batch: int, seq: int, dtype: str,
@@ -172,7 +194,7 @@ def modelled_reports(cfg: Config, spec: TargetSpec, mode: str, batch: int, seq: 
         f["t_collectives"] = fig(tb.t_comm, "s", "modelled", f"dp={tb.dp} tp={tb.tp}")
         f["step_time"] = fig(tb.t_step, "s", "modelled", f"{tb.bound}-bound roofline (optimistic)")
         f["tokens_per_s_per_chip"] = fig(batch * seq / tb.t_step / n, "tok/s", "modelled")
-        f["mfu"] = fig(tb.model_flops / (tb.t_step * n * chip.peak(dtype)), "", "modelled", "upper bound")
+        f["mfu"] = fig(F.mfu(tb.model_flops, tb.t_step, n, chip.peak(dtype)), "", "modelled", "upper bound")
         if cfg.train.remat == "dots":
             r.notes.append("the roofline knows remat none|full; dots was modelled as none")
         out.append(r)
@@ -187,7 +209,7 @@ def modelled_reports(cfg: Config, spec: TargetSpec, mode: str, batch: int, seq: 
             f["model_flops"] = fig(mf, "FLOP", "model")
             f["step_time"] = fig(t, "s", "modelled", "roofline (optimistic); prefill = batch x one prompt")
             f["tokens_per_s_per_chip"] = fig(tokens_per_step(name, batch, seq) / t / n, "tok/s", "modelled")
-            f["mfu"] = fig(mf / (t * n * chip.peak(dtype)), "", "modelled", "upper bound")
+            f["mfu"] = fig(F.mfu(mf, t, n, chip.peak(dtype)), "", "modelled", "upper bound")
             out.append(r)
     for r in out:
         r.notes.append(f"modelled: no compiler for {chip.name} is reachable here; figures come from published specs")

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 
 from polychip.compile.errors import CompileError
 from polychip.hardware.catalog import Chip, HardwareError, active_catalog, get_chip
-
-MESH_AXES = ("data", "fsdp", "tensor")
+from polychip.parallel.sharding import MESH_AXES
 
 
 @dataclass(frozen=True)

@@ -48,3 +48,15 @@ def train_flops_per_step(cfg: ModelConfig, batch_size: int, seq_len: int) -> flo
 def decode_flops_per_token(cfg: ModelConfig, context: int) -> float:
     """Forward FLOPs to produce one token when `context` tokens are already cached."""
     return 2.0 * matmul_params(cfg) + 4.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * (context + 1)
+
+
+def mfu(model_flops: float, step_seconds: float, n_devices: int,
+        peak_flops_per_device: float | None) -> float | None:
+    """Model FLOPs utilisation: model_flops / (step_seconds x n_devices x peak_flops_per_device).
+
+    A "device" is whatever unit the peak is quoted for (a JAX device, or a chip for catalog peaks);
+    n_devices counts those units. None when the peak is unknown or zero, or the step took no time.
+    """
+    if not peak_flops_per_device or step_seconds <= 0:
+        return None
+    return model_flops / (step_seconds * n_devices * peak_flops_per_device)

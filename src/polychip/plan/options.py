@@ -24,22 +24,33 @@ OBJECTIVES = ("cost", "time", "energy")
 
 
 @dataclass
-class Option:
+class Footprint:
+    """What a placement holds and spends: chips of one pool from start_h to finish_h, dollars, energy, power.
+
+    On an Option the figures are per unit the optimiser picks (one training run, or one serving
+    replica); on a solve.Placement they are the totals over its replicas.
+    """
+
     workload: str
     kind: str  # train | serve
     pool: str
     chip: str
-    #: train: chips of the placement; serve: chips per replica.
     chips: int
     start_h: float
     finish_h: float
-    #: USD the objective sees: chip-hours x price on on-demand pools, 0 on reserved ones (per replica for serve).
+    #: USD the objective sees: chip-hours x price on on-demand pools, 0 on reserved ones.
     cost: float | None
-    #: USD at the pool's list price whatever the pricing (per replica for serve).
+    #: USD at the pool's list price whatever the pricing.
     list_cost: float | None
     energy_kwh: float
     power_w: float
     lateness_h: float = 0.0
+
+
+@dataclass
+class Option(Footprint):
+    """One candidate: train, a run on `chips` chips; serve, one replica of `chips` chips."""
+
     rps: float = 0.0  # serve: requests/s per replica
     max_units: int = 1  # serve: most replicas the pool can hold
     est: TrainEstimate | ServeConfig | None = None
@@ -77,6 +88,84 @@ def _pareto(rows: list[tuple], objective: str, avail_h: float, deadline_h: float
     return [r for _, r in keep]
 
 
+class _TrainRows:
+    """(n, estimate, hours, chip-hours) for every candidate count of a run on a chip kind, by n.
+
+    The performance model is asked once per (model identity, shape of the run, chip, n) and shared
+    across workloads: large fleets repeat the same few runs on the same few chips."""
+
+    def __init__(self, fleet: Fleet, perf: PerfModel):
+        self.fleet, self.perf = fleet, perf
+        self.hi_max = max(p.count for p in fleet.pools)
+        self.cache: dict = {}
+
+    def __call__(self, w: TrainWorkload, chip) -> list[tuple]:
+        key = (id(w.model), w.seq_len, w.batch, w.remat, w.max_tensor, w.min_chips, w.max_chips, chip.name)
+        if key not in self.cache:
+            hi_max = self.hi_max
+            top = min(hi_max, w.max_chips or hi_max, w.batch * w.max_tensor)
+            counts = sorted({c for c in pow2_upto(top) if c >= w.min_chips} | {w.min_chips}
+                            | {min(p.count, top) for p in self.fleet.pools if p.chip is chip and p.count >= w.min_chips})
+            rows = []
+            for n in counts:
+                est = self.perf.train(w, chip, n)
+                if est is not None:
+                    rows.append((n, est, 1.0 / est.tokens_per_s / 3600.0))
+            self.cache[key] = rows
+        return [(n, est, w.tokens * h, n * w.tokens * h) for n, est, h in self.cache[key]]
+
+
+def _costs(pool: Pool, chip_hours: float) -> tuple[float | None, float | None]:
+    """(cost the objective sees, list cost) of chip_hours on a pool: reserved pools are already paid for."""
+    lc = None if pool.price_per_hour is None else chip_hours * pool.price_per_hour
+    return (None if lc is None else (0.0 if pool.pricing == "reserved" else lc)), lc
+
+
+def _train_options(w: TrainWorkload, p: Pool, rows: _TrainRows, objective: str, keep_late: bool, oh: float,
+                   reasons: list[str]) -> list[Option]:
+    """The Pareto-useful chip counts of run w on pool p; why it cannot run there goes to `reasons`."""
+    hi = min(p.count, w.max_chips or p.count, w.batch * w.max_tensor)
+    if hi < w.min_chips:
+        reasons.append(f"{p.name}: {p.count} chips, below min_chips {w.min_chips}")
+        return []
+    # This pool's counts: powers of two up to its size, plus the run's minimum and the whole pool.
+    mine = [t for t in rows(w, p.chip) if t[0] <= hi and (t[0] & (t[0] - 1) == 0 or t[0] == w.min_chips or t[0] == hi)]
+    if not mine:
+        reasons.append(f"{p.name}: model state does not fit on {hi} or fewer {p.chip.name} chips")
+        return []
+    dl = w.deadline_h
+    on_time = mine if dl is None else [t for t in mine if p.available_h + t[2] <= dl]
+    if not on_time:
+        best = min(mine, key=lambda t: t[2])
+        reasons.append(f"{p.name}: finishes at {p.available_h + best[2]:.0f} h at best ({best[0]} chips), "
+                       f"deadline {dl:.0f} h")
+    out = []
+    for n, est, dur, ch in _pareto(mine if keep_late else on_time, objective, p.available_h, dl):
+        finish = p.available_h + dur
+        late = max(0.0, finish - dl) if dl is not None else 0.0
+        out.append(Option(w.name, "train", p.name, p.chip.name, n, p.available_h, finish, *_costs(p, ch),
+                          ch * p.power_w * oh / 1e3, n * p.power_w * oh, late, est=est))
+    return out
+
+
+def _serve_option(w, p: Pool, fleet: Fleet, perf: PerfModel, oh: float, reasons: list[str]) -> Option | None:
+    """The best replica shape of service w on pool p, or None (with the reason in `reasons`)."""
+    if p.available_h > 0:
+        reasons.append(f"{p.name}: available only from {p.available_h:.0f} h (services need the whole horizon)")
+        return None
+    cfg = perf.serve(w, p.chip)
+    if cfg is None:
+        reasons.append(f"{p.name}: " + perf.serve_unreachable(w, p.chip))
+        return None
+    if cfg.k > p.count:
+        reasons.append(f"{p.name}: a replica needs {cfg.k} chips, the pool has {p.count}")
+        return None
+    units = min(p.count // cfg.k, int(-(-w.rate // cfg.rps)))
+    return Option(w.name, "serve", p.name, p.chip.name, cfg.k, 0.0, fleet.horizon_h,
+                  *_costs(p, cfg.k * fleet.horizon_h), cfg.k * p.power_w * oh * fleet.horizon_h / 1e3,
+                  cfg.k * p.power_w * oh, rps=cfg.rps, max_units=max(1, units), est=cfg)
+
+
 def build(fleet: Fleet, perf: PerfModel, objective: str, keep_late: bool = False) -> Candidates:
     """All options. keep_late=True keeps options that miss a deadline (with lateness) for diagnosis."""
     if objective not in OBJECTIVES:
@@ -87,24 +176,7 @@ def build(fleet: Fleet, perf: PerfModel, objective: str, keep_late: bool = False
     if unpriced and objective == "cost":
         c.notes.append(f"pools without a price are left out of a cost plan: {', '.join(unpriced)} "
                        "(give price: in the fleet file to use them)")
-    est_cache: dict = {}  # (model identity, shape of the run, chip, n) -> estimate; shared across workloads
-    hi_max = max(p.count for p in fleet.pools)
-
-    def template(w, chip) -> list[tuple]:
-        """(n, estimate, hours, chip-hours) for every candidate count of w on this chip kind, by n."""
-        key = (id(w.model), w.seq_len, w.batch, w.remat, w.max_tensor, w.min_chips, w.max_chips, chip.name)
-        if key not in est_cache:
-            top = min(hi_max, w.max_chips or hi_max, w.batch * w.max_tensor)
-            counts = sorted({c for c in pow2_upto(top) if c >= w.min_chips} | {w.min_chips}
-                            | {min(p.count, top) for p in fleet.pools if p.chip is chip and p.count >= w.min_chips})
-            rows = []
-            for n in counts:
-                est = perf.train(w, chip, n)
-                if est is not None:
-                    rows.append((n, est, 1.0 / est.tokens_per_s / 3600.0))
-            est_cache[key] = rows
-        return [(n, est, w.tokens * h, n * w.tokens * h) for n, est, h in est_cache[key]]
-
+    rows = _TrainRows(fleet, perf)
     for w in fleet.workloads:
         reasons: list[str] = []
         opts_all: list[Option] = []
@@ -114,53 +186,12 @@ def build(fleet: Fleet, perf: PerfModel, objective: str, keep_late: bool = False
         for p in pools:
             if p.price_per_hour is None and objective == "cost":
                 reasons.append(f"{p.name}: no price")
-                continue
-            price = p.price_per_hour
-            if isinstance(w, TrainWorkload):
-                hi = min(p.count, w.max_chips or p.count, w.batch * w.max_tensor)
-                if hi < w.min_chips:
-                    reasons.append(f"{p.name}: {p.count} chips, below min_chips {w.min_chips}")
-                    continue
-                tmpl = template(w, p.chip)
-                # This pool's counts: powers of two up to its size, plus the run's minimum and the whole pool.
-                mine = [t for t in tmpl if t[0] <= hi and (t[0] & (t[0] - 1) == 0 or t[0] == w.min_chips or t[0] == hi)]
-                if not mine:
-                    reasons.append(f"{p.name}: model state does not fit on {hi} or fewer {p.chip.name} chips")
-                    continue
-                dl = w.deadline_h
-                on_time = mine if dl is None else [t for t in mine if p.available_h + t[2] <= dl]
-                if not on_time:
-                    best = min(mine, key=lambda t: t[2])
-                    reasons.append(f"{p.name}: finishes at {p.available_h + best[2]:.0f} h at best ({best[0]} chips), "
-                                   f"deadline {dl:.0f} h")
-                for n, est, dur, ch in _pareto(mine if keep_late else on_time, objective, p.available_h, dl):
-                    finish = p.available_h + dur
-                    late = max(0.0, finish - dl) if dl is not None else 0.0
-                    lc = None if price is None else ch * price
-                    opts_all.append(Option(w.name, "train", p.name, p.chip.name, n, p.available_h, finish,
-                                           None if lc is None else (0.0 if p.pricing == "reserved" else lc), lc,
-                                           ch * p.power_w * oh / 1e3, n * p.power_w * oh, late, est=est))
+            elif isinstance(w, TrainWorkload):
+                opts_all += _train_options(w, p, rows, objective, keep_late, oh, reasons)
             else:
-                if p.available_h > 0:
-                    reasons.append(f"{p.name}: available only from {p.available_h:.0f} h (services need the whole horizon)")
-                    continue
-                cfg = perf.serve(w, p.chip)
-                if cfg is None:
-                    reasons.append(f"{p.name}: " + perf.serve_unreachable(w, p.chip))
-                    continue
-                if cfg.k > p.count:
-                    reasons.append(f"{p.name}: a replica needs {cfg.k} chips, the pool has {p.count}")
-                    continue
-                lc = None if price is None else cfg.k * fleet.horizon_h * price
-                units = min(p.count // cfg.k, int(-(-w.rate // cfg.rps)))
-                opts_all.append(Option(w.name, "serve", p.name, p.chip.name, cfg.k, 0.0, fleet.horizon_h,
-                                       None if lc is None else (0.0 if p.pricing == "reserved" else lc), lc,
-                                       cfg.k * p.power_w * oh * fleet.horizon_h / 1e3, cfg.k * p.power_w * oh,
-                                       rps=cfg.rps, max_units=max(1, units), est=cfg))
-        if isinstance(w, TrainWorkload):
-            c.train[w.name] = opts_all
-        else:
-            c.serve[w.name] = opts_all
+                o = _serve_option(w, p, fleet, perf, oh, reasons)
+                opts_all += [o] if o is not None else []
+        (c.train if isinstance(w, TrainWorkload) else c.serve)[w.name] = opts_all
         if not opts_all:
             c.blocked[w.name] = reasons or ["no option"]
         elif reasons:

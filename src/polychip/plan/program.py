@@ -43,116 +43,162 @@ class Program:
     finish: np.ndarray | None = None
 
 
+@dataclass
+class _Rows:
+    """Where each family of rows sits (the module docstring lists them, in this order)."""
+
+    train: list  # training workload names, in option order: assign rows 0..nW-1
+    serve: list  # service names: demand rows nW..nW+nS-1
+    of: dict  # workload -> its assign / demand row
+    pool: dict  # pool name -> its row
+    power: int | None  # the power row, when the site has a cap
+    time0: int | None  # first time row (time objective only), one per training run
+    cover0: int  # first cover row, one per service
+    n: int  # rows in all
+
+
+def _rows(fleet, opts: list, objective: str) -> _Rows:
+    train = list(dict.fromkeys(o.workload for o in opts if o.kind == "train"))
+    serve = list(dict.fromkeys(o.workload for o in opts if o.kind == "serve"))
+    nW, nS = len(train), len(serve)
+    of = {w: i for i, w in enumerate(train)}
+    of.update({w: nW + i for i, w in enumerate(serve)})
+    pool = {p.name: nW + nS + i for i, p in enumerate(fleet.pools)}
+    r = nW + nS + len(fleet.pools)
+    power = None
+    if fleet.power_cap_w:
+        power, r = r, r + 1
+    time0 = None
+    if objective == "time":
+        time0, r = r, r + nW
+    # Valid cut: a service needs at least ceil(rate / best replica rate) replicas in total. Without
+    # it the LP relaxation buys fractions of a replica and its bound is loose.
+    cover0, r = r, r + nS
+    return _Rows(train, serve, of, pool, power, time0, cover0, r)
+
+
+class _Matrix:
+    """The constraint matrix as (row, value, column) chunks; option columns first, then named extra columns
+    (the time objective's T and, in the relaxed program, the slacks) with their cost, bound and integrality."""
+
+    def __init__(self, n_opt: int):
+        self.rows, self.vals, self.cols = [], [], []
+        self.ncol = n_opt
+        self.extra: dict = {}  # name -> column index
+        self.extra_c: list[float] = []
+        self.extra_ub: list[float] = []
+        self.extra_int: list[int] = []
+
+    def add(self, rows: np.ndarray, vals: np.ndarray, cols: np.ndarray) -> None:
+        self.rows.append(rows)
+        self.vals.append(vals)
+        self.cols.append(cols)
+
+    def add_col(self, name: str, entries: list, cost: float, ub: float, integer: int = 0) -> None:
+        self.extra[name] = self.ncol
+        for rr, vv in entries:
+            self.add(np.array([rr]), np.array([vv]), np.array([self.ncol]))
+        self.extra_c.append(cost)
+        self.extra_ub.append(ub)
+        self.extra_int.append(integer)
+        self.ncol += 1
+
+    def csc(self, n_rows: int) -> csc_matrix:
+        return csc_matrix((np.concatenate(self.vals), (np.concatenate(self.rows), np.concatenate(self.cols))),
+                          shape=(n_rows, self.ncol))
+
+
+def _option_entries(m: _Matrix, fleet, opts: list, rw: _Rows, rate: dict) -> np.ndarray:
+    """Each option's coefficients in the assign/demand, pool, power, cover and time rows; returns its group row."""
+    n = len(opts)
+    kind_train = np.array([o.kind == "train" for o in opts], dtype=bool)
+    grp = np.array([rw.of[o.workload] for o in opts], dtype=np.int64)
+    count = {p.name: p.count for p in fleet.pools}
+    chips = np.array([o.chips / count[o.pool] for o in opts])
+    prow = np.array([rw.pool[o.pool] for o in opts], dtype=np.int64)
+    demand = np.array([1.0 if o.kind == "train" else o.rps / rate[o.workload] for o in opts])
+    m.add(grp, demand, np.arange(n))
+    m.add(prow, chips, np.arange(n))
+    if rw.power is not None:
+        m.add(np.full(n, rw.power), np.array([o.power_w for o in opts]) / fleet.power_cap_w, np.arange(n))
+    iserv = np.nonzero(~kind_train)[0]
+    if iserv.size:
+        m.add(rw.cover0 + grp[iserv] - len(rw.train), np.ones(iserv.size), iserv)
+    if rw.time0 is not None:
+        it = np.nonzero(kind_train)[0]
+        m.add(rw.time0 + grp[it], np.array([opts[i].finish_h for i in it]), it)
+    return grp
+
+
+def _objective(opts: list, primary: np.ndarray, tie: np.ndarray, lateness_frac: np.ndarray, objective: str,
+               n_groups: int, relaxed: bool) -> tuple[np.ndarray, float]:
+    """Option costs normalised so each is O(1), and the cost of the T column (time objective)."""
+    if objective == "time":
+        scale = max([o.finish_h for o in opts if o.kind == "train"] + [1.0])
+    else:
+        scale = max(float(np.abs(primary).max(initial=0.0)), 1e-9)
+    # The tie-break adds at most TIE of the normalised objective in total.
+    tie_w = TIE * scale * max(n_groups, 1) / max(float(np.abs(tie).sum()), 1e-12)
+    c_opt = (primary + tie_w * tie) / scale
+    if not relaxed:
+        return c_opt, 1.0 / scale
+    # Normalised slacks dominate; the objective (scaled to ~1e-6) only breaks ties among relaxations.
+    return c_opt * 1e-6 / max(n_groups, 1) + lateness_frac, 1e-6 / scale / max(n_groups, 1)
+
+
+def _slack_columns(m: _Matrix, fleet, rw: _Rows, need: dict) -> list[int]:
+    """The relaxed program's slacks: an unplaced run, unserved requests, extra pool chips, extra power."""
+    for w in rw.train:
+        m.add_col(f"u:{w}", [(rw.of[w], 1.0)], 10.0, 1.0, 1)
+    for w in rw.serve:
+        m.add_col(f"v:{w}", [(rw.of[w], 1.0), (rw.cover0 + rw.of[w] - len(rw.train), need[w])], 10.0, 1.0)
+    for p in fleet.pools:
+        m.add_col(f"sp:{p.name}", [(rw.pool[p.name], -1.0)], 1.0, np.inf)
+    if rw.power is not None:
+        m.add_col("sP", [(rw.power, -1.0)], 1.0, np.inf)
+    return [v for k, v in m.extra.items() if k != "T"]
+
+
+def _row_bounds(rw: _Rows, need: dict) -> tuple[np.ndarray, np.ndarray]:
+    nW, nS = len(rw.train), len(rw.serve)
+    row_lb = np.full(rw.n, -np.inf)
+    row_ub = np.ones(rw.n)
+    row_lb[:nW] = 1.0
+    row_lb[nW:nW + nS] = 1.0
+    row_ub[nW:nW + nS] = np.inf
+    if rw.time0 is not None:
+        row_ub[rw.time0:rw.time0 + nW] = 0.0
+    for i, w in enumerate(rw.serve):
+        row_lb[rw.cover0 + i] = need[w]
+        row_ub[rw.cover0 + i] = np.inf
+    return row_lb, row_ub
+
+
 def build(fleet, opts: list, primary: np.ndarray, tie: np.ndarray, lateness_frac: np.ndarray,
           objective: str, relaxed: bool) -> Program:
     """opts: training options then serving options (Option objects), coefficient arrays aligned with them."""
-    train_names = list(dict.fromkeys(o.workload for o in opts if o.kind == "train"))
-    serve_names = list(dict.fromkeys(o.workload for o in opts if o.kind == "serve"))
+    rw = _rows(fleet, opts, objective)
     rate = {w.name: getattr(w, "rate", None) for w in fleet.workloads}
-    nW, nS = len(train_names), len(serve_names)
-    row_of = {w: i for i, w in enumerate(train_names)}
-    row_of.update({w: nW + i for i, w in enumerate(serve_names)})
-    pool_row = {p.name: nW + nS + i for i, p in enumerate(fleet.pools)}
-    r = nW + nS + len(fleet.pools)
-    power_row = None
-    if fleet.power_cap_w:
-        power_row, r = r, r + 1
-    time_row0 = None
-    if objective == "time":
-        time_row0, r = r, r + nW
-    # Valid cut: a service needs at least ceil(rate / best replica rate) replicas in total. Without
-    # it the LP relaxation buys fractions of a replica and its bound is loose.
-    cover_row0, r = r, r + nS
-
-    n = len(opts)
-    kind_train = np.array([o.kind == "train" for o in opts], dtype=bool)
-    grp = np.array([row_of[o.workload] for o in opts], dtype=np.int64)
-    count = {p.name: p.count for p in fleet.pools}
-    chips = np.array([o.chips / count[o.pool] for o in opts])
-    prow = np.array([pool_row[o.pool] for o in opts], dtype=np.int64)
-    demand = np.array([1.0 if o.kind == "train" else o.rps / rate[o.workload] for o in opts])
-    rows = [grp, prow]
-    vals = [demand, chips]
-    cols = [np.arange(n), np.arange(n)]
-    if power_row is not None:
-        rows.append(np.full(n, power_row))
-        vals.append(np.array([o.power_w for o in opts]) / fleet.power_cap_w)
-        cols.append(np.arange(n))
-    iserv = np.nonzero(~kind_train)[0]
-    if iserv.size:
-        rows.append(cover_row0 + grp[iserv] - nW)
-        vals.append(np.ones(iserv.size))
-        cols.append(iserv)
     best_rps: dict = {}
     for o in opts:
         if o.kind == "serve":
             best_rps[o.workload] = max(best_rps.get(o.workload, 0.0), o.rps)
-    if time_row0 is not None:
-        it = np.nonzero(kind_train)[0]
-        rows.append(time_row0 + grp[it])
-        vals.append(np.array([opts[i].finish_h for i in it]))
-        cols.append(it)
-
-    ncol = n
-    slack: dict = {}
-    extra_c: list[float] = []
-    extra_ub: list[float] = []
-    extra_int: list[int] = []
-
-    def add_col(name, entries, cost, ub, integer=0):
-        nonlocal ncol
-        slack[name] = ncol
-        for rr, vv in entries:
-            rows.append(np.array([rr]))
-            vals.append(np.array([vv]))
-            cols.append(np.array([ncol]))
-        extra_c.append(cost)
-        extra_ub.append(ub)
-        extra_int.append(integer)
-        ncol += 1
-
+    # Fewest whole replicas that cover a service's rate (the cover rows' bound).
+    need = {w: np.ceil(rate[w] / best_rps[w] - 1e-9) for w in rw.serve}
+    n = len(opts)
+    m = _Matrix(n)
+    grp = _option_entries(m, fleet, opts, rw, rate)
+    c_opt, t_cost = _objective(opts, primary, tie, lateness_frac, objective, len(rw.train) + len(rw.serve), relaxed)
     if objective == "time":
-        scale = max([o.finish_h for o in opts if o.kind == "train"] + [1.0])
-        add_col("T", [(time_row0 + i, -1.0) for i in range(nW)], 1.0, np.inf)
-    else:
-        scale = max(float(np.abs(primary).max(initial=0.0)), 1e-9)
-    # Normalise so every option's coefficient is O(1); the tie-break adds at most TIE of that in total.
-    tie_w = TIE * scale * max(nW + nS, 1) / max(float(np.abs(tie).sum()), 1e-12)
-    c_opt = (primary + tie_w * tie) / scale
-    if "T" in slack:
-        extra_c[0] = 1.0 / scale
-    slack_cols = []
-    if relaxed:
-        # Normalised slacks dominate; the objective (scaled to ~1e-6) only breaks ties among relaxations.
-        c_opt = c_opt * 1e-6 / max(nW + nS, 1) + lateness_frac
-        if "T" in slack:
-            extra_c[0] = 1e-6 / scale / max(nW + nS, 1)
-        for w in train_names:
-            add_col(f"u:{w}", [(row_of[w], 1.0)], 10.0, 1.0, 1)
-        for w in serve_names:
-            need = np.ceil(rate[w] / best_rps[w] - 1e-9)
-            add_col(f"v:{w}", [(row_of[w], 1.0), (cover_row0 + row_of[w] - nW, need)], 10.0, 1.0)
-        for p in fleet.pools:
-            add_col(f"sp:{p.name}", [(pool_row[p.name], -1.0)], 1.0, np.inf)
-        if power_row is not None:
-            add_col("sP", [(power_row, -1.0)], 1.0, np.inf)
-        slack_cols = [v for k, v in slack.items() if k != "T"]
-    c = np.concatenate([c_opt, np.array(extra_c)])
-    A = csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(r, ncol))
-    row_lb = np.full(r, -np.inf)
-    row_ub = np.ones(r)
-    row_lb[:nW] = 1.0
-    row_lb[nW:nW + nS] = 1.0
-    row_ub[nW:nW + nS] = np.inf
-    if time_row0 is not None:
-        row_ub[time_row0:time_row0 + nW] = 0.0
-    for i, w in enumerate(serve_names):
-        row_lb[cover_row0 + i] = np.ceil(rate[w] / best_rps[w] - 1e-9)
-        row_ub[cover_row0 + i] = np.inf
-    col_ub = np.concatenate([np.array([1.0 if o.kind == "train" else o.max_units for o in opts]), np.array(extra_ub)])
-    integ = np.concatenate([np.ones(n), np.array(extra_int, dtype=float)])
+        m.add_col("T", [(rw.time0 + i, -1.0) for i in range(len(rw.train))], t_cost, np.inf)
+    slack_cols = _slack_columns(m, fleet, rw, need) if relaxed else []
+    c = np.concatenate([c_opt, np.array(m.extra_c)])
+    row_lb, row_ub = _row_bounds(rw, need)
+    col_ub = np.concatenate([np.array([1.0 if o.kind == "train" else o.max_units for o in opts]), np.array(m.extra_ub)])
+    integ = np.concatenate([np.ones(n), np.array(m.extra_int, dtype=float)])
     finish = np.array([o.finish_h for o in opts]) if objective == "time" else None
-    return Program(c, A, row_lb, row_ub, col_ub, integ, n, grp, slack, np.array(slack_cols, dtype=int), finish)
+    return Program(c, m.csc(rw.n), row_lb, row_ub, col_ub, integ, n, grp, m.extra, np.array(slack_cols, dtype=int),
+                   finish)
 
 
 def _milp(p: Program, cols: np.ndarray, time_limit: float, gap: float):
@@ -228,12 +274,7 @@ def colgen(p: Program, init: np.ndarray, max_iter: int = 200, per_group: int = 1
         if cand.size == 0 or obj - bound <= tol * max(1.0, abs(obj)):
             return cols, bound, x, rc
         # The most improving few columns of each workload.
-        order = cand[np.lexsort((rc[cand], p.group[cand]))]
-        g = p.group[order]
-        first = np.ones(len(order), dtype=bool)
-        first[1:] = g[1:] != g[:-1]
-        rank = np.arange(len(order)) - np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))
-        active[order[rank < per_group]] = True
+        active[cand[_best_per_group(rc[cand], p.group[cand], per_group)]] = True
     return cols, bound, x, rc
 
 

@@ -27,22 +27,12 @@ from polychip.plan.fleet import Fleet
 from polychip.plan.perf import PerfModel, ServeConfig
 
 @dataclass
-class Placement:
-    workload: str
-    kind: str
-    pool: str
-    chip: str
-    chips: int  # total chips held
-    replicas: int
-    start_h: float
-    finish_h: float
-    cost: float | None
-    list_cost: float | None
-    energy_kwh: float
-    power_w: float
-    lateness_h: float
-    source: str
-    detail: str
+class Placement(O.Footprint):
+    """A chosen option taken `replicas` times (1 for a training run); chips, cost, energy and power are totals."""
+
+    replicas: int = 1
+    source: str = ""  # where the performance figures came from (perf model source)
+    detail: str = ""
     figures: dict = field(default_factory=dict)
     flags: list = field(default_factory=list)
 
@@ -113,9 +103,10 @@ def _placements(fleet: Fleet, opts, x) -> list[Placement]:
         def scale(v):
             return None if v is None else v * mul
 
-        out.append(Placement(o.workload, o.kind, o.pool, o.chip, o.chips * units, units if o.kind == "serve" else 1,
-                             o.start_h, o.finish_h, scale(o.cost), scale(o.list_cost), o.energy_kwh * units,
-                             o.power_w * units, o.lateness_h, e.source, e.detail, figures, flags))
+        out.append(Placement(o.workload, o.kind, o.pool, o.chip, o.chips * units, o.start_h, o.finish_h,
+                             scale(o.cost), scale(o.list_cost), o.energy_kwh * units, o.power_w * units, o.lateness_h,
+                             replicas=units if o.kind == "serve" else 1, source=e.source, detail=e.detail,
+                             figures=figures, flags=flags))
     return out
 
 
