@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass, field
 
 from polychip.hardware import Chip
+from polychip.model import flops as F
 from polychip.plan import roofline as R
 from polychip.plan.records import Record
 
@@ -236,8 +237,7 @@ class PerfModel:
             if n > chip.chips_per_host and chip.family != "tpu":
                 detail += "; cross-host network not in catalog (chip link bandwidth used)"
         tokens = w.batch * w.seq_len
-        mfu = bound.model_flops / (t * n * chip.peak("bfloat16"))
-        return TrainEstimate(chip.name, n, t, tokens / t, mfu, source, detail, remat, bound.dp, bound.tp,
+        return TrainEstimate(chip.name, n, t, tokens / t, F.mfu(bound.model_flops, t, n, chip.peak("bfloat16")), source, detail, remat, bound.dp, bound.tp,
                              bound.grad_accum, bound.bound, bound.hbm_bytes_needed)
 
     # -- serving ----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from polychip.config import Config
-from polychip.model.flops import train_flops_per_step
+from polychip.model.flops import mfu, train_flops_per_step
 from polychip.train.metrics import peak_flops_per_device
 from polychip.train.step import StepSpec
 
@@ -49,6 +49,6 @@ def bench_train(cfg: Config, warmup: int = 2, steps: int = 5, log=print) -> dict
         "step_times_s": times, "tokens_per_s": t.batch_size * t.seq_len / med,
         "model_tflops_per_s_per_device": flops / med / n / 1e12,
         "peak_tflops_per_device": None if peak is None else peak / 1e12, "peak_source": source,
-        "mfu": None if not peak else flops / med / n / peak, "loss": float(m["loss"]),
+        "mfu": mfu(flops, med, n, peak), "loss": float(m["loss"]),
     }
     return res

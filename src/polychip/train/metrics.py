@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from polychip.model.flops import mfu
+
 
 def peak_flops_per_device(compute_dtype: str) -> tuple[float | None, str]:
     """(peak FLOP/s of one device of the kind in use, where the figure comes from)."""
@@ -52,9 +54,7 @@ class MetricsLogger:
             self._progress.start()
 
     def mfu(self, step_time: float) -> float | None:
-        if not self.peak or step_time <= 0:
-            return None
-        return self.flops_per_step / (step_time * self.n_devices * self.peak)
+        return mfu(self.flops_per_step, step_time, self.n_devices, self.peak)
 
     def record(self, step: int, metrics: dict[str, Any], step_time: float, tokens: int, print_line: bool,
                compiled: bool = False) -> dict:
