@@ -6,11 +6,8 @@ User mistakes raise CompileError / ConfigError, which polychip.cli prints on one
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
-from pathlib import Path
 
+from polychip.files import atomic_write_json
 from polychip.config import MODEL_PRESETS
 
 
@@ -40,12 +37,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _write_json(path: str, obj) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=1, default=str)
-    os.replace(tmp, p)
+    atomic_write_json(path, obj, default=str, sort_keys=False)
 
 
 def handler(args) -> int:

@@ -84,7 +84,7 @@ def _run(args) -> int:
         if args.json == "-":
             print(json.dumps(body, indent=1))
         else:
-            report._atomic_write(__import__("pathlib").Path(args.json), json.dumps(body, indent=1))
+            atomic_write(args.json, json.dumps(body, indent=1))
     if args.launch:
         write_tasks(fleet, plan, args.launch)
     if args.report:

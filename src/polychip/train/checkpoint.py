@@ -10,12 +10,13 @@ in favour of the previous good one.
 from __future__ import annotations
 
 import json
-import os
 import zlib
 from pathlib import Path
 from typing import Any
 
 import jax
+
+from polychip.files import atomic_write_json
 
 MANIFEST = "polychip.manifest.json"
 
@@ -41,10 +42,7 @@ def _files(step_dir: Path) -> dict[str, dict]:
 
 
 def write_manifest(step_dir: Path) -> None:
-    data = {"files": _files(step_dir)}
-    tmp = step_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, step_dir / MANIFEST)
+    atomic_write_json(step_dir / MANIFEST, {"files": _files(step_dir)}, indent=None)
 
 
 def verify(step_dir: Path) -> str | None:
