@@ -1,7 +1,9 @@
-"""`polychip plan`: the lead wires `add_parser` and `run` into polychip.cli."""
+"""`polychip plan`: polychip.cli calls `add_parser`; `run` is the handler (its own error boundary, so
+callers that parse arguments themselves get one-line errors too)."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from polychip.plan.errors import PlanError
@@ -25,20 +27,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--power-cap", metavar="POWER", help="what-if: site power cap, e.g. 500MW")
     p.add_argument("--time-limit", type=float, default=60.0, help="solver time limit in seconds")
     p.add_argument("--gap", type=float, default=1e-4, help="relative MIP gap at which the solver may stop")
-    p.set_defaults(func=run)
+    p.set_defaults(fn=run)
     return p
 
 
 def run(args) -> int:
     """Plan; print the table; write outputs. Returns 0 when a feasible plan was found, 1 when not, 2 on bad input."""
-    from polychip.config import ConfigError
-    from polychip.hardware import HardwareError
+    from polychip.cli import guarded
 
-    try:
-        return _run(args)
-    except (PlanError, HardwareError, ConfigError) as e:
-        print(f"polychip plan: error: {e}", file=sys.stderr)
-        return 2
+    return guarded(_run, args, prog="polychip plan")
+
+
+def _check_args(args) -> None:
+    if not (math.isfinite(args.time_limit) and args.time_limit > 0):
+        raise PlanError(f"--time-limit must be a positive number of seconds, got {args.time_limit}")
+    if not (math.isfinite(args.gap) and 0 <= args.gap < 1):
+        raise PlanError(f"--gap must be a relative gap in [0, 1), got {args.gap}")
 
 
 def _run(args) -> int:
@@ -46,6 +50,7 @@ def _run(args) -> int:
 
     from rich.console import Console
 
+    from polychip.files import atomic_write
     from polychip.hardware import load_catalog
     from polychip.plan import report, whatif
     from polychip.plan.fleet import load_fleet
@@ -55,6 +60,7 @@ def _run(args) -> int:
     from polychip.plan.records import load_records
     from polychip.plan.solve import plan_fleet
 
+    _check_args(args)
     catalog = load_catalog(args.catalog)
     fleet = load_fleet(args.fleet, catalog)
     records = published_records() + (load_records(args.records) if args.records else [])
@@ -91,16 +97,3 @@ def _run(args) -> int:
         path = report.write_report(plan, fleet, args.report, extra)
         console.print(f"report: {path}", highlight=False)
     return 0 if plan.status != "infeasible" else 1
-
-
-def main(argv=None) -> int:
-    """Stand-alone entry (`python -m polychip.plan.cli fleet.yaml`) until the lead wires `polychip plan`."""
-    parser = argparse.ArgumentParser(prog="polychip")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    add_parser(sub)
-    args = parser.parse_args(["plan", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
