@@ -11,6 +11,7 @@ import json
 import sys
 
 from polychip.config import ConfigError, MODEL_PRESETS, build_config, describe
+from polychip.files import check_output_dir
 
 EXIT_USER_ERROR = 2
 
@@ -120,6 +121,9 @@ def cmd_train(args) -> int:
     if args.help_config:
         return _print_config_help()
     cfg = _config_from_args(args)
+    why = check_output_dir(cfg.out_dir, "run folder (--out / out_dir)")
+    if why:
+        raise ConfigError(why)
     from polychip.parallel.distributed import configure_cpu_devices
 
     configure_cpu_devices(cfg.distributed.cpu_devices)
@@ -161,6 +165,8 @@ def cmd_bench(args) -> int:
         raise ConfigError(f"unknown benchmark {args.what!r}; available: train")
     if args.help_config:
         return _print_config_help()
+    if args.warmup < 0 or args.steps < 1:
+        raise ConfigError(f"bench needs --warmup >= 0 and --steps >= 1, got {args.warmup} and {args.steps}")
     cfg = _config_from_args(args)
     from polychip.parallel.distributed import configure_cpu_devices
 

@@ -109,3 +109,30 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def check_output_file(path: str | os.PathLike, flag: str) -> str | None:
+    """Why `path` cannot take an output file (a folder, or a parent that is a file), or None.
+    Run before long work so a typo'd --json fails in a second, not after an hour of compiling."""
+    p = Path(path)
+    if p.is_dir():
+        return f"{flag} {str(p)!r} is a folder; give a file path"
+    parent = next((a for a in p.parents if a.exists()), None)
+    if parent is not None and not parent.is_dir():
+        return f"{flag} {str(p)!r}: {str(parent)!r} is a file, not a folder"
+    if parent is not None and not os.access(parent, os.W_OK):
+        return f"{flag} {str(p)!r}: folder {str(parent)!r} is not writable"
+    return None
+
+
+def check_output_dir(path: str | os.PathLike, flag: str) -> str | None:
+    """Why `path` cannot be (or be created as) a writable folder, or None."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        return f"{flag} {str(p)!r} is a file, not a folder"
+    existing = p if p.exists() else next((a for a in p.parents if a.exists()), None)
+    if existing is not None and not existing.is_dir():
+        return f"{flag} {str(p)!r}: {str(existing)!r} is a file, not a folder"
+    if existing is not None and not os.access(existing, os.W_OK):
+        return f"{flag} {str(p)!r}: folder {str(existing)!r} is not writable"
+    return None

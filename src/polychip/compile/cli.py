@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from polychip.files import atomic_write_json
+from polychip.files import atomic_write_json, check_output_file
 from polychip.config import MODEL_PRESETS
 
 
@@ -40,11 +40,27 @@ def _write_json(path: str, obj) -> None:
     atomic_write_json(path, obj, default=str, sort_keys=False)
 
 
+def _check_args(args) -> None:
+    """Mistakes that would otherwise surface only after compiling (minutes for a big model)."""
+    from polychip.compile.errors import CompileError
+
+    for flag, path in (("--json", args.json), ("--record", args.record)):
+        why = path and check_output_file(path, flag)
+        if why:
+            raise CompileError(why)
+    for flag, v in (("--batch", args.batch), ("--seq", args.seq), ("--output-tokens", args.output_tokens),
+                    ("--max-trials", args.max_trials)):
+        if v is not None and v < 1:
+            raise CompileError(f"{flag} must be >= 1, got {v}")
+
+
 def handler(args) -> int:
     from polychip.compile import display
     from polychip.compile.report import planner_record
     from polychip.compile.run import Request, compile_report
     from polychip.compile.search import search
+
+    _check_args(args)
 
     req = Request(model=args.model, target=args.target, mesh=args.mesh, batch=args.batch, seq=args.seq,
                   mode=args.mode, overrides=tuple(args.overrides), output_tokens=args.output_tokens,

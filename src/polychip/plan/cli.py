@@ -39,6 +39,13 @@ def run(args) -> int:
 
 
 def _check_args(args) -> None:
+    from polychip.files import check_output_dir, check_output_file
+
+    why = ((args.json and args.json != "-" and check_output_file(args.json, "--json"))
+           or (args.report and check_output_dir(args.report, "--report"))
+           or (args.launch and check_output_dir(args.launch, "--launch")))
+    if why:
+        raise PlanError(why)
     if not (math.isfinite(args.time_limit) and args.time_limit > 0):
         raise PlanError(f"--time-limit must be a positive number of seconds, got {args.time_limit}")
     if not (math.isfinite(args.gap) and 0 <= args.gap < 1):
