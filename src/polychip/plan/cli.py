@@ -74,10 +74,12 @@ def _run(args) -> int:
     perf = PerfModel(records, catalog)
     # Wide enough for the plan table when output is not a terminal (logs, CI).
     console = Console(stderr=args.json == "-", width=None if sys.stdout.isatty() else 200)
+    whatif_asked = bool(args.scale_pool or args.price or args.power_cap)
+    # What-if arguments are checked before the (possibly minute-long) baseline solve.
+    new_fleet, changes = whatif.apply(fleet, args.scale_pool, args.price, args.power_cap) if whatif_asked else (fleet, [])
     base = plan_fleet(fleet, perf, args.objective, time_limit=args.time_limit, gap=args.gap)
-    plan, extra, changes = base, [], []
-    if args.scale_pool or args.price or args.power_cap:
-        new_fleet, changes = whatif.apply(fleet, args.scale_pool, args.price, args.power_cap)
+    plan, extra = base, []
+    if whatif_asked:
         console.print("[bold]baseline[/]")
         report.print_plan(base, console)
         plan = plan_fleet(new_fleet, perf, args.objective, time_limit=args.time_limit, gap=args.gap)
