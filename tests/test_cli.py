@@ -93,3 +93,39 @@ def test_help_lists_every_option():
     assert r.returncode == 0 and "--preset" in r.stdout and "--coordinator" in r.stdout
     r = _cli("train", "--help-config")
     assert "model.n_kv_heads" in r.stdout and "train.grad_accum" in r.stdout and "Micro-batches" in r.stdout
+
+
+def test_overrides_work_in_any_position():
+    # `--out R a=1` used to fail with "unrecognized arguments"; order is kept (later wins).
+    from polychip.cli import build_parser, parse_args
+
+    args = parse_args(build_parser(), ["train", "model.n_layers=3", "--out", "R", "train.steps=4", "--preset", "tiny",
+                                       "model.n_layers=5"])
+    assert args.out == "R" and args.preset == "tiny"
+    assert args.overrides == ["model.n_layers=3", "train.steps=4", "model.n_layers=5"]
+    args = parse_args(build_parser(), ["compile", "--model", "tiny", "--target", "v5e:2x2", "train.remat=full",
+                                       "--batch", "8", "train.grad_accum=2"])
+    assert args.overrides == ["train.remat=full", "train.grad_accum=2"] and args.batch == 8
+
+
+def test_plain_errors_keep_their_one_line_and_debug_reraises(capsys):
+    from polychip.cli import guarded
+
+    class Args:
+        debug = False
+
+    def boom(_):
+        raise OSError(28, "No space left on device", "/run/x")
+
+    assert guarded(boom, Args()) == 2
+    assert capsys.readouterr().err == "polychip: error: No space left on device: /run/x\n"
+    Args.debug = True
+    with pytest.raises(OSError):
+        guarded(boom, Args())
+
+    def bug(_):
+        raise ZeroDivisionError("a real bug")
+
+    Args.debug = False
+    with pytest.raises(ZeroDivisionError):  # bugs are not user errors: the traceback must show
+        guarded(bug, Args())

@@ -8,18 +8,21 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import sys
 
 from polychip.config import ConfigError, MODEL_PRESETS, build_config, describe
+from polychip.files import check_output_dir
 
 EXIT_USER_ERROR = 2
 
 
-def _user_errors() -> tuple[type, ...]:
-    """Every exception type that means "the user asked for something impossible"."""
-    errs: list[type] = [ConfigError, FileNotFoundError]
-    for mod, name in [("polychip.data.corpus", "DataError"), ("polychip.train.checkpoint", "CheckpointError"),
+def user_errors() -> tuple[type, ...]:
+    """Every exception type that means "the user asked for something impossible", or that the world
+    (disk full, read-only folder, a binary file where text was expected) refused it."""
+    errs: list[type] = [ConfigError, OSError, UnicodeError]
+    for mod, name in [("yaml", "YAMLError"), ("polychip.data.corpus", "DataError"),
+                      ("polychip.train.checkpoint", "CheckpointError"), ("polychip.files", "RunLockedError"),
+                      ("polychip.train.health", "NonFiniteError"),
                       ("polychip.hardware.catalog", "HardwareError"), ("polychip.kernels.registry", "KernelError"),
                       ("polychip.parallel.sharding", "ShardingError"), ("polychip.model.hf", "HFError"),
                       ("polychip.compile.errors", "CompileError"), ("polychip.plan.errors", "PlanError")]:
@@ -28,6 +31,54 @@ def _user_errors() -> tuple[type, ...]:
         except (ImportError, AttributeError):
             pass
     return tuple(errs)
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for a user error; OSErrors read as "what: file" rather than "[Errno 28] ..."."""
+    if isinstance(e, OSError) and e.strerror:
+        where = f": {e.filename}" if e.filename else ""
+        return f"{e.strerror}{where}"
+    if isinstance(e, UnicodeDecodeError):
+        return f"cannot read a file as UTF-8 text (byte {e.start}: {e.reason}); is it a binary file?"
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 2000 else text[:2000] + "..."
+
+
+def guarded(fn, args, prog: str = "polychip") -> int:
+    """The error boundary every CLI entry shares: user errors -> one line `<prog>: error: ...` on
+    stderr and exit 2; with --debug they re-raise so the traceback shows."""
+    try:
+        return int(fn(args) or 0)
+    except user_errors() as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"{prog}: error: {describe_error(e)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        if getattr(args, "debug", False):
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (the usage block is what --help is for)."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        self.exit(EXIT_USER_ERROR)
+
+
+def parse_args(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parse_args, except that `section.key=value` overrides may come anywhere (argparse only takes a
+    `nargs="*"` positional in its first run of positionals, so `--out R a=1` would be refused)."""
+    args, extra = ap.parse_known_args(argv)
+    if extra:
+        stray = [a for a in extra if a.startswith("-") or "=" not in a]
+        if stray or not hasattr(args, "overrides"):
+            ap.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -70,6 +121,9 @@ def cmd_train(args) -> int:
     if args.help_config:
         return _print_config_help()
     cfg = _config_from_args(args)
+    why = check_output_dir(cfg.out_dir, "run folder (--out / out_dir)")
+    if why:
+        raise ConfigError(why)
     from polychip.parallel.distributed import configure_cpu_devices
 
     configure_cpu_devices(cfg.distributed.cpu_devices)
@@ -111,6 +165,8 @@ def cmd_bench(args) -> int:
         raise ConfigError(f"unknown benchmark {args.what!r}; available: train")
     if args.help_config:
         return _print_config_help()
+    if args.warmup < 0 or args.steps < 1:
+        raise ConfigError(f"bench needs --warmup >= 0 and --steps >= 1, got {args.warmup} and {args.steps}")
     cfg = _config_from_args(args)
     from polychip.parallel.distributed import configure_cpu_devices
 
@@ -133,7 +189,7 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="polychip", description=__doc__.split("\n")[0])
+    ap = Parser(prog="polychip", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("train", help="train a model (default: the small preset on the built-in corpus, CPU)",
@@ -176,21 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         m.add_parser(sub)
+    for p in [ap, *sub.choices.values()]:
+        # SUPPRESS: a subcommand's default must not overwrite `polychip --debug <cmd>`.
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of an error instead of one line")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = build_parser()
-    args = ap.parse_args(argv)
-    try:
-        fn = getattr(args, "fn", None) or getattr(args, "func")
-        return int(fn(args) or 0)
-    except _user_errors() as e:
-        print(f"polychip: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("polychip: interrupted", file=sys.stderr)
-        return 130
+    args = parse_args(build_parser(), argv)
+    return guarded(args.fn, args)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ impossible shapes raise `ConfigError` with a message naming the field.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,9 +84,7 @@ class ModelConfig:
         self.validate()
 
     def validate(self) -> None:
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        check_ranges(self, "model")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads} "
@@ -239,10 +238,10 @@ class Config:
     out_dir: str = "runs/default"
 
     def validate(self) -> None:
+        """Every field's type and range (RANGES), then the rules that tie fields together."""
+        check_ranges(self)
         self.model.validate()
         t = self.train
-        if t.batch_size <= 0 or t.seq_len <= 0 or t.steps < 0 or t.grad_accum <= 0:
-            raise ConfigError("train.batch_size, train.seq_len and train.grad_accum must be positive, train.steps >= 0")
         if t.batch_size % t.grad_accum:
             raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
         if t.seq_len > self.model.max_seq_len:
@@ -254,6 +253,76 @@ class Config:
             raise ConfigError(f"train.remat must be none, full or dots, got {t.remat!r}")
         if t.layer_loop not in ("auto", "scan", "unroll"):
             raise ConfigError(f"train.layer_loop must be auto, scan or unroll, got {t.layer_loop!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Ranges: one table, checked for every config however it was built (preset, YAML, overrides, code).
+# Reasons for the less obvious bounds: AdamW's moment estimates diverge for beta >= 1 and flip sign
+# for beta < 0; a zero or negative rope_theta makes the rotary frequencies inf/NaN; keep=0 would let
+# Orbax delete the checkpoint just written.
+# ----------------------------------------------------------------------------------------------
+class Range(typing.NamedTuple):
+    """low <= value (or low < value) and value < high (or <= high); None: unbounded."""
+
+    low: float
+    high: float | None = None
+    low_inclusive: bool = True
+    high_inclusive: bool = False
+
+    def __contains__(self, v) -> bool:
+        above = v >= self.low if self.low_inclusive else v > self.low
+        below = self.high is None or (v <= self.high if self.high_inclusive else v < self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return (">= " if self.low_inclusive else "> ") + f"{self.low:g}"
+        return (f"in {'[' if self.low_inclusive else '('}{self.low:g}, {self.high:g}"
+                f"{']' if self.high_inclusive else ')'}")
+
+
+_POS, _NONNEG, _UNIT = Range(0, low_inclusive=False), Range(0), Range(0, 1)
+
+#: dotted key -> allowed range. Every float must also be finite.
+RANGES: dict[str, Range] = {
+    **{f"model.{k}": _POS for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
+                                    "max_seq_len", "multiple_of", "rope_theta", "norm_eps")},
+    "model.init_std": _NONNEG,
+    **{f"model.rope_scaling.{k}": _POS for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                                 "original_max_position_embeddings")},
+    "data.max_bytes": _NONNEG, "data.eval_fraction": _UNIT, "data.seed": _NONNEG,
+    **{f"train.{k}": _POS for k in ("batch_size", "seq_len", "grad_accum", "eps", "keep_checkpoints")},
+    **{f"train.{k}": _NONNEG for k in ("steps", "lr", "warmup_steps", "weight_decay", "grad_clip", "seed",
+                                       "log_every", "checkpoint_every", "eval_every")},
+    "train.min_lr_ratio": Range(0, 1, high_inclusive=True), "train.b1": _UNIT, "train.b2": _UNIT,
+    "mesh.num_devices": _NONNEG,
+    "distributed.num_processes": _NONNEG, "distributed.process_id": Range(-1), "distributed.cpu_devices": _NONNEG,
+}
+
+#: Mesh axes: a positive size, or -1 for "all remaining devices".
+_MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def check_ranges(obj: Any, where: str = "") -> None:
+    """Type and range of every field of dataclass `obj` (recursively); ConfigError names the key."""
+    types = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        key, v = f"{where}.{f.name}" if where else f.name, getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            check_ranges(v, key)
+            continue
+        tp = types[f.name]
+        if v is None and type(None) in typing.get_args(tp):
+            continue
+        want = {int: int, float: (int, float), str: str, bool: bool}.get(tp)
+        if want is not None and (not isinstance(v, want) or (tp is not bool and isinstance(v, bool))):
+            raise ConfigError(f"{key} must be {tp.__name__}, got {v!r}")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{key} must be a finite number, got {v!r}")
+        if where == "mesh" and f.name in _MESH_AXES and not (v >= 1 or v == -1):
+            raise ConfigError(f"{key} must be a positive size or -1 (all remaining devices), got {v!r}")
+        if key in RANGES and v not in RANGES[key]:
+            raise ConfigError(f"{key} must be {RANGES[key]}, got {v!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,7 +414,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             f = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where} must be an integer, got {value!r}") from None
-        if f != int(f):
+        if not math.isfinite(f) or f != int(f):
             raise ConfigError(f"{where} must be an integer, got {value!r}")
         return int(f)
     if tp is float:
@@ -354,6 +423,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{where} must be a number, got {value!r}") from None
     if tp is str:
+        if value is None or isinstance(value, (dict, list)):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
         return str(value)
     if tp is dict or origin is dict:
         if not isinstance(value, dict):
@@ -411,7 +482,7 @@ def _model_derived(m: ModelConfig) -> dict[str, int]:
 
 def parse_override(text: str) -> dict:
     """`model.n_layers=4` -> {"model": {"n_layers": 4}} (values parsed as YAML scalars)."""
-    import yaml
+    from polychip.hardware import yamlpos
 
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value")
@@ -419,9 +490,11 @@ def parse_override(text: str) -> dict:
     if not key or any(not p for p in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
+        value = yamlpos.load(raw, f"override {key}")[0] if raw != "" else ""
+    except yamlpos.YamlSyntaxError as e:
+        if "not valid YAML" not in str(e):
+            raise ConfigError(str(e)) from None
+        value = raw  # not YAML: the text itself (a path, a name)
     out: dict = {}
     cur = out
     parts = key.split(".")
@@ -432,15 +505,15 @@ def parse_override(text: str) -> dict:
 
 
 def load_yaml(path: str | Path) -> dict:
-    import yaml
+    from polychip.hardware import yamlpos
 
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} not found")
     try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        data = yamlpos.load(yamlpos.read_text(p), str(p))[0]
+    except yamlpos.YamlSyntaxError as e:
+        raise ConfigError(f"config file {e}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -462,7 +535,9 @@ def build_config(preset_name: str | None = None, yaml_path: str | None = None, o
 def save_yaml(cfg: Config, path: str | Path) -> None:
     import yaml
 
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    from polychip.files import atomic_write
+
+    atomic_write(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:

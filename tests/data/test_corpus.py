@@ -37,10 +37,25 @@ def test_comma_list_and_glob_keep_given_order(tmp_path):
     assert load_documents(cfg(src)) == ["zed", "one", "two"]
 
 
-def test_non_ascii_text_and_bad_bytes(tmp_path):
+def test_non_ascii_text_reads_and_bad_bytes_are_refused(tmp_path):
     p = tmp_path / "u.txt"
-    p.write_bytes("héllo 你好 🙂".encode() + b"\xff\xfe" + b" end")
+    p.write_bytes("héllo 你好 🙂".encode() + b" end")
     assert load_documents(cfg(p)) == ["héllo 你好 🙂 end"]
+    # Non-UTF-8 bytes used to be dropped without a word; now the file and offset are named.
+    p.write_bytes("héllo".encode() + b"\xff\xfe end")
+    with pytest.raises(DataError, match=r"u.txt.*not UTF-8 text \(byte 0xff at offset 6\)"):
+        load_documents(cfg(p))
+
+
+def test_binary_files_are_refused(tmp_path):
+    p = tmp_path / "model.bin.txt"
+    p.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(DataError, match="looks binary"):
+        load_documents(cfg(p))
+    j = tmp_path / "d.jsonl"
+    j.write_bytes(b'{"text": "ok"}\n{"text": "\xc3\x28"}\n')
+    with pytest.raises(DataError, match=r"d.jsonl:2.*not UTF-8"):
+        load_documents(cfg(j))
 
 
 def test_max_bytes_caps_total_and_cuts_last_document(tmp_path):

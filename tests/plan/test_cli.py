@@ -26,7 +26,7 @@ def run(argv):
     sub = parser.add_subparsers()
     cli.add_parser(sub)
     args = parser.parse_args(["plan", *argv])
-    return args.func(args)
+    return args.fn(args)
 
 
 @pytest.fixture

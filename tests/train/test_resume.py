@@ -93,3 +93,47 @@ def test_no_temporary_checkpoint_dirs_left(straight, tmp_path):
     train(_cfg(out, "mesh.num_devices=1", "train.steps=2"), log=lambda *a: None)
     names = os.listdir(out / "checkpoints")
     assert names == ["2"], names
+
+
+def _steps(out):
+    return sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def test_retrained_step_replaces_the_damaged_one(tmp_path):
+    # A damaged newest checkpoint used to stay forever: the retrained step was never saved again
+    # (save returned early because the step folder existed), so every rerun retrained the same steps.
+    from polychip.train.checkpoint import verify
+
+    out = tmp_path / "replace"
+    train(_cfg(out, "mesh.num_devices=1", "train.checkpoint_every=4"), log=lambda *a: None)
+    _damage_newest(out)
+    again = train(_cfg(out, "mesh.num_devices=1"), log=lambda *a: None)
+    assert again.resumed_from == 4 and again.steps_run == 4
+    assert _steps(out) == [4, 8] and verify(out / "checkpoints" / "8") is None
+    assert not (out / "checkpoints.damaged").exists() or not any((out / "checkpoints.damaged").iterdir())
+    third = train(_cfg(out, "mesh.num_devices=1"), log=lambda *a: None)
+    assert third.resumed_from == 8 and third.steps_run == 0
+
+
+def test_checkpoint_without_manifest_is_not_trusted(tmp_path):
+    # Manifest deleted and bytes flipped: the corrupted parameters used to load silently.
+    out = tmp_path / "nomanifest"
+    train(_cfg(out, "mesh.num_devices=1", "train.checkpoint_every=4"), log=lambda *a: None)
+    newest = out / "checkpoints" / "8"
+    (newest / "polychip.manifest.json").unlink()
+    victim = max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 4] = bytes(b ^ 0xFF for b in data[len(data) // 2: len(data) // 2 + 4])
+    victim.write_bytes(bytes(data))
+    logs = []
+    res = train(_cfg(out, "mesh.num_devices=1"), log=logs.append)
+    assert res.resumed_from == 4
+    assert any("step 8" in l and "no manifest" in l for l in logs), logs
+
+
+def test_only_checkpoint_without_manifest_is_a_clear_error(tmp_path):
+    out = tmp_path / "onlynomanifest"
+    train(_cfg(out, "mesh.num_devices=1", "train.steps=4"), log=lambda *a: None)
+    (out / "checkpoints" / "4" / "polychip.manifest.json").unlink()
+    with pytest.raises(CheckpointError, match="step 4: no manifest"):
+        train(_cfg(out, "mesh.num_devices=1"), log=lambda *a: None)

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from importlib import metadata
 from pathlib import Path
+
+from polychip.files import atomic_write_json, cache_dir
 
 CACHE_VERSION = 3
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("POLYCHIP_CACHE_DIR")
-    root = Path(base) if base else Path.home() / ".cache" / "polychip"
-    return root / "compile"
+def _dir() -> Path:
+    return cache_dir("compile")
 
 
 def _version(pkg: str) -> str:
@@ -40,7 +38,7 @@ def key(payload: dict) -> str:
 
 
 def load(k: str) -> dict | None:
-    p = cache_dir() / f"{k}.json"
+    p = _dir() / f"{k}.json"
     try:
         return json.loads(p.read_text())
     except (OSError, ValueError):
@@ -48,9 +46,4 @@ def load(k: str) -> dict | None:
 
 
 def store(k: str, value: dict) -> None:
-    d = cache_dir()
-    d.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(value, fh)
-    os.replace(tmp, d / f"{k}.json")
+    atomic_write_json(_dir() / f"{k}.json", value, indent=None, sort_keys=False)

@@ -6,11 +6,8 @@ User mistakes raise CompileError / ConfigError, which polychip.cli prints on one
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
-from pathlib import Path
 
+from polychip.files import atomic_write_json, check_output_file
 from polychip.config import MODEL_PRESETS
 
 
@@ -40,12 +37,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _write_json(path: str, obj) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=1, default=str)
-    os.replace(tmp, p)
+    atomic_write_json(path, obj, default=str, sort_keys=False)
+
+
+def _check_args(args) -> None:
+    """Mistakes that would otherwise surface only after compiling (minutes for a big model)."""
+    from polychip.compile.errors import CompileError
+
+    for flag, path in (("--json", args.json), ("--record", args.record)):
+        why = path and check_output_file(path, flag)
+        if why:
+            raise CompileError(why)
+    for flag, v in (("--batch", args.batch), ("--seq", args.seq), ("--output-tokens", args.output_tokens),
+                    ("--max-trials", args.max_trials)):
+        if v is not None and v < 1:
+            raise CompileError(f"{flag} must be >= 1, got {v}")
 
 
 def handler(args) -> int:
@@ -53,6 +59,8 @@ def handler(args) -> int:
     from polychip.compile.report import planner_record
     from polychip.compile.run import Request, compile_report
     from polychip.compile.search import search
+
+    _check_args(args)
 
     req = Request(model=args.model, target=args.target, mesh=args.mesh, batch=args.batch, seq=args.seq,
                   mode=args.mode, overrides=tuple(args.overrides), output_tokens=args.output_tokens,

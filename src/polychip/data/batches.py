@@ -17,14 +17,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
+
+from polychip.files import atomic_write
 
 from .corpus import DataError, load_documents, source_fingerprint
 from .tokenizer import _CANDIDATES, check_vocab, load_tokenizer, save_tokenizer, special_ids, tokenizer_hash, train_tokenizer
@@ -191,19 +191,6 @@ class TokenStream:
 _CACHE_VERSION = 1
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call write(fileobj) on a temp file beside `path`, then os.replace it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _load_cache(out: Path, fingerprint: dict) -> tuple[np.ndarray, np.ndarray] | None:
     meta_p, tok_p, off_p = out / "tokens.json", out / "tokens.npy", out / "doc_offsets.npy"
     if not (meta_p.is_file() and tok_p.is_file() and off_p.is_file()):
@@ -278,10 +265,10 @@ def prepare(cfg, out_dir, vocab_size: int) -> tuple[Tokenizer, TokenStream]:
         tokens, offsets = _tokenize(tok, docs, ids["eos"])
         # Arrays first, metadata last: the JSON is the commit marker, so a crash in between
         # leaves a cache that fails the fingerprint/shape check and is rebuilt.
-        _atomic_write(out / "tokens.npy", lambda f: np.save(f, tokens))
-        _atomic_write(out / "doc_offsets.npy", lambda f: np.save(f, offsets))
+        atomic_write(out / "tokens.npy", lambda f: np.save(f, tokens))
+        atomic_write(out / "doc_offsets.npy", lambda f: np.save(f, offsets))
         meta = {"fingerprint": fingerprint, "n_tokens": int(tokens.size), "n_docs": int(offsets.size - 1),
                 "source": cfg.source, "max_bytes": cfg.max_bytes, "text_field": cfg.text_field}
-        _atomic_write(out / "tokens.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        atomic_write(out / "tokens.json", json.dumps(meta, indent=1))
         log.info("tokenized %d documents -> %d tokens in %.1fs", len(docs), tokens.size, time.perf_counter() - t1)
     return tok, TokenStream(tokens, offsets, eval_fraction=cfg.eval_fraction, seed=cfg.seed)

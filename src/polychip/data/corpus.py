@@ -11,6 +11,10 @@ Order is deterministic: sources in the order given, files within a directory/glo
 records in file order. Reading stops once ``DataConfig.max_bytes`` bytes of UTF-8 text have been
 collected (0 = no cap); the last document is cut at the cap, so a huge single file is never read
 whole. Empty documents are dropped.
+
+Text must be UTF-8: a file with NUL bytes (binary) or bytes that are not UTF-8 is refused with its
+name and offset, rather than trained on with the bad bytes silently dropped (a Latin-1 or binary
+file would otherwise become a corpus of fragments, with exit 0).
 """
 from __future__ import annotations
 
@@ -129,9 +133,22 @@ def _read_text_file(path: Path, budget: int | None) -> Iterator[str]:
             raw = f.read() if budget is None else f.read(budget + 4)
     except OSError as e:
         raise DataError(f"cannot read data file {str(path)!r}: {e.strerror or e}") from None
-    # errors="ignore": stray non-UTF-8 bytes (and a multi-byte char cut by the cap) are skipped
-    # rather than failing the whole run.
-    yield raw.decode("utf-8", errors="ignore")
+    truncated = budget is not None and len(raw) > budget
+    yield _decode(raw, str(path), truncated)
+
+
+def _decode(raw: bytes, where: str, truncated: bool = False) -> str:
+    """Strict UTF-8, except a multi-byte character cut at the end of a truncated read."""
+    if b"\0" in raw:
+        raise DataError(f"data file {where!r} looks binary (it holds NUL bytes at offset {raw.index(0)}); "
+                        "data.source takes UTF-8 text, JSONL or Parquet")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if truncated and e.start >= len(raw) - 4 and e.reason == "unexpected end of data":
+            return raw[:e.start].decode("utf-8")
+        raise DataError(f"data file {where!r} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                        "convert it (e.g. iconv -t UTF-8) or leave it out of data.source") from None
 
 
 def _read_jsonl(path: Path, field: str) -> Iterator[str]:
@@ -141,7 +158,7 @@ def _read_jsonl(path: Path, field: str) -> Iterator[str]:
         raise DataError(f"cannot read data file {str(path)!r}: {e.strerror or e}") from None
     with f:
         for lineno, raw in enumerate(f, start=1):
-            line = raw.decode("utf-8", errors="ignore").strip()
+            line = _decode(raw, f"{path}:{lineno}").strip()
             if not line:
                 continue
             try:

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from polychip.files import atomic_write
 
 from .corpus import DataError
 
@@ -65,18 +66,8 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
 
 
 def save_tokenizer(tok: Tokenizer, path: str | os.PathLike) -> None:
-    """Write `tok` as tokenizer.json atomically (temp file in the same folder + os.replace)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(tok.to_str())
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write `tok` as tokenizer.json atomically."""
+    atomic_write(path, tok.to_str())
 
 
 def tokenizer_hash(tok: Tokenizer) -> str:

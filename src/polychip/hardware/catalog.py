@@ -233,8 +233,9 @@ def _read_entries(path: Path | None, text: str | None = None) -> tuple[dict, _Ct
     if text is None:
         if not path.is_file():
             raise HardwareError(f"catalog file {name!r} not found")
-        text = path.read_text()
     try:
+        if text is None:
+            text = yamlpos.read_text(path, name)
         data, lines = yamlpos.load(text, name)
     except yamlpos.YamlSyntaxError as e:
         raise HardwareError(str(e)) from None

@@ -11,23 +11,17 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 import time
 import warnings
 from pathlib import Path
 
+from polychip.files import atomic_write_json, cache_dir
 from polychip.hardware.catalog import Chip, canonical_dtype, chip_for_device_kind
 
 #: Square matmul size for the CPU measurement: 2 * 2048**3 = 17 GFLOP per call, large enough that
 #: dispatch overhead is < 1% and small enough (48 MiB of fp32 operands) to measure in seconds.
 MATMUL_N = 2048
 REPEATS = 5
-
-
-def cache_dir() -> Path:
-    """The one place POLYCHIP_CACHE_DIR is read."""
-    env = os.environ.get("POLYCHIP_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "polychip"
 
 
 def _cpu_model() -> str:
@@ -82,18 +76,6 @@ def _read_cache(path: Path) -> dict:
         return {}
 
 
-def _write_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def cpu_peak_flops(dtype: str = "float32") -> float:
     """Measured matmul FLOP/s of this CPU for `dtype`, measured once per machine and cached."""
     dt = canonical_dtype(dtype)
@@ -107,7 +89,7 @@ def cpu_peak_flops(dtype: str = "float32") -> float:
     flops = measure_cpu_matmul_flops(dt)
     cache = _read_cache(path)  # re-read: another process may have added entries meanwhile
     cache.setdefault(key, {})[dt] = flops
-    _write_atomic(path, cache)
+    atomic_write_json(path, cache)
     return flops
 
 

@@ -2,7 +2,12 @@
 
 `load(text, name)` returns `(data, lines)`: `data` is what `yaml.safe_load` gives, `lines` maps a
 path tuple (mapping keys and list indices, e.g. ("pools", 2, "count")) to its 1-based line. Used
-by the chip catalog and the fleet planner's file parser.
+by the chip catalog, the fleet planner's file parser and config files.
+
+Stricter than safe_load in two ways. Anchors/aliases are refused: an alias shares a node, so a
+few lines of nested `&a [*a, *a]` expand to 2**N values for any walk over the data (a "billion
+laughs" file would exhaust memory); no file here needs them. Duplicate mapping keys are refused:
+safe_load silently keeps the last, so a typo'd second `count:` would win without a word.
 """
 from __future__ import annotations
 
@@ -15,40 +20,74 @@ import yaml
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
+#: Deeper nesting than this is refused (Python's recursion limit would otherwise turn it into a crash).
+MAX_DEPTH = 100
+
+
 class YamlSyntaxError(ValueError):
-    """The text is not valid YAML (the message carries file and line)."""
+    """The text is not valid YAML, or uses what we refuse (the message carries file and line)."""
 
 
-def _walk(node: yaml.Node, path: tuple, out: dict[tuple, int]) -> None:
-    out[path] = node.start_mark.line + 1
+def _walk(node: yaml.Node, path: tuple, out: dict[tuple, int], seen: set[int], name: str) -> None:
+    line = node.start_mark.line + 1
+    if id(node) in seen:
+        # The composer hands out the anchored node again for each alias: a node met twice is an alias.
+        raise YamlSyntaxError(f"{name} line {line}: YAML anchors and aliases (&name, *name) are not supported; "
+                              "write the values out")
+    if len(path) > MAX_DEPTH:
+        raise YamlSyntaxError(f"{name} line {line}: nested more than {MAX_DEPTH} levels deep")
+    seen.add(id(node))
+    out[path] = line
     if isinstance(node, yaml.MappingNode):
+        keys: set = set()
         for k, v in node.value:
             key = k.value if isinstance(k, yaml.ScalarNode) else str(k.value)
-            _walk(v, path + (key,), out)
+            if key in keys:
+                raise YamlSyntaxError(f"{name} line {k.start_mark.line + 1}: duplicate key {key!r}")
+            keys.add(key)
+            _walk(v, path + (key,), out, seen, name)
             # The key's own line is the useful one for messages ("unknown key", "bad value").
             out[path + (key,)] = k.start_mark.line + 1
     elif isinstance(node, yaml.SequenceNode):
         for i, v in enumerate(node.value):
-            _walk(v, path + (i,), out)
+            _walk(v, path + (i,), out, seen, name)
+
+
+def read_text(path, name: str | None = None) -> str:
+    """A YAML/text file's contents as UTF-8; a binary or mis-encoded file is a YamlSyntaxError
+    naming the file (not a UnicodeDecodeError from deep inside)."""
+    name = name or str(path)
+    with open(path, "rb") as f:
+        raw = f.read()
+    if b"\0" in raw:
+        raise YamlSyntaxError(f"{name}: is a binary file, not YAML text")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise YamlSyntaxError(f"{name} line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
 
 
 def load(text: str, name: str = "<yaml>") -> tuple[Any, dict[tuple, int]]:
     """Parse `text`; returns (data, {path tuple: line}). Raises YamlSyntaxError naming `name`:line."""
     # One parse: compose the node tree (keeps line marks), then construct plain data from it.
     loader = _Loader(text)
+    lines: dict[tuple, int] = {}
     try:
         node = loader.get_single_node()
+        if node is not None:
+            # Walk before constructing: aliases and duplicates are refused before anything expands.
+            _walk(node, (), lines, set(), name)
         data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{name} line {mark.line + 1}" if mark is not None else name
         problem = getattr(e, "problem", None) or str(e)
         raise YamlSyntaxError(f"{where}: not valid YAML ({problem})") from None
+    except RecursionError:
+        raise YamlSyntaxError(f"{name}: nested too deeply") from None
     finally:
         loader.dispose()
-    lines: dict[tuple, int] = {}
-    if node is not None:
-        _walk(node, (), lines)
     return data, lines
 
 

@@ -33,6 +33,7 @@ import ml_dtypes
 import numpy as np
 
 from polychip.config import ConfigError, ModelConfig, RopeScaling
+from polychip.files import atomic_write
 
 
 class HFError(ConfigError):
@@ -504,22 +505,15 @@ def _publish(tmp: Path, path: Path, written: list[str]) -> None:
 
 def copy_tokenizer(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> list[Path]:
     """Copy tokenizer.json (and tokenizer_config.json / special_tokens_map.json) from src_dir to
-    dst_dir when present, each via a temp file + os.replace. Returns the destination paths written."""
+    dst_dir when present, each written atomically. Returns the destination paths written."""
     src, dst = Path(src_dir), Path(dst_dir)
     dst.mkdir(parents=True, exist_ok=True)
     out = []
     for name in TOKENIZER_FILES:
         s = src / name
         if s.is_file():
-            fd, tmpname = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=dst)
-            os.close(fd)
-            try:
-                shutil.copyfile(s, tmpname)
-                os.replace(tmpname, dst / name)
-            finally:
-                if os.path.exists(tmpname):
-                    os.unlink(tmpname)
-            out.append(dst / name)
+            with open(s, "rb") as fh:
+                out.append(atomic_write(dst / name, lambda f, fh=fh: shutil.copyfileobj(fh, f)))
     return out
 
 

@@ -1,7 +1,9 @@
-"""`polychip plan`: the lead wires `add_parser` and `run` into polychip.cli."""
+"""`polychip plan`: polychip.cli calls `add_parser`; `run` is the handler (its own error boundary, so
+callers that parse arguments themselves get one-line errors too)."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from polychip.plan.errors import PlanError
@@ -25,20 +27,29 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--power-cap", metavar="POWER", help="what-if: site power cap, e.g. 500MW")
     p.add_argument("--time-limit", type=float, default=60.0, help="solver time limit in seconds")
     p.add_argument("--gap", type=float, default=1e-4, help="relative MIP gap at which the solver may stop")
-    p.set_defaults(func=run)
+    p.set_defaults(fn=run)
     return p
 
 
 def run(args) -> int:
     """Plan; print the table; write outputs. Returns 0 when a feasible plan was found, 1 when not, 2 on bad input."""
-    from polychip.config import ConfigError
-    from polychip.hardware import HardwareError
+    from polychip.cli import guarded
 
-    try:
-        return _run(args)
-    except (PlanError, HardwareError, ConfigError) as e:
-        print(f"polychip plan: error: {e}", file=sys.stderr)
-        return 2
+    return guarded(_run, args, prog="polychip plan")
+
+
+def _check_args(args) -> None:
+    from polychip.files import check_output_dir, check_output_file
+
+    why = ((args.json and args.json != "-" and check_output_file(args.json, "--json"))
+           or (args.report and check_output_dir(args.report, "--report"))
+           or (args.launch and check_output_dir(args.launch, "--launch")))
+    if why:
+        raise PlanError(why)
+    if not (math.isfinite(args.time_limit) and args.time_limit > 0):
+        raise PlanError(f"--time-limit must be a positive number of seconds, got {args.time_limit}")
+    if not (math.isfinite(args.gap) and 0 <= args.gap < 1):
+        raise PlanError(f"--gap must be a relative gap in [0, 1), got {args.gap}")
 
 
 def _run(args) -> int:
@@ -46,6 +57,7 @@ def _run(args) -> int:
 
     from rich.console import Console
 
+    from polychip.files import atomic_write
     from polychip.hardware import load_catalog
     from polychip.plan import report, whatif
     from polychip.plan.fleet import load_fleet
@@ -55,16 +67,19 @@ def _run(args) -> int:
     from polychip.plan.records import load_records
     from polychip.plan.solve import plan_fleet
 
+    _check_args(args)
     catalog = load_catalog(args.catalog)
     fleet = load_fleet(args.fleet, catalog)
     records = published_records() + (load_records(args.records) if args.records else [])
     perf = PerfModel(records, catalog)
     # Wide enough for the plan table when output is not a terminal (logs, CI).
     console = Console(stderr=args.json == "-", width=None if sys.stdout.isatty() else 200)
+    whatif_asked = bool(args.scale_pool or args.price or args.power_cap)
+    # What-if arguments are checked before the (possibly minute-long) baseline solve.
+    new_fleet, changes = whatif.apply(fleet, args.scale_pool, args.price, args.power_cap) if whatif_asked else (fleet, [])
     base = plan_fleet(fleet, perf, args.objective, time_limit=args.time_limit, gap=args.gap)
-    plan, extra, changes = base, [], []
-    if args.scale_pool or args.price or args.power_cap:
-        new_fleet, changes = whatif.apply(fleet, args.scale_pool, args.price, args.power_cap)
+    plan, extra = base, []
+    if whatif_asked:
         console.print("[bold]baseline[/]")
         report.print_plan(base, console)
         plan = plan_fleet(new_fleet, perf, args.objective, time_limit=args.time_limit, gap=args.gap)
@@ -84,23 +99,10 @@ def _run(args) -> int:
         if args.json == "-":
             print(json.dumps(body, indent=1))
         else:
-            report._atomic_write(__import__("pathlib").Path(args.json), json.dumps(body, indent=1))
+            atomic_write(args.json, json.dumps(body, indent=1))
     if args.launch:
         write_tasks(fleet, plan, args.launch)
     if args.report:
         path = report.write_report(plan, fleet, args.report, extra)
         console.print(f"report: {path}", highlight=False)
     return 0 if plan.status != "infeasible" else 1
-
-
-def main(argv=None) -> int:
-    """Stand-alone entry (`python -m polychip.plan.cli fleet.yaml`) until the lead wires `polychip plan`."""
-    parser = argparse.ArgumentParser(prog="polychip")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    add_parser(sub)
-    args = parser.parse_args(["plan", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

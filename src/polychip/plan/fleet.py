@@ -45,6 +45,7 @@ Schema (YAML; quantities take units, see plan/units.py):
 from __future__ import annotations
 
 import dataclasses
+import math
 import datetime as _dt
 import statistics
 from dataclasses import dataclass
@@ -164,7 +165,8 @@ class _P:
             raise self.err(path, str(e)) from None
 
     def int_(self, value, path: tuple, minimum: int = 1) -> int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or value != int(value)):
             raise self.err(path, f"must be a whole number, got {value!r}")
         if value < minimum:
             raise self.err(path, f"must be >= {minimum}, got {value!r}")
@@ -355,7 +357,11 @@ def load_fleet(path: str | Path, catalog: dict[str, Chip] | None = None) -> Flee
     path = Path(path)
     if not path.is_file():
         raise PlanError(f"fleet file {str(path)!r} not found")
-    return parse_fleet(path.read_text(), str(path), catalog)
+    try:
+        text = yamlpos.read_text(path)
+    except yamlpos.YamlSyntaxError as e:
+        raise PlanError(str(e)) from None
+    return parse_fleet(text, str(path), catalog)
 
 
 def replace(obj: Any, **kw) -> Any:

@@ -9,12 +9,11 @@ expressed here (the comment says so).
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import yaml
 
+from polychip.files import atomic_write
 from polychip.config import MODEL_PRESETS, to_dict
 from polychip.plan.fleet import Fleet, TrainWorkload
 from polychip.plan.solve import Placement, Plan
@@ -101,9 +100,6 @@ def write_tasks(fleet: Fleet, plan: Plan, folder: str | Path) -> list[Path]:
         comments = t.pop("_comments")
         text = "".join(f"# {c}\n" for c in comments) + yaml.safe_dump(t, sort_keys=False)
         path = folder / f"{p.workload}-{p.pool}.yaml"
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
+        atomic_write(path, text)
         out.append(path)
     return out

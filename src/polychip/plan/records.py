@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from polychip.files import atomic_write_json
 from polychip.config import MODEL_PRESETS, ConfigError, ModelConfig, from_dict
 from polychip.plan.errors import PlanError
 
@@ -155,14 +156,6 @@ def load_records(folder: str | Path) -> list[Record]:
 
 
 def write_record(rec: Record | dict, path: str | Path) -> None:
-    """Write one record atomically (temp file + rename)."""
-    import os
-    import tempfile
-
-    path = Path(path)
+    """Write one record atomically."""
     body = rec.to_json() if isinstance(rec, Record) else rec
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(body, fh, indent=1)
-    os.replace(tmp, path)
+    atomic_write_json(path, body, sort_keys=False)

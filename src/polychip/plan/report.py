@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import html
 import json
-import os
-import tempfile
 from pathlib import Path
 
+from polychip.files import atomic_write
 from polychip.plan.fleet import Fleet
 from polychip.plan.solve import Plan
 
@@ -82,14 +81,6 @@ def print_plan(plan: Plan, console=None) -> None:
         console.print("* energy uses an estimated chip power (see notes)", highlight=False)
 
 
-def _atomic_write(path: Path, data: bytes | str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
-
-
 def plan_json(plan: Plan, fleet: Fleet) -> dict:
     d = plan.to_json()
     d["assumptions"] = ASSUMPTIONS
@@ -102,7 +93,7 @@ def plan_json(plan: Plan, fleet: Fleet) -> dict:
 
 
 def write_json(plan: Plan, fleet: Fleet, path: str | Path) -> None:
-    _atomic_write(Path(path), json.dumps(plan_json(plan, fleet), indent=1))
+    atomic_write(Path(path), json.dumps(plan_json(plan, fleet), indent=1))
 
 
 def power_curve(plan: Plan, horizon_h: float) -> tuple[list[float], list[float]]:
@@ -201,5 +192,5 @@ def write_report(plan: Plan, fleet: Fleet, folder: str | Path, extra: list[str] 
         parts.append("<h2>Launch specs (SkyPilot)</h2><ul>"
                      + "".join(f"<li><a href='launch/{s.name}'>{e(s.name)}</a></li>" for s in specs) + "</ul>")
     parts.append("</body></html>")
-    _atomic_write(folder / "index.html", "\n".join(parts))
+    atomic_write(folder / "index.html", "\n".join(parts))
     return folder / "index.html"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from polychip.plan import units
 from polychip.plan.errors import PlanError
@@ -28,6 +29,8 @@ def apply(fleet: Fleet, scale_pool: list[str] = (), price: list[str] = (), power
             f = float(val)
         except ValueError:
             raise PlanError(f"--scale-pool {name}={val}: the factor must be a number") from None
+        if not math.isfinite(f) or f <= 0:
+            raise PlanError(f"--scale-pool {name}={val}: the factor must be a positive number")
         idx = [i for i, p in enumerate(pools) if p.name == name]
         if not idx:
             raise PlanError(f"--scale-pool: no pool named {name!r}; pools: {', '.join(p.name for p in pools)}")

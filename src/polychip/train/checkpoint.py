@@ -4,18 +4,23 @@ Layout: <out>/checkpoints/<step>/{params, opt_state, meta} written by an Orbax C
 (which writes into a temporary folder and renames it when complete, so a crash mid-write never
 leaves a half checkpoint under a step name). After the save completes, process 0 writes
 `polychip.manifest.json` into the step folder: every file's size and CRC32. On restore the newest
-step whose files match their manifest is used; a truncated or corrupted one is reported and skipped
-in favour of the previous good one.
+step whose files match their manifest is used; a truncated or corrupted one, or one without a
+manifest (nothing to check it against), is reported and skipped in favour of the previous good one.
+When the retrained step is saved again, the damaged folder is first moved to
+<out>/checkpoints.damaged/ and removed once the new save is complete.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import zlib
 from pathlib import Path
 from typing import Any
 
 import jax
+
+from polychip.files import atomic_write_json
 
 MANIFEST = "polychip.manifest.json"
 
@@ -41,17 +46,14 @@ def _files(step_dir: Path) -> dict[str, dict]:
 
 
 def write_manifest(step_dir: Path) -> None:
-    data = {"files": _files(step_dir)}
-    tmp = step_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, step_dir / MANIFEST)
+    atomic_write_json(step_dir / MANIFEST, {"files": _files(step_dir)}, indent=None)
 
 
 def verify(step_dir: Path) -> str | None:
     """None if the step folder matches its manifest, else what is wrong."""
     m = step_dir / MANIFEST
     if not m.is_file():
-        return "no manifest (the save did not finish)"
+        return "no manifest: its save did not finish or the manifest was removed, so its files cannot be verified"
     try:
         want = json.loads(m.read_text())["files"]
     except (ValueError, KeyError):
@@ -84,15 +86,33 @@ class Checkpointer:
 
     def save(self, step: int, params: Any, opt_state: Any, meta: dict) -> None:
         ocp = self._ocp
+        aside = None
         if step in self.steps():
-            return
+            if verify(self.dir / str(step)) is None:
+                return  # already saved and intact (a run resumed at its last step): same state
+            aside = self._set_aside(step)
         self.mngr.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
             meta=ocp.args.JsonSave(meta)), force=True)
         self.mngr.wait_until_finished()
         if jax.process_index() == 0:
             write_manifest(self.dir / str(step))
+            if aside is not None:
+                shutil.rmtree(aside, ignore_errors=True)
         _barrier(f"polychip_ckpt_{step}")
+
+    def _set_aside(self, step: int) -> Path:
+        """Move a damaged step folder out of Orbax's sight so the retrained step can take its name.
+        Moved, not deleted, until the replacement is complete: a crash in between loses nothing
+        that was usable, and the previous good step still restores."""
+        aside = self.dir.parent / "checkpoints.damaged" / str(step)
+        if jax.process_index() == 0:
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(self.dir / str(step), aside)
+        _barrier(f"polychip_ckpt_aside_{step}")
+        self.mngr.reload()
+        return aside
 
     def restore(self, abstract_params: Any, abstract_opt_state: Any | None, want_meta: dict | None = None,
                 log=print) -> tuple[int, Any, Any, dict] | None:
@@ -107,7 +127,9 @@ class Checkpointer:
         for step in reversed(steps):
             step_dir = self.dir / str(step)
             bad = verify(step_dir)
-            if bad and not bad.startswith("no manifest"):
+            if bad:
+                # No manifest means nothing to check the files against (a save cut off before its
+                # manifest, or a removed manifest): restoring it could load corrupted weights silently.
                 log(f"checkpoint step {step} is damaged ({bad}); trying the previous one")
                 problems.append(f"step {step}: {bad}")
                 continue
@@ -134,7 +156,8 @@ class Checkpointer:
                 continue
             return step, got["params"], got.get("opt_state") if abstract_opt_state is not None else None, meta
         if problems:
-            raise CheckpointError(f"no usable checkpoint in {self.dir}: " + "; ".join(problems))
+            raise CheckpointError(f"no usable checkpoint in {self.dir}: " + "; ".join(problems)
+                                  + f"; move {self.dir} away to start from scratch")
         return None
 
     def close(self) -> None:
