@@ -3,12 +3,13 @@
 Preemption: SIGTERM and SIGINT (Ctrl-C) set a flag; the loop finishes the step in flight, writes a
 checkpoint and exits with 128 + signal number. The next `train` with the same out_dir resumes from it
 and, because batches are a pure function of (seed, step), sees exactly the batches it would have.
-A step whose loss or gradient norm is not finite stops the run (`TrainingDiverged`) without saving
-it: the last good checkpoint stays the newest.
+A step whose loss or gradient norm is not finite stops the run (`health.NonFiniteError`) without
+saving it: the last good checkpoint stays the newest. Process 0 holds a lock on the run folder
+(`files.RunLock`), so two runs on one folder cannot interleave checkpoints and metrics.
 """
 from __future__ import annotations
 
-import math
+import contextlib
 import signal
 import time
 from dataclasses import dataclass, field
@@ -19,15 +20,13 @@ import jax
 import jax.numpy as jnp
 
 from polychip.config import Config, save_yaml, to_dict
+from polychip.files import RunLock
 from polychip.model.flops import train_flops_per_step
 from polychip.parallel import distributed
 from polychip.train.checkpoint import Checkpointer
+from polychip.train.health import check_finite
 from polychip.train.metrics import MetricsLogger
 from polychip.train.step import StepSpec
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss or gradient norm became NaN/inf; the step was not saved."""
 
 
 @dataclass
@@ -70,20 +69,20 @@ def train(cfg: Config, log=print, stop_after: int | None = None) -> TrainResult:
     distributed.initialize(cfg.distributed)
     spec = StepSpec.build(cfg)
     out = Path(cfg.out_dir)
-    stream = _prepare_data(cfg, out)
-    for d in spec.dropped():
-        log(f"note: replicated where the mesh does not divide: {d}")
-    ckpt = Checkpointer(out, keep=cfg.train.keep_checkpoints)
-    try:
-        state, start = _restore_or_init(spec, ckpt, log)
-        metrics = _metrics_logger(spec, out, log)
+    with RunLock(out) if jax.process_index() == 0 else contextlib.nullcontext():
+        stream = _prepare_data(cfg, out)
+        for d in spec.dropped():
+            log(f"note: replicated where the mesh does not divide: {d}")
+        ckpt = Checkpointer(out, keep=cfg.train.keep_checkpoints)
         try:
-            result = _run_steps(spec, state, start, stream, ckpt, metrics, log, stop_after)
+            state, start = _restore_or_init(spec, ckpt, log)
+            metrics = _metrics_logger(spec, out, log)
+            try:
+                return _run_steps(spec, state, start, stream, ckpt, metrics, log, stop_after)
+            finally:
+                metrics.close()
         finally:
-            metrics.close()
-    finally:
-        ckpt.close()
-    return result
+            ckpt.close()
 
 
 def _prepare_data(cfg: Config, out: Path):
@@ -132,7 +131,7 @@ def _run_steps(spec: StepSpec, state: dict, start: int, stream, ckpt: Checkpoint
                stop_after: int | None) -> TrainResult:
     cfg, t = spec.cfg, spec.cfg.train
     result = TrainResult(steps_run=0, final_step=start, resumed_from=start if start else None)
-    step_fn, tokens_per_step, step = spec.jitted, t.batch_size * t.seq_len, start
+    step_fn, tokens_per_step, step, saved = spec.jitted, t.batch_size * t.seq_len, start, start or None
     rows = {"process_index": jax.process_index(), "process_count": jax.process_count()}
     with _StopFlag() as stop:
         while step < t.steps:
@@ -141,7 +140,7 @@ def _run_steps(spec: StepSpec, state: dict, start: int, stream, ckpt: Checkpoint
             state, m = step_fn(state, batch)
             m = jax.device_get(m)  # waits for the step: honest per-step time
             dt = time.perf_counter() - t0
-            _check_finite(step + 1, m, ckpt)
+            check_finite(step + 1, m, last_checkpoint=saved)
             step += 1
             result.steps_run += 1
             result.losses.append(float(m["loss"]))
@@ -155,22 +154,13 @@ def _run_steps(spec: StepSpec, state: dict, start: int, stream, ckpt: Checkpoint
                 break
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.steps:
                 ckpt.save(step, state["params"], state["opt_state"], _meta(cfg, step))
+                saved = step
     ckpt.save(step, state["params"], state["opt_state"], _meta(cfg, step))
     if result.interrupted and jax.process_index() == 0:
         log(f"interrupted by signal {result.interrupted}: checkpoint written at step {step}; "
             f"run the same command to resume")
     result.final_step, result.state = step, state
     return result
-
-
-def _check_finite(step: int, m: dict, ckpt: Checkpointer) -> None:
-    loss, gnorm = float(m["loss"]), float(m["grad_norm"])
-    if math.isfinite(loss) and math.isfinite(gnorm):
-        return
-    good = ckpt.steps()
-    keep = f"the newest checkpoint is step {max(good)}" if good else "no checkpoint was written"
-    raise TrainingDiverged(f"step {step}: loss {loss} / grad norm {gnorm} is not finite; stopped without saving "
-                           f"this step ({keep}); lower train.lr or check the data and config")
 
 
 def _meta(cfg: Config, step: int) -> dict:
