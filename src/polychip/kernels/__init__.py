@@ -1,4 +1,7 @@
-"""Kernel library: one folder per op (api.py, reference.py, one file per backend), one registry."""
-from polychip.kernels.registry import KernelError, KernelPolicy, Target, implementations, ops, register, resolve
+"""Kernel library: one folder per op (api.py, reference.py, one file per backend), one registry, one
+call path (`KernelPolicy.call`); see README.md in this folder."""
+from polychip.kernels.registry import (KernelError, KernelPolicy, Op, Target, declare, implementations, kernel, ops,
+                                       register, resolve)
 
-__all__ = ["KernelError", "KernelPolicy", "Target", "implementations", "ops", "register", "resolve"]
+__all__ = ["KernelError", "KernelPolicy", "Op", "Target", "declare", "implementations", "kernel", "ops", "register",
+           "resolve"]
