@@ -1,4 +1,5 @@
-"""Block sizes and block-visit arithmetic shared by the Pallas flash-attention backends.
+"""What the Pallas flash-attention backends (TPU and GPU) share: the specialisation (`Static`), the
+score scaling / soft-cap and the mask, block sizes, and the block-visit arithmetic.
 
 A flash-attention kernel tiles queries into blocks of `bq` rows and keys into blocks of `bk` rows.
 Sequences are padded up to whole blocks inside the wrapper; padded keys are masked through the
