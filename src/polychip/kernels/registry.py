@@ -1,4 +1,4 @@
-"""One registry of kernel implementations per op.
+"""One registry of kernel implementations per op, and the one path every op is called through.
 
 The model asks for an op ("attention", "rms_norm", "cross_entropy", ...) through a `KernelPolicy`
 that was fixed once, at the boundary, for the target it is being traced for (which may not be the
@@ -7,17 +7,22 @@ in priority order and picks the first whose `supported_on(target, query)` return
 per-op override names one implementation; if it cannot run, the error lists why, instead of
 silently falling back.
 
-Backend files register themselves when imported; a backend whose toolchain is missing (no Triton,
-no Mosaic, no NKI) catches its ImportError and registers nothing, so `import polychip` never breaks.
+Each op's api.py declares the op with `declare` (its reference, the backend modules to load, each
+array argument's logical axes); each backend module lists its implementations in `KERNELS`. The
+registry imports those modules itself: one whose toolchain is missing (no Triton, no Mosaic, no NKI)
+fails to import and contributes nothing, so `import polychip` never breaks. The api's public function
+then calls `KernelPolicy.call`, which picks the implementation, passes the target's device_kind to
+kernels tuned per chip, and runs custom calls XLA cannot partition per shard on a multi-device mesh.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
-from dataclasses import dataclass, field
+import importlib
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
 
 class KernelError(ValueError):
@@ -63,58 +68,81 @@ class Impl:
     #: Pass the target's device_kind as `device_kind=` (kernels with per-chip tuned block sizes): a
     #: deviceless compile on a CPU host then uses the target chip's tuning, not the host's.
     wants_device_kind: bool = False
-    #: A custom call XLA cannot partition (Mosaic, Triton): on a multi-device mesh the op's api runs it
-    #: per shard under shard_map (see `KernelPolicy.per_shard`).
+    #: A custom call XLA cannot partition (Mosaic, Triton): on a multi-device mesh `KernelPolicy.call`
+    #: runs it per shard under shard_map (see `KernelPolicy.per_shard`).
     manual_partition: bool = False
-
-    def call(self, target: "Target", *args, **kwargs):
-        if self.wants_device_kind:
-            kwargs["device_kind"] = target.device_kind
-        return self.fn(*args, **kwargs)
 
 
 _REGISTRY: dict[str, list[Impl]] = {}
+REFERENCE_PRIORITY = 100
 
 
-def register(op: str, name: str, *, priority: int, supported_on: SupportFn = always, verified: str = "",
-             auto: bool = True, wants_device_kind: bool = False, manual_partition: bool = False):
-    """Decorator: add `fn` as implementation `name` of `op`. Lower priority number = tried first.
-    auto=False: never chosen automatically, only when named in an override."""
+def kernel(name: str, fn: Callable, *, priority: int, supported_on: SupportFn = always, verified: str = "",
+           auto: bool = True, wants_device_kind: bool = False, manual_partition: bool = False) -> Impl:
+    """One implementation as a backend module lists it in its `KERNELS`; the op that loads the module
+    fills in `op`. Lower priority number = tried first; auto=False: used only when named in an override."""
+    return Impl("", name, fn, supported_on, priority, verified, auto, wants_device_kind, manual_partition)
+
+
+def _add(impl: Impl) -> None:
+    impls = [i for i in _REGISTRY.get(impl.op, []) if i.name != impl.name]
+    impls.append(impl)
+    impls.sort(key=lambda i: i.priority)
+    _REGISTRY[impl.op] = impls
+
+
+def register(op: str, name: str, **opts):
+    """Decorator: add `fn` as implementation `name` of `op` (options as for `kernel`); for tests and
+    one-off backends outside an op folder."""
 
     def deco(fn: Callable) -> Callable:
-        impls = [i for i in _REGISTRY.get(op, []) if i.name != name]
-        impls.append(Impl(op, name, fn, supported_on, priority, verified, auto, wants_device_kind,
-                          manual_partition))
-        impls.sort(key=lambda i: i.priority)
-        _REGISTRY[op] = impls
+        _add(dataclasses.replace(kernel(name, fn, **opts), op=op))
         return fn
 
     return deco
 
 
-def register_pallas(op: str, backend: str, fn: Callable, *, priority: int, supported_on: SupportFn,
-                    interpret_supported_on: SupportFn, verified: str, auto: bool = True,
-                    wants_device_kind: bool = False) -> None:
-    """Register a Pallas kernel as `pallas_<backend>` and its CPU interpreter (`fn(..., interpret=True)`)
-    as `pallas_<backend>_interpret` (priority + 190, auto=False: only tests that name it use it). Both
-    are custom calls XLA cannot partition, so both run per shard on a mesh."""
-    register(op, f"pallas_{backend}", priority=priority, supported_on=supported_on, verified=verified, auto=auto,
-             wants_device_kind=wants_device_kind, manual_partition=True)(fn)
-    register(op, f"pallas_{backend}_interpret", priority=priority + 190, supported_on=interpret_supported_on,
-             auto=False, manual_partition=True,
-             verified=f"executed in CI (CPU, {'Mosaic TPU' if backend == 'tpu' else 'Pallas'} interpreter)")(
-        functools.partial(fn, interpret=True))
+@dataclass(frozen=True)
+class Op:
+    """An op as its api.py declares it. `args`: each array argument's name and logical axes, in call
+    order (`...` stands for as many unnamed dimensions as the array has left). `partial_sums`: the
+    outputs are sums over the first argument's leading dimension (a loss sum), added up across its
+    shards when the op runs per shard."""
+
+    name: str
+    args: tuple[tuple[str, tuple], ...]
+    partial_sums: bool = False
+
+    def axes(self, arg: str, ndim: int) -> tuple:
+        """Logical axes of argument `arg` with `ndim` dimensions (a scalar is replicated: ())."""
+        ax = dict(self.args)[arg]
+        if ndim == 0:
+            return ()
+        if ... in ax:
+            i = ax.index(...)
+            ax = ax[:i] + (None,) * (ndim - len(ax) + 1) + ax[i + 1:]
+        if len(ax) != ndim:
+            raise ValueError(f"{self.name}: argument {arg} has {ndim} dimensions; its declared axes are {ax}")
+        return ax
 
 
-def optional_backend(module: str):
-    """Import a backend module, or None when its toolchain is missing (one registry entry fewer, never
-    a broken `import polychip`)."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:  # pragma: no cover - depends on the jax build
-        return None
+def declare(name: str, *, reference: Callable, backends: tuple[str, ...], args: dict[str, tuple],
+            partial_sums: bool = False) -> Op:
+    """Register op `name`: `reference` (the plain-jnp ground truth, tried last by "auto") and the
+    `KERNELS` of each module polychip.kernels.<name>.<backend> that imports. A module whose toolchain
+    is missing is skipped (one entry fewer, never a broken `import polychip`); an ImportError of our
+    own code is not a missing toolchain and is raised. Returns the Op its api calls through."""
+    _add(Impl(name, "reference", reference, always, REFERENCE_PRIORITY, "executed in CI (CPU); the ground truth"))
+    for backend in backends:
+        try:
+            module = importlib.import_module(f"polychip.kernels.{name}.{backend}")
+        except ImportError as e:
+            if (e.name or "").startswith("polychip"):
+                raise
+            continue
+        for k in module.KERNELS:
+            _add(dataclasses.replace(k, op=name))
+    return Op(name, tuple(args.items()), partial_sums)
 
 
 def implementations(op: str) -> list[Impl]:
@@ -153,6 +181,22 @@ def resolve(op: str, target: Target, query: dict, override: str | None = None) -
     raise KernelError(f"no implementation of {op} supports this call on {target.platform}: " + "; ".join(reasons))
 
 
+def shard_specs(layout: Any, axes: tuple, shapes: tuple) -> list:
+    """Each argument's PartitionSpec under `layout` (mesh axes that do not divide a dimension are
+    dropped, as everywhere). A logical axis several arguments carry is split alike in all of them or in
+    none: a per-shard kernel must see matching slices (query heads split but KV heads whole would break
+    GQA's head grouping)."""
+    axes = [tuple(a) for a in axes]
+    while True:
+        specs = [layout.spec(a, s) for a, s in zip(axes, shapes)]
+        first: dict[str, Any] = {}
+        mismatched = {n for ax, spec in zip(axes, specs) for n, part in zip(ax, spec)
+                      if n is not None and first.setdefault(n, part) != part}
+        if not mismatched:
+            return specs
+        axes = [tuple(None if n in mismatched else n for n in a) for a in axes]
+
+
 @dataclass(frozen=True)
 class KernelPolicy:
     """Fixed at the boundary (CLI, engine, compile); hashable so it can be a static jit argument."""
@@ -177,20 +221,48 @@ class KernelPolicy:
     def with_layout(self, layout: Any) -> "KernelPolicy":
         return dataclasses.replace(self, layout=layout)
 
+    def with_overrides(self, **ov: str) -> "KernelPolicy":
+        merged = dict(self.overrides)
+        merged.update(ov)
+        return dataclasses.replace(self, overrides=tuple(sorted(merged.items())))
+
+    def call(self, op: Op, *args: Any, query: dict, **kwargs: Any):
+        """Run `op` the one way every op runs: pick the implementation for `query` (shapes, dtypes,
+        options; see `resolve`), pass it the target's device_kind if it wants one, and run it per
+        shard when it needs that (`per_shard`).
+
+        Positional args, and keyword args named in `op.args` that are not None, are the arrays, laid
+        out by their declared logical axes; every other keyword arg is a static option."""
+        names = [n for n, _ in op.args]
+        if len(args) > len(names):
+            raise TypeError(f"{op.name} takes {len(names)} array arguments, got {len(args)} positional")
+        impl = self.pick(op.name, **query)
+        arrays = dict(zip(names, args))
+        arrays.update((k, v) for k, v in kwargs.items() if k in names and v is not None)
+        static = {k: v for k, v in kwargs.items() if k not in arrays}
+        if impl.wants_device_kind:
+            static["device_kind"] = self.target.device_kind
+        n_pos, keys = len(args), tuple(arrays)
+
+        def run(*values):
+            return impl.fn(*values[:n_pos], **dict(zip(keys[n_pos:], values[n_pos:])), **static)
+
+        axes = tuple(op.axes(k, jnp.ndim(v)) for k, v in arrays.items())
+        return self.per_shard(impl, run, tuple(arrays.values()), axes, psum_outputs=op.partial_sums)
+
     def per_shard(self, impl: Impl, fn: Callable, args: tuple, axes: tuple, psum_outputs: bool = False):
         """fn(*args), run per shard under shard_map when `impl` is a custom call XLA cannot partition
         (Mosaic, Triton) and the layout's mesh has more than one device; otherwise a plain call.
 
-        args: arrays; axes: each one's logical axis names (mesh axes that do not divide a dimension are
-        dropped, as everywhere). The output is laid out like args[0]; with psum_outputs the outputs are
-        per-shard partial sums (e.g. a loss sum) added up over the mesh axes args[0]'s first dimension
-        is split on, and returned replicated."""
+        args: arrays; axes: each one's logical axis names (see `shard_specs`). The output is laid out
+        like args[0]; with psum_outputs the outputs are per-shard partial sums (e.g. a loss sum) added
+        up over the mesh axes args[0]'s first dimension is split on, and returned replicated."""
         layout = self.layout
         if not impl.manual_partition or layout is None or layout.mesh.size == 1:
             return fn(*args)
         from jax.sharding import PartitionSpec as P
 
-        specs = tuple(layout.spec(ax, a.shape) for ax, a in zip(axes, args))
+        specs = tuple(shard_specs(layout, axes, tuple(a.shape for a in args)))
         lead = specs[0][0] if len(specs[0]) else None
         split = () if lead is None else (tuple(lead) if isinstance(lead, tuple) else (lead,))
 
@@ -203,22 +275,16 @@ class KernelPolicy:
         out_specs = P() if psum_outputs else specs[0]
         return jax.shard_map(body, mesh=layout.mesh, in_specs=specs, out_specs=out_specs, check_vma=False)(*args)
 
-    def with_overrides(self, **ov: str) -> "KernelPolicy":
-        merged = dict(self.overrides)
-        merged.update(ov)
-        return dataclasses.replace(self, overrides=tuple(sorted(merged.items())))
-
 
 _LOADED = False
 
 
 def _ensure_loaded() -> None:
-    """Import every op package once so that their backends register."""
+    """Import every op package once so that each declares itself."""
     global _LOADED
     if _LOADED:
         return
     _LOADED = True
-    import importlib
     import pkgutil
 
     import polychip.kernels as pkg

@@ -84,22 +84,21 @@ def tune_tpu(topology: str, *, seq: int, H: int, K: int, D: int, B: int = 1, dty
     cands = [c for c in candidates if _fits(c, seq)]
     kw = dict(B=B, T=seq, H=H, K=K, D=D, dtype=dtype, causal=causal, window=window)
     best, best_s = None, float("inf")
-    for bq, bk in itertools.product(cands, cands):
-        bs = BlockSizes(bq, bk, bq, bk)
+
+    def consider(bs: BlockSizes) -> None:
+        nonlocal best, best_s
         sc = tpu_score(topology, bs=bs, **kw)
         log(f"  {topology} seq={seq} {bs}: {'rejected' if sc is None else f'{sc * 1e3:.3f} ms'}")
         if sc is not None and sc < best_s:
             best, best_s = bs, sc
+
+    for bq, bk in itertools.product(cands, cands):
+        consider(BlockSizes(bq, bk, bq, bk))
     if best is None:
         raise RuntimeError(f"no block-size candidate compiled for {topology} seq={seq}")
     for bqd, bkd in itertools.product(cands, cands) if dkv_stage else ():
-        bs = BlockSizes(best.bq, best.bk, bqd, bkd)
-        if bs == best:
-            continue
-        sc = tpu_score(topology, bs=bs, **kw)
-        log(f"  {topology} seq={seq} {bs}: {'rejected' if sc is None else f'{sc * 1e3:.3f} ms'}")
-        if sc is not None and sc < best_s:
-            best, best_s = bs, sc
+        if (bqd, bkd) != (best.bq_dkv, best.bk_dkv):
+            consider(BlockSizes(best.bq, best.bk, bqd, bkd))
     return best, best_s
 
 

@@ -1,4 +1,5 @@
-"""Block sizes and block-visit arithmetic shared by the Pallas flash-attention backends.
+"""What the Pallas flash-attention backends (TPU and GPU) share: the specialisation (`Static`), the
+score scaling / soft-cap and the mask, block sizes, and the block-visit arithmetic.
 
 A flash-attention kernel tiles queries into blocks of `bq` rows and keys into blocks of `bk` rows.
 Sequences are padded up to whole blocks inside the wrapper; padded keys are masked through the
@@ -16,19 +17,22 @@ The visit arithmetic (`kv_block_range`, `q_block_range`, `block_is_full`) is wri
 from __future__ import annotations
 
 import json
-import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
+
+from polychip.files import atomic_write_json
+from polychip.kernels.pallas_common import next_pow2, round_up
 
 TUNED_DIR = Path(__file__).parent / "tuned"
 
 
-@dataclass(frozen=True)
-class BlockSizes:
+class BlockSizes(NamedTuple):
     """Tile sizes. `bq`/`bk`: forward and dQ kernels; `bq_dkv`/`bk_dkv`: the dK/dV kernel."""
 
     bq: int = 128
@@ -37,7 +41,7 @@ class BlockSizes:
     bk_dkv: int = 128
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return self._asdict()
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,66 @@ class Geometry:
         return self.Sp // self.bk
 
 
+@dataclass(frozen=True)
+class Static:
+    """Everything a flash kernel is specialised on (hashable: a custom_vjp non-diff argument).
+    num_warps / num_stages: Triton only."""
+
+    H: int
+    K: int
+    D: int
+    causal: bool
+    window: int | None
+    soft_cap: float | None
+    scale: float
+    fwd: Geometry
+    dkv: Geometry
+    interpret: bool
+    num_warps: int = 4
+    num_stages: int = 2
+
+    @property
+    def G(self) -> int:
+        return self.H // self.K
+
+    @staticmethod
+    def create(q, k, *, causal, sliding_window, soft_cap, scale, fwd: Geometry, dkv: Geometry, interpret,
+               **triton) -> "Static":
+        H, D, K = q.shape[2], q.shape[3], k.shape[2]
+        return Static(H=H, K=K, D=D, causal=bool(causal), window=None if sliding_window is None else int(sliding_window),
+                      soft_cap=None if soft_cap is None else float(soft_cap),
+                      scale=float(D ** -0.5 if scale is None else scale), fwd=fwd, dkv=dkv, interpret=bool(interpret),
+                      **triton)
+
+
+def scaled_scores(s, st: Static):
+    """Raw q.k products -> (scaled, soft-capped fp32 logits, the tanh for the backward or None)."""
+    s = s * st.scale
+    t = None
+    if st.soft_cap is not None:
+        t = jnp.tanh(s / st.soft_cap)
+        s = st.soft_cap * t
+    return s, t
+
+
+def allowed(qpos, kpos, kv_len, st: Static):
+    """Boolean mask of allowed (query, key) pairs from broadcastable absolute positions."""
+    m = kpos < kv_len
+    if st.causal:
+        m = m & (kpos <= qpos)
+    if st.window is not None:
+        m = m & (kpos > qpos - st.window)
+    return m
+
+
+def offsets_and_lengths(B: int, S: int, q_offset, kv_lengths):
+    """([B] int32 query offsets, [B] int32 valid key lengths clamped to S) from the API's options."""
+    qoff = jnp.broadcast_to(jnp.asarray(0 if q_offset is None else q_offset, jnp.int32).reshape(-1), (B,))
+    kvl = jnp.full((B,), S, jnp.int32) if kv_lengths is None else jnp.minimum(
+        jnp.asarray(kv_lengths, jnp.int32).reshape(B), S)
+    return qoff, kvl
+
+
 def fit_block(length: int, want: int, granule: int) -> tuple[int, int]:
     """(block, padded length) for a sequence of `length` with a preferred block `want`.
 
@@ -67,17 +131,9 @@ def fit_block(length: int, want: int, granule: int) -> tuple[int, int]:
     sublane tile: 16 covers bf16 and fp32 on TPU; a power of two for Triton). Otherwise the block is
     `want` and the length is padded to a multiple of it."""
     if length <= want:
-        b = _round_up(max(length, 1), granule)
+        b = round_up(max(length, 1), granule)
         return b, b
-    return want, _round_up(length, want)
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
-def next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
+    return want, round_up(length, want)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,23 +246,35 @@ def tuned_blocks(device_kind: str, key: str) -> BlockSizes | None:
 
 
 def write_tuned(device_kind: str, entries: dict[str, dict], meta: dict, directory: Path = TUNED_DIR) -> Path:
-    """Merge `entries` into directory/<slug>.json atomically (temp file + os.replace)."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """Merge `entries` into directory/<slug>.json atomically."""
     path = directory / f"{device_slug(device_kind)}.json"
-    data = {"device_kind": device_kind, "meta": meta, "entries": {}}
+    merged = {}
     if path.exists():
-        with open(path) as f:
-            old = json.load(f)
-        data["entries"].update(old.get("entries", {}))
-    data["entries"].update(entries)
-    data["entries"] = dict(sorted(data["entries"].items()))
-    tmp = path.with_suffix(f".json.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+        merged.update(json.loads(path.read_text()).get("entries", {}))
+    merged.update(entries)
+    data = {"device_kind": device_kind, "meta": meta, "entries": dict(sorted(merged.items()))}
+    atomic_write_json(path, data, sort_keys=False)
     _load_tuned.cache_clear()
     return path
+
+
+def host_device_kind(platform: str) -> str:
+    """This host's device kind when its first device is a `platform` chip, else ""."""
+    try:
+        d = jax.devices()[0]
+    except RuntimeError:  # pragma: no cover
+        return ""
+    return d.device_kind if d.platform == platform else ""
+
+
+def pick_blocks(platform: str, *, T, S, H, K, D, dtype, causal, window, device_kind: str | None = None) -> BlockSizes:
+    """Tuned entry for (device kind, shape class) when present, else the heuristic default. device_kind
+    None: this host's (a deviceless compile passes the target's)."""
+    if device_kind is None:
+        device_kind = host_device_kind(platform)
+    key = shape_class(seq=max(T, S), head_dim=D, group=H // K, dtype=dtype, causal=causal, window=window)
+    return (tuned_blocks(device_kind, key) if device_kind else None) or default_blocks(platform, seq=max(T, S),
+                                                                                        head_dim=D)
 
 
 def default_blocks(platform: str, *, seq: int, head_dim: int) -> BlockSizes:

@@ -21,42 +21,19 @@ Verified here only with `interpret=True` on CPU; the Triton/PTX path for a real 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-
-try:
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import triton as plgpu
-except ImportError:  # pragma: no cover - Triton lowering missing from this jaxlib
-    pl = plgpu = None
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from polychip.kernels.attention import blocks as B_
-from polychip.kernels.attention.blocks import BlockSizes, Geometry
+from polychip.kernels.attention.blocks import BlockSizes, Geometry, Static
+from polychip.kernels.common import NEG_INF
+from polychip.kernels.pallas_common import gpu_options, is_pow2, next_pow2, pallas_kernels, round_up
 
-NEG_INF = -1e30
-
-
-@dataclass(frozen=True)
-class Static:
-    H: int
-    K: int
-    D: int
-    causal: bool
-    window: int | None
-    soft_cap: float | None
-    scale: float
-    fwd: Geometry
-    dkv: Geometry
-    interpret: bool
-    num_warps: int = 4
-    num_stages: int = 2
-
-    @property
-    def G(self) -> int:
-        return self.H // self.K
+pick_blocks = functools.partial(B_.pick_blocks, "gpu")
 
 
 def _dot(a, b, trans_b=False):
@@ -66,35 +43,43 @@ def _dot(a, b, trans_b=False):
 
 
 def _scores(q, k, st: Static):
-    s = _dot(q, k, trans_b=True) * st.scale
-    t = None
-    if st.soft_cap is not None:
-        t = jnp.tanh(s / st.soft_cap)
-        s = st.soft_cap * t
-    return s, t
+    return B_.scaled_scores(_dot(q, k, trans_b=True), st)
 
 
 def _mask(i, j, qoff, kvlen, bq, bk, st: Static):
     qpos = (qoff + i * bq + jnp.arange(bq, dtype=jnp.int32))[:, None]
     kpos = (j * bk + jnp.arange(bk, dtype=jnp.int32))[None, :]
-    m = kpos < kvlen
-    if st.causal:
-        m = m & (kpos <= qpos)
-    if st.window is not None:
-        m = m & (kpos > qpos - st.window)
-    return m
+    return B_.allowed(qpos, kpos, kvlen, st)
 
 
-def _params(st: Static):
-    return plgpu.CompilerParams(num_warps=st.num_warps, num_stages=st.num_stages)
+def _kv_head(h, G):
+    return lax.div(h, jnp.int32(G))
+
+
+def _block_range(meta_ref, st: Static, over_keys: bool):
+    """(this program's block index, qoff, kvlen, lo, hi): the inclusive range of key blocks (over_keys)
+    or query blocks this program's block needs."""
+    g = st.fwd if over_keys else st.dkv
+    n = pl.program_id(2)
+    qoff, kvlen = meta_ref[0], meta_ref[1]
+    kw = dict(bq=g.bq, bk=g.bk, causal=st.causal, window=st.window)
+    if over_keys:
+        return (n, qoff, kvlen, *B_.kv_block_range(n, qoff, kvlen, nk=g.nk, **kw))
+    return (n, qoff, kvlen, *B_.q_block_range(n, qoff, kvlen, nq=g.nq, **kw))
+
+
+def _call(kernel, st: Static, name: str, grid, in_specs, out_specs, out_shape, *args):
+    """pallas_call with the per-sequence [q_offset, kv_length] row (args[0]) as the first input."""
+    meta = pl.BlockSpec((None, 2), lambda b, h, n: (b, 0))
+    return pl.pallas_call(functools.partial(kernel, st=st), grid=grid, in_specs=[meta, *in_specs],
+                          out_specs=out_specs, out_shape=out_shape, name=name,
+                          **gpu_options(st.interpret, st.num_warps, st.num_stages))(*args)
 
 
 # ---------------------------------------------------------------------------------------------
 def _fwd_kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: Static):
     g = st.fwd
-    i = pl.program_id(2)
-    qoff, kvlen = meta_ref[0], meta_ref[1]
-    lo, hi = B_.kv_block_range(i, qoff, kvlen, bq=g.bq, bk=g.bk, nk=g.nk, causal=st.causal, window=st.window)
+    i, qoff, kvlen, lo, hi = _block_range(meta_ref, st, over_keys=True)
     q = q_ref[...]
 
     def body(j, carry):
@@ -118,38 +103,26 @@ def _fwd_kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: Static):
     lse_ref[...] = m + jnp.log(safe)
 
 
-def _kv_head(h, G):
-    return lax.div(h, jnp.int32(G))
+def _fwd_specs(st: Static):
+    """(query/output spec, whole-sequence key/value spec, lse/delta row spec) of the grid (b, h, i)."""
+    g, G = st.fwd, st.G
+    return (pl.BlockSpec((None, g.bq, None, st.D), lambda b, h, i: (b, i, h, 0)),
+            pl.BlockSpec((None, g.Sp, None, st.D), lambda b, h, i: (b, 0, _kv_head(h, G), 0)),
+            pl.BlockSpec((None, None, g.bq), lambda b, h, i: (b, h, i)))
 
 
 def _fwd_call(st: Static, q, k, v, meta):
-    g, Bn, G = st.fwd, q.shape[0], st.G
-    return pl.pallas_call(
-        functools.partial(_fwd_kernel, st=st),
-        grid=(Bn, st.H, g.nq),
-        in_specs=[
-            pl.BlockSpec((None, 2), lambda b, h, i: (b, 0)),
-            pl.BlockSpec((None, g.bq, None, st.D), lambda b, h, i: (b, i, h, 0)),
-            pl.BlockSpec((None, g.Sp, None, st.D), lambda b, h, i: (b, 0, _kv_head(h, G), 0)),
-            pl.BlockSpec((None, g.Sp, None, st.D), lambda b, h, i: (b, 0, _kv_head(h, G), 0)),
-        ],
-        out_specs=[
-            pl.BlockSpec((None, g.bq, None, st.D), lambda b, h, i: (b, i, h, 0)),
-            pl.BlockSpec((None, None, g.bq), lambda b, h, i: (b, h, i)),
-        ],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((Bn, st.H, g.Tp), jnp.float32)],
-        compiler_params=_params(st),
-        interpret=st.interpret,
-        name="polychip_flash_fwd_gpu",
-    )(meta, q, k, v)
+    g, Bn = st.fwd, q.shape[0]
+    qspec, kvspec, rowspec = _fwd_specs(st)
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((Bn, st.H, g.Tp), jnp.float32)]
+    return _call(_fwd_kernel, st, "polychip_flash_fwd_gpu", (Bn, st.H, g.nq), [qspec, kvspec, kvspec],
+                 [qspec, rowspec], out_shape, meta, q, k, v)
 
 
 # ---------------------------------------------------------------------------------------------
 def _dq_kernel(meta_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dq_ref, *, st: Static):
     g = st.fwd
-    i = pl.program_id(2)
-    qoff, kvlen = meta_ref[0], meta_ref[1]
-    lo, hi = B_.kv_block_range(i, qoff, kvlen, bq=g.bq, bk=g.bk, nk=g.nk, causal=st.causal, window=st.window)
+    i, qoff, kvlen, lo, hi = _block_range(meta_ref, st, over_keys=True)
     q, do = q_ref[...], do_ref[...]
     lse, delta = lse_ref[...][:, None], dl_ref[...][:, None]
 
@@ -168,28 +141,16 @@ def _dq_kernel(meta_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dq_ref, *
 
 
 def _dq_call(st: Static, q, k, v, do, lse, delta, meta):
-    g, Bn, G = st.fwd, q.shape[0], st.G
-    qspec = pl.BlockSpec((None, g.bq, None, st.D), lambda b, h, i: (b, i, h, 0))
-    kvspec = pl.BlockSpec((None, g.Sp, None, st.D), lambda b, h, i: (b, 0, _kv_head(h, G), 0))
-    rowspec = pl.BlockSpec((None, None, g.bq), lambda b, h, i: (b, h, i))
-    return pl.pallas_call(
-        functools.partial(_dq_kernel, st=st),
-        grid=(Bn, st.H, g.nq),
-        in_specs=[pl.BlockSpec((None, 2), lambda b, h, i: (b, 0)), qspec, kvspec, kvspec, qspec, rowspec, rowspec],
-        out_specs=qspec,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=_params(st),
-        interpret=st.interpret,
-        name="polychip_flash_dq_gpu",
-    )(meta, q, k, v, do, lse, delta)
+    qspec, kvspec, rowspec = _fwd_specs(st)
+    return _call(_dq_kernel, st, "polychip_flash_dq_gpu", (q.shape[0], st.H, st.fwd.nq),
+                 [qspec, kvspec, kvspec, qspec, rowspec, rowspec], qspec, jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 meta, q, k, v, do, lse, delta)
 
 
 # ---------------------------------------------------------------------------------------------
 def _dkv_kernel(meta_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dk_ref, dv_ref, *, st: Static):
     g = st.dkv
-    j = pl.program_id(2)
-    qoff, kvlen = meta_ref[0], meta_ref[1]
-    lo, hi = B_.q_block_range(j, qoff, kvlen, bq=g.bq, bk=g.bk, nq=g.nq, causal=st.causal, window=st.window)
+    j, qoff, kvlen, lo, hi = _block_range(meta_ref, st, over_keys=False)
     k, v = k_ref[...], v_ref[...]
 
     def body(i, carry):
@@ -220,16 +181,9 @@ def _dkv_call(st: Static, q, k, v, do, lse, delta, meta):
     rowspec = pl.BlockSpec((None, None, g.Tp), lambda b, h, j: (b, h, 0))
     outspec = pl.BlockSpec((None, g.bk, None, st.D), lambda b, h, j: (b, j, h, 0))
     dt = k.dtype if G == 1 else jnp.float32
-    return pl.pallas_call(
-        functools.partial(_dkv_kernel, st=st),
-        grid=(Bn, st.H, g.nk),
-        in_specs=[pl.BlockSpec((None, 2), lambda b, h, j: (b, 0)), qspec, kvspec, kvspec, qspec, rowspec, rowspec],
-        out_specs=[outspec, outspec],
-        out_shape=[jax.ShapeDtypeStruct((Bn, g.Sp, st.H, st.D), dt)] * 2,
-        compiler_params=_params(st),
-        interpret=st.interpret,
-        name="polychip_flash_dkv_gpu",
-    )(meta, q, k, v, do, lse, delta)
+    return _call(_dkv_kernel, st, "polychip_flash_dkv_gpu", (Bn, st.H, g.nk),
+                 [qspec, kvspec, kvspec, qspec, rowspec, rowspec], [outspec, outspec],
+                 [jax.ShapeDtypeStruct((Bn, g.Sp, st.H, st.D), dt)] * 2, meta, q, k, v, do, lse, delta)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,35 +228,19 @@ def flash_attention(q, k, v, *, causal=True, sliding_window=None, soft_cap=None,
     gran = 16  # smallest tile Triton's tensor-core dot takes
     bq, Tp = B_.fit_block(T, block_sizes.bq, gran)
     bk, Sp = B_.fit_block(S, block_sizes.bk, gran)
-    bq, bk = B_.next_pow2(bq), B_.next_pow2(bk)
-    Tp, Sp = -(-Tp // bq) * bq, -(-Sp // bk) * bk
-    bqd = min(B_.next_pow2(block_sizes.bq_dkv), B_.next_pow2(Tp))
-    bkd = min(B_.next_pow2(block_sizes.bk_dkv), B_.next_pow2(Sp))
-    Tpd, Spd = -(-Tp // bqd) * bqd, -(-Sp // bkd) * bkd
-    st = Static(H=H, K=K, D=D, causal=bool(causal), window=None if sliding_window is None else int(sliding_window),
-                soft_cap=None if soft_cap is None else float(soft_cap), scale=float(D ** -0.5 if scale is None else scale),
-                fwd=Geometry(T, S, bq, bk, Tp, Sp), dkv=Geometry(T, S, bqd, bkd, Tpd, Spd), interpret=bool(interpret),
-                num_warps=num_warps or (4 if D <= 64 else 8), num_stages=num_stages)
-    qoff = jnp.broadcast_to(jnp.asarray(0 if q_offset is None else q_offset, jnp.int32).reshape(-1), (Bn,))
-    kvl = jnp.full((Bn,), S, jnp.int32) if kv_lengths is None else jnp.minimum(
-        jnp.asarray(kv_lengths, jnp.int32).reshape(Bn), S)
-    meta = jnp.stack([qoff, kvl], axis=1)
+    bq, bk = next_pow2(bq), next_pow2(bk)
+    Tp, Sp = round_up(Tp, bq), round_up(Sp, bk)
+    bqd = min(next_pow2(block_sizes.bq_dkv), next_pow2(Tp))
+    bkd = min(next_pow2(block_sizes.bk_dkv), next_pow2(Sp))
+    st = Static.create(q, k, causal=causal, sliding_window=sliding_window, soft_cap=soft_cap, scale=scale,
+                       fwd=Geometry(T, S, bq, bk, Tp, Sp),
+                       dkv=Geometry(T, S, bqd, bkd, round_up(Tp, bqd), round_up(Sp, bkd)),
+                       interpret=interpret, num_warps=num_warps or (4 if D <= 64 else 8), num_stages=num_stages)
+    meta = jnp.stack(B_.offsets_and_lengths(Bn, S, q_offset, kv_lengths), axis=1)
     qp = jnp.pad(q, [(0, 0), (0, Tp - T), (0, 0), (0, 0)])
     kp = jnp.pad(k, [(0, 0), (0, Sp - S), (0, 0), (0, 0)])
     vp = jnp.pad(v, [(0, 0), (0, Sp - S), (0, 0), (0, 0)])
     return _flash(st, qp, kp, vp, meta)[:, :T]
-
-
-def pick_blocks(*, T, S, H, K, D, dtype, causal, window, device_kind: str | None = None) -> BlockSizes:
-    if device_kind is None:
-        try:
-            d = jax.devices()[0]
-            device_kind = d.device_kind if d.platform == "gpu" else ""
-        except RuntimeError:  # pragma: no cover
-            device_kind = ""
-    key = B_.shape_class(seq=max(T, S), head_dim=D, group=H // K, dtype=dtype, causal=causal, window=window)
-    return (B_.tuned_blocks(device_kind, key) if device_kind else None) or B_.default_blocks("gpu", seq=max(T, S),
-                                                                                            head_dim=D)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,25 +248,11 @@ def _reason(query: dict) -> str | None:
     if query.get("dtype") not in ("bfloat16", "float32", "float16"):
         return f"dtype {query.get('dtype')} not supported (bfloat16, float16, float32)"
     d = query.get("head_dim", 0)
-    if d < 16 or d > 256 or d & (d - 1):
+    if d < 16 or d > 256 or not is_pow2(d):
         return f"head_dim {d} not supported (Triton needs a power of two in 16..256)"
     return None
 
 
-def supported_on(target, query: dict) -> str | None:
-    if target.platform != "gpu":
-        return f"Pallas GPU (Triton) kernel needs platform gpu, not {target.platform}"
-    return _reason(query)
-
-
-def _attention(q, k, v, **kw):
-    return flash_attention(q, k, v, **kw)
-
-
-if pl is not None:
-    from polychip.kernels.registry import register_pallas
-
-    # auto=False until it has run on a GPU: only an explicit override (attention=pallas_gpu) picks it.
-    register_pallas("attention", "gpu", _attention, priority=20, supported_on=supported_on,
-                    interpret_supported_on=lambda t, q: _reason(q), auto=False,
-                    verified="interpret mode in CI (CPU); Triton path not run on a GPU")
+# auto=False until it has run on a GPU: only an explicit override (attention=pallas_gpu) picks it.
+KERNELS = pallas_kernels("gpu", flash_attention, priority=20, shape_reason=_reason, auto=False,
+                         verified="interpret mode in CI (CPU); Triton path not run on a GPU")

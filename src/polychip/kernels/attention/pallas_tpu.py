@@ -20,50 +20,23 @@ soft-cap chain rule ds *= 1 - tanh^2; dq += scale * ds k; dk += scale * ds^T q.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-
-try:  # Mosaic ships with jaxlib; keep `import polychip` working if it ever does not.
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import tpu as pltpu
-except ImportError:  # pragma: no cover
-    pl = pltpu = None
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
 from polychip.kernels.attention import blocks as B_
-from polychip.kernels.attention.blocks import BlockSizes, Geometry
+from polychip.kernels.attention.blocks import BlockSizes, Geometry, Static
+from polychip.kernels.common import NEG_INF
+from polychip.kernels.pallas_common import pallas_kernels, tpu_options
 
-NEG_INF = -1e30  # finite: fully-masked rows give exp(NEG_INF - NEG_INF) handled by the mask, no NaN
 GRANULE = 16     # sublane tile covering fp32 (8) and bf16 (16)
 NT = (((1,), (1,)), ((), ()))  # contract last dims: a @ b.T
 NN = (((1,), (0,)), ((), ()))
 TN = (((0,), (0,)), ((), ()))  # a.T @ b
-
-
-@dataclass(frozen=True)
-class Static:
-    """Everything the kernels are specialised on (hashable: a custom_vjp non-diff argument)."""
-
-    H: int
-    K: int
-    D: int
-    causal: bool
-    window: int | None
-    soft_cap: float | None
-    scale: float
-    fwd: Geometry
-    dkv: Geometry
-    interpret: bool
-
-    @property
-    def G(self) -> int:
-        return self.H // self.K
-
-
-def _interpret(flag: bool):
-    return pltpu.InterpretParams() if flag else False
+pick_blocks = functools.partial(B_.pick_blocks, "tpu")
 
 
 def _dot(a, b, dims):
@@ -73,13 +46,7 @@ def _dot(a, b, dims):
 
 def _scores(q, k, st: Static, transposed: bool):
     """[bq, bk] (or [bk, bq] when transposed) scaled, soft-capped fp32 logits; also tanh for the bwd."""
-    s = _dot(k, q, NT) if transposed else _dot(q, k, NT)
-    s = s * st.scale
-    t = None
-    if st.soft_cap is not None:
-        t = jnp.tanh(s / st.soft_cap)
-        s = st.soft_cap * t
-    return s, t
+    return B_.scaled_scores(_dot(k, q, NT) if transposed else _dot(q, k, NT), st)
 
 
 def _mask(shape, i, j, qoff, kvlen, g: Geometry, st: Static, transposed: bool):
@@ -87,12 +54,7 @@ def _mask(shape, i, j, qoff, kvlen, g: Geometry, st: Static, transposed: bool):
     qa, ka = (1, 0) if transposed else (0, 1)
     qpos = qoff + i * g.bq + lax.broadcasted_iota(jnp.int32, shape, qa)
     kpos = j * g.bk + lax.broadcasted_iota(jnp.int32, shape, ka)
-    m = kpos < kvlen
-    if st.causal:
-        m = m & (kpos <= qpos)
-    if st.window is not None:
-        m = m & (kpos > qpos - st.window)
-    return m
+    return B_.allowed(qpos, kpos, kvlen, st)
 
 
 def _ranges(g: Geometry, st: Static):
@@ -103,15 +65,64 @@ def _ranges(g: Geometry, st: Static):
     return kv_range, q_range, full
 
 
-def _masked_or_not(run, full, body):
-    """Run body(masked) under `run`, with the mask only on blocks that are not entirely allowed."""
-    @pl.when(run & full)
-    def _():
-        body(False)
+def _visitor(run, full):
+    """visit(body): body(masked) under `run`, with the mask only on blocks that are not entirely allowed."""
+    def visit(body):
+        @pl.when(run & full)
+        def _():
+            body(False)
 
-    @pl.when(run & jnp.logical_not(full))
-    def _():
-        body(True)
+        @pl.when(run & jnp.logical_not(full))
+        def _():
+            body(True)
+
+    return visit
+
+
+def _kv_program(qoff_ref, kvl_ref, st: Static):
+    """A forward / dQ program (b, h, i, j) -> (i, j, qoff, kvlen, visit): visit runs when query block i
+    needs key block j."""
+    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    qoff, kvlen = qoff_ref[b], kvl_ref[b]
+    kv_range, _, full_fn = _ranges(st.fwd, st)
+    lo, hi = kv_range(i, qoff, kvlen)
+    return i, j, qoff, kvlen, _visitor((j >= lo) & (j <= hi), full_fn(i, j, qoff, kvlen))
+
+
+def _kv_specs(st: Static):
+    """(query-row spec, key/value spec with blocks clamped to those needed, lse/delta row spec) of the
+    forward / dQ grid (b, h, i, j)."""
+    g, G = st.fwd, st.G
+    kv_range, _, _ = _ranges(g, st)
+
+    def kv_map(b, h, i, j, qoff_ref, kvl_ref):
+        lo, hi = kv_range(i, qoff_ref[b], kvl_ref[b])
+        return b, lax.div(h, jnp.int32(G)), B_.clamp_index(j, lo, hi, g.nk), 0
+
+    qspec = pl.BlockSpec((None, None, g.bq, st.D), lambda b, h, i, j, *_: (b, h, i, 0))
+    rowspec = pl.BlockSpec((None, None, 1, g.bq), lambda b, h, i, j, *_: (b, h, 0, i))
+    return qspec, pl.BlockSpec((None, None, g.bk, st.D), kv_map), rowspec
+
+
+def _cost(st: Static, g: Geometry, Bn: int, matmuls: int, bytes_accessed):
+    """Block-exact estimate (Mosaic kernels are opaque to XLA's cost model): `matmuls` [bq, bk, D]
+    products per visited block pair; bytes_accessed(visited pairs per head)."""
+    n_pairs = B_.visited_pairs(g, causal=st.causal, window=st.window)
+    return pl.CostEstimate(flops=Bn * st.H * n_pairs * 2 * matmuls * g.bq * g.bk * st.D,
+                           transcendentals=Bn * st.H * n_pairs * g.bq * g.bk, bytes_accessed=bytes_accessed(n_pairs))
+
+
+def _call(kernel, st: Static, name: str, grid, specs, scratch, out_shape, cost, *args):
+    """pallas_call with the query offsets and key lengths (args[:2]) as scalar prefetch; every grid
+    axis parallel but the reductions after the first three."""
+    in_specs, out_specs = specs
+    return pl.pallas_call(
+        functools.partial(kernel, st=st),
+        grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=2, grid=grid, in_specs=in_specs,
+                                               out_specs=out_specs, scratch_shapes=scratch),
+        out_shape=out_shape, cost_estimate=cost, name=name,
+        **tpu_options(st.interpret, *("parallel",) * 3, *("arbitrary",) * (len(grid) - 3)),
+    )(*args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,10 +130,7 @@ def _masked_or_not(run, full, body):
 # ---------------------------------------------------------------------------------------------
 def _fwd_kernel(qoff_ref, kvl_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, st: Static):
     g = st.fwd
-    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-    qoff, kvlen = qoff_ref[b], kvl_ref[b]
-    kv_range, _, full_fn = _ranges(g, st)
-    lo, hi = kv_range(i, qoff, kvlen)
+    i, j, qoff, kvlen, visit = _kv_program(qoff_ref, kvl_ref, st)
 
     @pl.when(j == 0)
     def _():
@@ -130,7 +138,8 @@ def _fwd_kernel(qoff_ref, kvl_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_
         l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
         acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
-    def body(masked):
+    @visit
+    def _(masked):
         q, k, v = q_ref[...], k_ref[...], v_ref[...]
         s, _ = _scores(q, k, st, transposed=False)
         if masked:
@@ -146,8 +155,6 @@ def _fwd_kernel(qoff_ref, kvl_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_
         m_sc[...] = m_next
         acc_sc[...] = alpha * acc_sc[...] + _dot(p.astype(v.dtype), v, NN)
 
-    _masked_or_not((j >= lo) & (j <= hi), full_fn(i, j, qoff, kvlen), body)
-
     @pl.when(j == g.nk - 1)
     def _():
         l = l_sc[...]
@@ -158,47 +165,14 @@ def _fwd_kernel(qoff_ref, kvl_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_
 
 
 def _fwd_call(st: Static, q, k, v, qoff, kvl):
-    g = st.fwd
-    Bn = q.shape[0]
-    G = st.G
-    kv_range, _, _ = _ranges(g, st)
-
-    def kv_map(b, h, i, j, qoff_ref, kvl_ref):
-        lo, hi = kv_range(i, qoff_ref[b], kvl_ref[b])
-        return b, lax.div(h, jnp.int32(G)), B_.clamp_index(j, lo, hi, g.nk), 0
-
-    n_pairs = B_.visited_pairs(g, causal=st.causal, window=st.window)
-    isz = q.dtype.itemsize
-    cost = pl.CostEstimate(
-        flops=Bn * st.H * n_pairs * 4 * g.bq * g.bk * st.D,
-        transcendentals=Bn * st.H * n_pairs * g.bq * g.bk,
-        bytes_accessed=Bn * st.H * (2 * g.Tp * st.D * isz + g.Tp * 4 + n_pairs * 2 * g.bk * st.D * isz),
-    )
-    grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=2,
-        grid=(Bn, st.H, g.nq, g.nk),
-        in_specs=[
-            pl.BlockSpec((None, None, g.bq, st.D), lambda b, h, i, j, *_: (b, h, i, 0)),
-            pl.BlockSpec((None, None, g.bk, st.D), kv_map),
-            pl.BlockSpec((None, None, g.bk, st.D), kv_map),
-        ],
-        out_specs=[
-            pl.BlockSpec((None, None, g.bq, st.D), lambda b, h, i, j, *_: (b, h, i, 0)),
-            pl.BlockSpec((None, None, 1, g.bq), lambda b, h, i, j, *_: (b, h, 0, i)),
-        ],
-        scratch_shapes=[pltpu.VMEM((g.bq, 1), jnp.float32), pltpu.VMEM((g.bq, 1), jnp.float32),
-                        pltpu.VMEM((g.bq, st.D), jnp.float32)],
-    )
-    return pl.pallas_call(
-        functools.partial(_fwd_kernel, st=st),
-        grid_spec=grid_spec,
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                   jax.ShapeDtypeStruct((Bn, st.H, 1, g.Tp), jnp.float32)],
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-        cost_estimate=cost,
-        interpret=_interpret(st.interpret),
-        name="polychip_flash_fwd",
-    )(qoff, kvl, q, k, v)
+    g, Bn, isz = st.fwd, q.shape[0], q.dtype.itemsize
+    qspec, kvspec, rowspec = _kv_specs(st)
+    cost = _cost(st, g, Bn, 2, lambda n: Bn * st.H * (2 * g.Tp * st.D * isz + g.Tp * 4 + n * 2 * g.bk * st.D * isz))
+    scratch = [pltpu.VMEM((g.bq, 1), jnp.float32), pltpu.VMEM((g.bq, 1), jnp.float32),
+               pltpu.VMEM((g.bq, st.D), jnp.float32)]
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((Bn, st.H, 1, g.Tp), jnp.float32)]
+    return _call(_fwd_kernel, st, "polychip_flash_fwd", (Bn, st.H, g.nq, g.nk),
+                 ([qspec, kvspec, kvspec], [qspec, rowspec]), scratch, out_shape, cost, qoff, kvl, q, k, v)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,16 +180,14 @@ def _fwd_call(st: Static, q, k, v, qoff, kvl):
 # ---------------------------------------------------------------------------------------------
 def _dq_kernel(qoff_ref, kvl_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dq_ref, dq_sc, *, st: Static):
     g = st.fwd
-    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-    qoff, kvlen = qoff_ref[b], kvl_ref[b]
-    kv_range, _, full_fn = _ranges(g, st)
-    lo, hi = kv_range(i, qoff, kvlen)
+    i, j, qoff, kvlen, visit = _kv_program(qoff_ref, kvl_ref, st)
 
     @pl.when(j == 0)
     def _():
         dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
 
-    def body(masked):
+    @visit
+    def _(masked):
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         lse = jnp.expand_dims(lse_ref[0], -1)   # [bq, 1]
         delta = jnp.expand_dims(dl_ref[0], -1)
@@ -229,44 +201,19 @@ def _dq_kernel(qoff_ref, kvl_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, 
             ds = ds * (1.0 - t * t)
         dq_sc[...] += _dot(ds.astype(k.dtype), k, NN)
 
-    _masked_or_not((j >= lo) & (j <= hi), full_fn(i, j, qoff, kvlen), body)
-
     @pl.when(j == g.nk - 1)
     def _():
         dq_ref[...] = (dq_sc[...] * st.scale).astype(dq_ref.dtype)
 
 
 def _dq_call(st: Static, q, k, v, do, lse, delta, qoff, kvl):
-    g = st.fwd
-    Bn, G = q.shape[0], st.G
-    kv_range, _, _ = _ranges(g, st)
-
-    def kv_map(b, h, i, j, qoff_ref, kvl_ref):
-        lo, hi = kv_range(i, qoff_ref[b], kvl_ref[b])
-        return b, lax.div(h, jnp.int32(G)), B_.clamp_index(j, lo, hi, g.nk), 0
-
-    qspec = pl.BlockSpec((None, None, g.bq, st.D), lambda b, h, i, j, *_: (b, h, i, 0))
-    rowspec = pl.BlockSpec((None, None, 1, g.bq), lambda b, h, i, j, *_: (b, h, 0, i))
-    kvspec = pl.BlockSpec((None, None, g.bk, st.D), kv_map)
-    n_pairs = B_.visited_pairs(g, causal=st.causal, window=st.window)
-    isz = q.dtype.itemsize
-    cost = pl.CostEstimate(
-        flops=Bn * st.H * n_pairs * 6 * g.bq * g.bk * st.D,
-        transcendentals=Bn * st.H * n_pairs * g.bq * g.bk,
-        bytes_accessed=Bn * st.H * (3 * g.Tp * st.D * isz + 2 * g.Tp * 4 + n_pairs * 2 * g.bk * st.D * isz),
-    )
-    return pl.pallas_call(
-        functools.partial(_dq_kernel, st=st),
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2, grid=(Bn, st.H, g.nq, g.nk),
-            in_specs=[qspec, kvspec, kvspec, qspec, rowspec, rowspec], out_specs=qspec,
-            scratch_shapes=[pltpu.VMEM((g.bq, st.D), jnp.float32)]),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-        cost_estimate=cost,
-        interpret=_interpret(st.interpret),
-        name="polychip_flash_dq",
-    )(qoff, kvl, q, k, v, do, lse, delta)
+    g, Bn, isz = st.fwd, q.shape[0], q.dtype.itemsize
+    qspec, kvspec, rowspec = _kv_specs(st)
+    cost = _cost(st, g, Bn, 3,
+                 lambda n: Bn * st.H * (3 * g.Tp * st.D * isz + 2 * g.Tp * 4 + n * 2 * g.bk * st.D * isz))
+    return _call(_dq_kernel, st, "polychip_flash_dq", (Bn, st.H, g.nq, g.nk),
+                 ([qspec, kvspec, kvspec, qspec, rowspec, rowspec], qspec), [pltpu.VMEM((g.bq, st.D), jnp.float32)],
+                 jax.ShapeDtypeStruct(q.shape, q.dtype), cost, qoff, kvl, q, k, v, do, lse, delta)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,7 +232,8 @@ def _dkv_kernel(qoff_ref, kvl_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref,
         dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
         dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
 
-    def body(masked):
+    @_visitor((i >= lo) & (i <= hi), full_fn(i, j, qoff, kvlen))
+    def _(masked):
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         lse, delta = lse_ref[...], dl_ref[...]          # [1, bq] lane rows
         s, t = _scores(q, k, st, transposed=True)        # [bk, bq]
@@ -299,8 +247,6 @@ def _dkv_kernel(qoff_ref, kvl_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref,
             ds = ds * (1.0 - t * t)
         dk_sc[...] += _dot(ds.astype(q.dtype), q, NN)
 
-    _masked_or_not((i >= lo) & (i <= hi), full_fn(i, j, qoff, kvlen), body)
-
     @pl.when((gi == st.G - 1) & (i == g.nq - 1))
     def _():
         dk_ref[...] = (dk_sc[...] * st.scale).astype(dk_ref.dtype)
@@ -308,8 +254,7 @@ def _dkv_kernel(qoff_ref, kvl_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref,
 
 
 def _dkv_call(st: Static, q, k, v, do, lse, delta, qoff, kvl):
-    g = st.dkv
-    Bn, G = q.shape[0], st.G
+    g, Bn, G, isz = st.dkv, q.shape[0], st.G, q.dtype.itemsize
     _, q_range, _ = _ranges(g, st)
 
     def qi(j, i, b, qoff_ref, kvl_ref):
@@ -321,27 +266,13 @@ def _dkv_call(st: Static, q, k, v, do, lse, delta, qoff, kvl):
     rowspec = pl.BlockSpec((None, None, 1, g.bq),
                            lambda b, kh, j, gi, i, qo, kl: (b, kh * G + gi, 0, qi(j, i, b, qo, kl)))
     kvspec = pl.BlockSpec((None, None, g.bk, st.D), lambda b, kh, j, gi, i, *_: (b, kh, j, 0))
-    n_pairs = B_.visited_pairs(g, causal=st.causal, window=st.window)
-    isz = q.dtype.itemsize
-    cost = pl.CostEstimate(
-        flops=Bn * st.H * n_pairs * 8 * g.bq * g.bk * st.D,
-        transcendentals=Bn * st.H * n_pairs * g.bq * g.bk,
-        bytes_accessed=Bn * st.K * 4 * g.Sp * st.D * isz
-        + Bn * st.H * n_pairs * (2 * g.bq * st.D * isz + 2 * g.bq * 4),
-    )
-    return pl.pallas_call(
-        functools.partial(_dkv_kernel, st=st),
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2, grid=(Bn, st.K, g.nk, G, g.nq),
-            in_specs=[qspec, kvspec, kvspec, qspec, rowspec, rowspec], out_specs=[kvspec, kvspec],
-            scratch_shapes=[pltpu.VMEM((g.bk, st.D), jnp.float32), pltpu.VMEM((g.bk, st.D), jnp.float32)]),
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
-        cost_estimate=cost,
-        interpret=_interpret(st.interpret),
-        name="polychip_flash_dkv",
-    )(qoff, kvl, q, k, v, do, lse, delta)
+    cost = _cost(st, g, Bn, 4, lambda n: Bn * st.K * 4 * g.Sp * st.D * isz
+                 + Bn * st.H * n * (2 * g.bq * st.D * isz + 2 * g.bq * 4))
+    scratch = [pltpu.VMEM((g.bk, st.D), jnp.float32), pltpu.VMEM((g.bk, st.D), jnp.float32)]
+    out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+    return _call(_dkv_kernel, st, "polychip_flash_dkv", (Bn, st.K, g.nk, G, g.nq),
+                 ([qspec, kvspec, kvspec, qspec, rowspec, rowspec], [kvspec, kvspec]), scratch, out_shape, cost,
+                 qoff, kvl, q, k, v, do, lse, delta)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,38 +316,20 @@ def flash_attention(q, k, v, *, causal=True, sliding_window=None, soft_cap=None,
     S, K = k.shape[1], k.shape[2]
     if block_sizes is None:
         block_sizes = pick_blocks(T=T, S=S, H=H, K=K, D=D, dtype=str(q.dtype), causal=causal,
-                                  window=sliding_window, device_kind=device_kind or _device_kind())
+                                  window=sliding_window, device_kind=device_kind or None)
     bq, Tp = B_.fit_block(T, block_sizes.bq, GRANULE)
     bk, Sp = B_.fit_block(S, block_sizes.bk, GRANULE)
     bqd, Tpd = B_.fit_block(Tp, block_sizes.bq_dkv, GRANULE)
     bkd, Spd = B_.fit_block(Sp, block_sizes.bk_dkv, GRANULE)
-    st = Static(H=H, K=K, D=D, causal=bool(causal), window=None if sliding_window is None else int(sliding_window),
-                soft_cap=None if soft_cap is None else float(soft_cap), scale=float(D ** -0.5 if scale is None else scale),
-                fwd=Geometry(T, S, bq, bk, Tp, Sp), dkv=Geometry(T, S, bqd, bkd, max(Tpd, Tp), max(Spd, Sp)),
-                interpret=bool(interpret))
-    qoff = jnp.broadcast_to(jnp.asarray(0 if q_offset is None else q_offset, jnp.int32).reshape(-1), (Bn,))
-    kvl = jnp.full((Bn,), S, jnp.int32) if kv_lengths is None else jnp.minimum(
-        jnp.asarray(kv_lengths, jnp.int32).reshape(Bn), S)
+    st = Static.create(q, k, causal=causal, sliding_window=sliding_window, soft_cap=soft_cap, scale=scale,
+                       fwd=Geometry(T, S, bq, bk, Tp, Sp),
+                       dkv=Geometry(T, S, bqd, bkd, max(Tpd, Tp), max(Spd, Sp)), interpret=interpret)
+    qoff, kvl = B_.offsets_and_lengths(Bn, S, q_offset, kv_lengths)
     qt = jnp.pad(q.transpose(0, 2, 1, 3), [(0, 0), (0, 0), (0, Tp - T), (0, 0)])
     kt = jnp.pad(k.transpose(0, 2, 1, 3), [(0, 0), (0, 0), (0, Sp - S), (0, 0)])
     vt = jnp.pad(v.transpose(0, 2, 1, 3), [(0, 0), (0, 0), (0, Sp - S), (0, 0)])
     o = _flash(st, qt, kt, vt, qoff, kvl)
     return o[:, :, :T].transpose(0, 2, 1, 3)
-
-
-def _device_kind() -> str:
-    try:
-        d = jax.devices()[0]
-        return d.device_kind if d.platform == "tpu" else ""
-    except RuntimeError:  # pragma: no cover
-        return ""
-
-
-def pick_blocks(*, T, S, H, K, D, dtype, causal, window, device_kind: str) -> BlockSizes:
-    """Tuned entry for (device kind, shape class) when present, else the heuristic default."""
-    key = B_.shape_class(seq=max(T, S), head_dim=D, group=H // K, dtype=dtype, causal=causal, window=window)
-    return (B_.tuned_blocks(device_kind, key) if device_kind else None) or B_.default_blocks("tpu", seq=max(T, S),
-                                                                                            head_dim=D)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,24 +348,5 @@ def _common_reason(query: dict) -> str | None:
     return None
 
 
-def supported_on(target, query: dict) -> str | None:
-    if target.platform != "tpu":
-        return f"Pallas TPU (Mosaic) kernel needs platform tpu, not {target.platform}"
-    return _common_reason(query)
-
-
-def supported_interpret(target, query: dict) -> str | None:
-    """The interpreter runs on any platform; registered auto=False, so only an override picks it."""
-    return _common_reason(query)
-
-
-def _attention(q, k, v, **kw):
-    return flash_attention(q, k, v, **kw)
-
-
-if pl is not None:
-    from polychip.kernels.registry import register_pallas
-
-    register_pallas("attention", "tpu", _attention, priority=10, supported_on=supported_on,
-                    interpret_supported_on=supported_interpret, wants_device_kind=True,
-                    verified="interpret mode in CI (CPU); compiled deviceless for v5e/v6e/tpu7x; not run on a TPU")
+KERNELS = pallas_kernels("tpu", flash_attention, priority=10, shape_reason=_common_reason, wants_device_kind=True,
+                         verified="interpret mode in CI (CPU); compiled deviceless for v5e/v6e/tpu7x; not run on a TPU")

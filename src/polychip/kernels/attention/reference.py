@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-NEG_INF = -1e30  # finite, so fully-masked rows give zeros rather than NaN
+from polychip.kernels.common import NEG_INF
 
 
 def attention_mask(T: int, S: int, q_offset, causal: bool, sliding_window: int | None, kv_lengths=None):

@@ -14,7 +14,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from polychip.kernels.attention.reference import NEG_INF, attention_mask
+from polychip.kernels.attention.reference import attention_mask
+from polychip.kernels.common import NEG_INF
+from polychip.kernels.registry import kernel
 
 
 F32 = jnp.float32
@@ -179,3 +181,10 @@ def sdpa_supports(query) -> str | None:
     if query.get("q_len") != query.get("kv_len") and query.get("causal", True):
         return "causal masking with q_len != kv_len is not supported"
     return None
+
+
+KERNELS = (
+    kernel("sdpa", sdpa, priority=40, supported_on=sdpa_supported_on,
+           verified="CPU path executed in CI; cuDNN dispatch needs a GPU (not in CI)"),
+    kernel("xla", attention, priority=50, verified="executed in CI (CPU)"),
+)

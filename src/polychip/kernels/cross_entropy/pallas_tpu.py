@@ -22,14 +22,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from polychip.kernels.common import NEG_INF
+from polychip.kernels.pallas_common import pallas_kernels, tpu_options
+
 F32 = jnp.float32
-NEG = -1e30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +66,7 @@ def _logits(h_ref, w_ref, j, vb, V, ragged):
         w = jnp.where(cols < V, w, jnp.zeros_like(w))  # the last block reads past V: unspecified data
     logits = jnp.dot(h_ref[...], w, preferred_element_type=F32)
     if ragged:
-        logits = jnp.where(cols < V, logits, NEG)
+        logits = jnp.where(cols < V, logits, NEG_INF)
     return logits, cols, w
 
 
@@ -72,7 +75,7 @@ def _fwd_kernel(h_ref, w_ref, y_ref, lse_ref, pk_ref, m_sc, l_sc, p_sc, *, vb, V
 
     @pl.when(j == 0)
     def _():
-        m_sc[...] = jnp.full_like(m_sc, NEG)
+        m_sc[...] = jnp.full_like(m_sc, NEG_INF)
         l_sc[...] = jnp.zeros_like(l_sc)
         p_sc[...] = jnp.zeros_like(p_sc)
 
@@ -91,7 +94,7 @@ def _fwd_kernel(h_ref, w_ref, y_ref, lse_ref, pk_ref, m_sc, l_sc, p_sc, *, vb, V
 
 def _grad_tile(h_ref, w_ref, y_ref, lse_ref, c_ref, j, vb, V, ragged):
     logits, cols, w = _logits(h_ref, w_ref, j, vb, V, ragged)
-    p = jnp.exp(logits - lse_ref[...])  # masked columns: exp(NEG - lse) == 0
+    p = jnp.exp(logits - lse_ref[...])  # masked columns: exp(NEG_INF - lse) == 0
     g = (p - jnp.where(cols == y_ref[...], 1.0, 0.0)) * c_ref[...]
     return g.astype(w.dtype), w
 
@@ -142,12 +145,8 @@ def _cost(Np, D, V, it, tb, vb, kind):
                            bytes_accessed=nv * (Np * D * it + 12 * Np) + 2 * D * Vp * it)
 
 
-def _cp(b: Blocks, sem):
-    return pltpu.CompilerParams(dimension_semantics=sem, vmem_limit_bytes=b.vmem_limit)
-
-
-def _interp(interpret):
-    return pltpu.InterpretParams() if interpret else False
+def _options(b: Blocks, interpret):
+    return tpu_options(interpret, "parallel", "arbitrary", vmem_limit_bytes=b.vmem_limit)
 
 
 def _forward(h, w, y2, b: Blocks, interpret):
@@ -161,7 +160,7 @@ def _forward(h, w, y2, b: Blocks, interpret):
         out_specs=(row, row),
         out_shape=(jax.ShapeDtypeStruct((Np, 1), F32),) * 2,
         scratch_shapes=[pltpu.VMEM((b.tb, 1), F32)] * 3,
-        compiler_params=_cp(b, ("parallel", "arbitrary")), interpret=_interp(interpret), name="ce_fwd",
+        **_options(b, interpret), name="ce_fwd",
         cost_estimate=_cost(Np, D, V, h.dtype.itemsize, b.tb, b.vb, "fwd"),
     )(h, w, y2)
 
@@ -178,7 +177,7 @@ def _backward(h, w, y2, lse, coef, b: Blocks, interpret):
         out_specs=pl.BlockSpec((b.tb, D), lambda i, j: (i, 0)),
         out_shape=jax.ShapeDtypeStruct((Np, D), h.dtype),
         scratch_shapes=[pltpu.VMEM((b.tb, D), F32)],
-        compiler_params=_cp(b, ("parallel", "arbitrary")), interpret=_interp(interpret), name="ce_bwd_dh",
+        **_options(b, interpret), name="ce_bwd_dh",
         cost_estimate=_cost(Np, D, V, h.dtype.itemsize, b.tb, b.vb, "dh"),
     )(h, w, y2, lse, coef)
     roww = pl.BlockSpec((b.tbw, 1), lambda j, i: (i, 0))
@@ -190,7 +189,7 @@ def _backward(h, w, y2, lse, coef, b: Blocks, interpret):
         out_specs=pl.BlockSpec((D, b.vbw), lambda j, i: (0, j)),
         out_shape=jax.ShapeDtypeStruct((D, V), w.dtype),
         scratch_shapes=[pltpu.VMEM((D, b.vbw), F32)],
-        compiler_params=_cp(b, ("parallel", "arbitrary")), interpret=_interp(interpret), name="ce_bwd_dw",
+        **_options(b, interpret), name="ce_bwd_dw",
         cost_estimate=_cost(Np, D, V, h.dtype.itemsize, b.tbw, b.vbw, "dw"),
     )(h, w, y2, lse, coef)
     return dh, dw
@@ -223,7 +222,7 @@ def cross_entropy(h, w, labels, mask, *, interpret: bool = False, blocks: Blocks
     """h [N, D], w [D, V], labels [N] int, mask [N] -> (loss_sum, count) float32 scalars."""
     N, D = h.shape
     b = blocks or blocks_for(N, D, w.shape[1], h.dtype)
-    step = b.tb * b.tbw // _gcd(b.tb, b.tbw)
+    step = math.lcm(b.tb, b.tbw)
     pad = -N % step
     labels = labels.astype(jnp.int32)
     if pad:  # padded rows: h = 0, label 0, mask 0 -> they add nothing to the loss or either gradient
@@ -234,19 +233,5 @@ def cross_entropy(h, w, labels, mask, *, interpret: bool = False, blocks: Blocks
     return total, count
 
 
-def _gcd(a, b):
-    while b:
-        a, b = b, a % b
-    return a
-
-
-def supported_on(target, query) -> str | None:
-    if target.platform != "tpu":
-        return f"needs a TPU (target is {target.platform})"
-    return None
-
-
-def interpret_supported_on(target, query) -> str | None:
-    if target.platform != "cpu":
-        return f"TPU interpret mode is a CPU verification path (target is {target.platform})"
-    return None
+# No Pallas GPU kernel: on GPU, xla_chunked runs its tile matmuls on cuBLAS.
+KERNELS = pallas_kernels("tpu", cross_entropy, priority=10)

@@ -23,32 +23,27 @@ Implementations (lower first; interpret variants sit after the reference, overri
 """
 from __future__ import annotations
 
-
 from polychip.kernels.paged_attention import reference
-from polychip.kernels.registry import KernelPolicy, optional_backend, register, register_pallas
+from polychip.kernels.registry import KernelPolicy, declare
 
-OP = "paged_attention"
-register(OP, "reference", priority=100, verified="executed in CI (CPU); the ground truth")(reference.paged_attention)
-
-for _backend, _priority, _auto in (("tpu", 10, True), ("gpu", 20, False)):  # GPU: not yet run on a GPU
-    _mod = optional_backend(f"polychip.kernels.paged_attention.pallas_{_backend}")
-    if _mod is not None:
-        register_pallas(OP, _backend, _mod.paged_attention, priority=_priority, supported_on=_mod.supported_on,
-                        interpret_supported_on=_mod.interpret_supported_on, auto=_auto,
-                        verified={"tpu": 'TPU interpret mode on CPU + deviceless compile for TPU topologies in CI; not run on a TPU', "gpu": 'unverified on GPU hardware (not yet run on a GPU); interpret mode executed in CI (CPU)'}[_backend])
+# Per shard on a mesh: each device takes its sequences (with their block tables and lengths) and the
+# kv heads of its query heads; the page pool is shared by all sequences, so it is never split by page.
+OP = declare("paged_attention", reference=reference.paged_attention, backends=("pallas_tpu", "pallas_gpu"),
+             args={"q": ("batch", "act_heads", None), "k_pages": ("act_heads", None, None, None),
+                   "v_pages": ("act_heads", None, None, None), "block_tables": ("batch", None),
+                   "lengths": ("batch",)})
 
 
 def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, policy: KernelPolicy, soft_cap=None, scale=None):
     """q [B, H, D], k_pages/v_pages [K, P, page_size, D], block_tables [B, max_pages] int32,
     lengths [B] int32 -> [B, H, D] (layout in the module docstring)."""
-    B, H, D = q.shape
-    K, P, ps, Dk = k_pages.shape
-    if Dk != D or v_pages.shape != k_pages.shape:
-        raise ValueError(f"k_pages {k_pages.shape} / v_pages {v_pages.shape} do not match q head_dim {D}")
-    if H % K:
-        raise ValueError(f"query heads {H} not a multiple of kv heads {K}")
-    if block_tables.shape[0] != B or lengths.shape != (B,):
-        raise ValueError(f"block_tables {block_tables.shape} / lengths {lengths.shape} do not match batch {B}")
-    impl = policy.pick(OP, batch=B, n_heads=H, n_kv_heads=K, head_dim=D, page_size=ps, total_pages=P,
-                       max_pages=block_tables.shape[1], dtype=str(q.dtype), soft_cap=soft_cap)
-    return impl.fn(q, k_pages, v_pages, block_tables, lengths, soft_cap=soft_cap, scale=scale)
+    d = reference.Dims.of(q, k_pages, block_tables, scale)
+    if k_pages.shape[3] != d.D or v_pages.shape != k_pages.shape:
+        raise ValueError(f"k_pages {k_pages.shape} / v_pages {v_pages.shape} do not match q head_dim {d.D}")
+    if d.H % d.K:
+        raise ValueError(f"query heads {d.H} not a multiple of kv heads {d.K}")
+    if block_tables.shape[0] != d.B or lengths.shape != (d.B,):
+        raise ValueError(f"block_tables {block_tables.shape} / lengths {lengths.shape} do not match batch {d.B}")
+    query = dict(batch=d.B, n_heads=d.H, n_kv_heads=d.K, head_dim=d.D, page_size=d.ps, total_pages=d.P,
+                 max_pages=d.M, dtype=str(q.dtype), soft_cap=soft_cap)
+    return policy.call(OP, q, k_pages, v_pages, block_tables, lengths, query=query, soft_cap=soft_cap, scale=scale)

@@ -14,10 +14,12 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
+
+from polychip.kernels.common import NEG_INF
+from polychip.kernels.pallas_common import gpu_options, is_pow2, pallas_kernels
+from polychip.kernels.paged_attention.reference import Dims
 
 F32 = jnp.float32
-NEG = -1e30
 
 
 def _kernel(q_ref, k_ref, v_ref, bt_ref, len_ref, o_ref, *, ps, scale, soft_cap):
@@ -36,7 +38,7 @@ def _kernel(q_ref, k_ref, v_ref, bt_ref, len_ref, o_ref, *, ps, scale, soft_cap)
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
         pos = i * ps + jnp.arange(ps)[None, :]
-        s = jnp.where(pos < length, s, NEG)
+        s = jnp.where(pos < length, s, NEG_INF)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         e = jnp.exp(s - m_new[:, None])
         alpha = jnp.exp(m - m_new)
@@ -44,7 +46,7 @@ def _kernel(q_ref, k_ref, v_ref, bt_ref, len_ref, o_ref, *, ps, scale, soft_cap)
         acc = alpha[:, None] * acc + jnp.dot(e.astype(v.dtype), v, preferred_element_type=F32)
         return m_new, l, acc
 
-    init = (jnp.full((gp,), NEG, F32), jnp.zeros((gp,), F32), jnp.zeros((gp, d), F32))
+    init = (jnp.full((gp,), NEG_INF, F32), jnp.zeros((gp,), F32), jnp.zeros((gp, d), F32))
     _, l, acc = jax.lax.fori_loop(0, pl.cdiv(length, ps), body, init)
     o_ref[...] = jnp.where(l[:, None] > 0, acc / jnp.where(l > 0, l, 1.0)[:, None], 0.0).astype(o_ref.dtype)
 
@@ -52,12 +54,8 @@ def _kernel(q_ref, k_ref, v_ref, bt_ref, len_ref, o_ref, *, ps, scale, soft_cap)
 def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, soft_cap=None, scale=None,
                     interpret: bool = False):
     """q [B, H, D], k/v_pages [K, P, page_size, D], block_tables [B, M] int32, lengths [B] -> [B, H, D]."""
-    B, H, D = q.shape
-    K, P, ps, _ = k_pages.shape
-    M = block_tables.shape[1]
-    G = H // K
+    B, H, K, G, D, ps, P, M, scale = Dims.of(q, k_pages, block_tables, scale)
     Gp = max(16, pl.next_power_of_2(G))
-    scale = D ** -0.5 if scale is None else float(scale)
     qg = jnp.pad(q.reshape(B, K, G, D), ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
     out = pl.pallas_call(
         functools.partial(_kernel, ps=ps, scale=scale, soft_cap=soft_cap),
@@ -69,29 +67,16 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, soft_cap=None
                   pl.BlockSpec((1,), lambda b, h: (b,))],
         out_specs=pl.BlockSpec((None, None, Gp, D), lambda b, h: (b, h, 0, 0)),
         out_shape=jax.ShapeDtypeStruct((B, K, Gp, D), q.dtype),
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
-        interpret=interpret, name="paged_attention",
+        name="paged_attention", **gpu_options(interpret, num_warps=4, num_stages=2),
     )(qg, k_pages, v_pages, block_tables.astype(jnp.int32), lengths.astype(jnp.int32))
     return out[:, :, :G].reshape(B, H, D)
 
 
-def _pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
 def _shape_reason(query) -> str | None:
-    if not _pow2(query.get("page_size", 0)) or not _pow2(query.get("head_dim", 0)):
+    if not is_pow2(query.get("page_size", 0)) or not is_pow2(query.get("head_dim", 0)):
         return "page_size and head_dim must be powers of two for Triton"
     return None
 
 
-def supported_on(target, query) -> str | None:
-    if target.platform != "gpu":
-        return f"needs an NVIDIA/AMD GPU with Triton (target is {target.platform})"
-    return _shape_reason(query)
-
-
-def interpret_supported_on(target, query) -> str | None:
-    if target.platform != "cpu":
-        return f"GPU interpret mode is a CPU verification path (target is {target.platform})"
-    return _shape_reason(query)
+# auto=False until it has run on a GPU: only an override (paged_attention=pallas_gpu) picks it.
+KERNELS = pallas_kernels("gpu", paged_attention, priority=20, shape_reason=_shape_reason, auto=False)

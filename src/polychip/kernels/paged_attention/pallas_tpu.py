@@ -20,8 +20,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from polychip.kernels.common import NEG_INF
+from polychip.kernels.pallas_common import pallas_kernels, tpu_options
+from polychip.kernels.paged_attention.reference import Dims
+
 F32 = jnp.float32
-NEG = -1e30
 
 
 def _kernel(bt_ref, len_ref, q_ref, k_ref, v_ref, o_ref, m_sc, l_sc, acc, *, ps, scale, soft_cap):
@@ -30,7 +33,7 @@ def _kernel(bt_ref, len_ref, q_ref, k_ref, v_ref, o_ref, m_sc, l_sc, acc, *, ps,
 
     @pl.when(p == 0)
     def _():
-        m_sc[...] = jnp.full_like(m_sc, NEG)
+        m_sc[...] = jnp.full_like(m_sc, NEG_INF)
         l_sc[...] = jnp.zeros_like(l_sc)
         acc[...] = jnp.zeros_like(acc)
 
@@ -41,7 +44,7 @@ def _kernel(bt_ref, len_ref, q_ref, k_ref, v_ref, o_ref, m_sc, l_sc, acc, *, ps,
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
         pos = p * ps + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
-        s = jnp.where(pos < length, s, NEG)
+        s = jnp.where(pos < length, s, NEG_INF)
         m_old = m_sc[...]
         m_new = jnp.maximum(m_old, jnp.max(s, axis=1, keepdims=True))
         e = jnp.exp(s - m_new)
@@ -63,11 +66,7 @@ def _kernel(bt_ref, len_ref, q_ref, k_ref, v_ref, o_ref, m_sc, l_sc, acc, *, ps,
 def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, soft_cap=None, scale=None,
                     interpret: bool = False):
     """q [B, H, D], k/v_pages [K, P, page_size, D], block_tables [B, M] int32, lengths [B] -> [B, H, D]."""
-    B, H, D = q.shape
-    K, P, ps, _ = k_pages.shape
-    M = block_tables.shape[1]
-    G = H // K
-    scale = D ** -0.5 if scale is None else float(scale)
+    B, H, K, G, D, ps, _, M, scale = Dims.of(q, k_pages, block_tables, scale)
     qg = q.reshape(B, K, G, D)
 
     def kv_map(b, h, p, bt, ln):
@@ -84,8 +83,7 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, soft_cap=None
     out = pl.pallas_call(
         functools.partial(_kernel, ps=ps, scale=scale, soft_cap=soft_cap),
         grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct((B, K, G, D), q.dtype),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-        interpret=pltpu.InterpretParams() if interpret else False, name="paged_attention",
+        name="paged_attention", **tpu_options(interpret, "parallel", "parallel", "arbitrary"),
         # Mosaic kernels are opaque to XLA's cost model; this analytic estimate (every sequence at
         # full max_pages length: an upper bound, lengths are runtime values) is what it reports.
         cost_estimate=pl.CostEstimate(
@@ -95,13 +93,4 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, soft_cap=None
     return out.reshape(B, H, D)
 
 
-def supported_on(target, query) -> str | None:
-    if target.platform != "tpu":
-        return f"needs a TPU (target is {target.platform})"
-    return None
-
-
-def interpret_supported_on(target, query) -> str | None:
-    if target.platform != "cpu":
-        return f"TPU interpret mode is a CPU verification path (target is {target.platform})"
-    return None
+KERNELS = pallas_kernels("tpu", paged_attention, priority=10)

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from polychip.kernels.pallas_common import gpu_options, pallas_kernels
+
 F32 = jnp.float32
 
 
@@ -66,10 +68,8 @@ def _bwd_kernel(x_ref, s_ref, dy_ref, dx_ref, ds_ref, *, eps, n_rows, d, bd, bm,
 
 
 def _call(kernel, out_shape, grid, interpret, bd, *args):
-    return pl.pallas_call(
-        kernel, out_shape=out_shape, grid=grid, interpret=interpret,
-        compiler_params=plgpu.CompilerParams(num_warps=min(max(bd // 256, 1), 8)),
-    )(*args)
+    return pl.pallas_call(kernel, out_shape=out_shape, grid=grid,
+                          **gpu_options(interpret, num_warps=min(max(bd // 256, 1), 8)))(*args)
 
 
 def _forward(x2, scale, eps, interpret):
@@ -113,20 +113,12 @@ def rms_norm(x, scale, *, eps: float = 1e-5, interpret: bool = False):
     return _rms(x.reshape(-1, D), scale, float(eps), bool(interpret)).reshape(x.shape)
 
 
-def supported_on(target, query) -> str | None:
-    if target.platform != "gpu":
-        return f"needs an NVIDIA/AMD GPU with Triton (target is {target.platform})"
-    return _shape_reason(query)
-
-
-def interpret_supported_on(target, query) -> str | None:
-    if target.platform != "cpu":
-        return f"GPU interpret mode is a CPU verification path (target is {target.platform})"
-    return _shape_reason(query)
-
-
 def _shape_reason(query) -> str | None:
     d = query.get("shape", (0,))[-1]
     if pl.next_power_of_2(d) > 16384:
         return f"feature dim {d} > 16384 does not fit one register tile per row"
     return None
+
+
+# auto=False until it has run on a GPU: only an override (rms_norm=pallas_gpu) picks it.
+KERNELS = pallas_kernels("gpu", rms_norm, priority=20, shape_reason=_shape_reason, auto=False)

@@ -19,7 +19,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
+
+from polychip.kernels.pallas_common import pallas_kernels, tpu_options
 
 F32 = jnp.float32
 
@@ -56,13 +57,6 @@ def _bwd_kernel(x_ref, s_ref, dy_ref, dx_ref, ds_ref, *, eps, n_rows, block_rows
 # Mosaic kernels are opaque to XLA's cost model: the CostEstimate attached to each pallas_call is
 # what the compiler reports (and schedules around) for it, so it counts the HBM bytes this block
 # schedule actually moves.
-def _params(interpret: bool):
-    return dict(
-        interpret=pltpu.InterpretParams() if interpret else False,
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
-    )
-
-
 def _forward(x2, scale, eps, interpret, block_rows):
     N, D = x2.shape
     br = block_rows or block_rows_for(N, D, x2.dtype)
@@ -75,7 +69,7 @@ def _forward(x2, scale, eps, interpret, block_rows):
         cost_estimate=pl.CostEstimate(flops=4 * N * D, transcendentals=N,
                                       bytes_accessed=(2 * N + 1) * D * x2.dtype.itemsize),
         name="rms_norm_fwd",
-        **_params(interpret),
+        **tpu_options(interpret, "parallel"),
     )(x2, scale.reshape(1, D))
 
 
@@ -93,7 +87,7 @@ def _backward(x2, scale, dy, eps, interpret, block_rows):
         cost_estimate=pl.CostEstimate(flops=12 * N * D, transcendentals=N,
                                       bytes_accessed=(3 * N + 1) * D * x2.dtype.itemsize + G * D * 4),
         name="rms_norm_bwd",
-        **_params(interpret),
+        **tpu_options(interpret, "parallel"),
     )(x2, scale.reshape(1, D), dy)
     return dx, jnp.sum(ds, axis=(0, 1))
 
@@ -123,18 +117,5 @@ def rms_norm(x, scale, *, eps: float = 1e-5, interpret: bool = False, block_rows
     return y.reshape(x.shape)
 
 
-def supported_on(target, query) -> str | None:
-    if target.platform != "tpu":
-        return f"needs a TPU (target is {target.platform})"
-    return _shape_reason(query)
-
-
-def interpret_supported_on(target, query) -> str | None:
-    if target.platform != "cpu":
-        return f"TPU interpret mode is a CPU verification path (target is {target.platform})"
-    return _shape_reason(query)
-
-
-def _shape_reason(query) -> str | None:
-    # Blocks always span the full feature dim, so any D satisfies Mosaic's (8, 128) block rule.
-    return None
+# Blocks always span the full feature dim, so any D satisfies Mosaic's (8, 128) block rule.
+KERNELS = pallas_kernels("tpu", rms_norm, priority=10)
