@@ -46,14 +46,21 @@ def _files(d):
         "cfg_bomb.yaml": ALIAS_BOMB,
         "cfg_nan.yaml": "train:\n  lr: .nan\n",
         "afile": "not a folder\n",
+        "recs_nan/r.json": '{"chip": "h100", "model": "llama3-8b", "mode": "train", "chips": NaN, "source": "measured", '
+                           '"batch": 8, "seq": 2048, "step_time_s": 1.0}',
+        "recs_inf/r.json": '{"chip": "h100", "model": "llama3-8b", "mode": "train", "chips": 8, "source": "measured", '
+                           '"batch": 8, "seq": 2048, "step_time_s": Infinity}',
     }
     for name, text in texts.items():
+        (d / name).parent.mkdir(exist_ok=True)
         (d / name).write_text(text)
     for name in ("binary.yaml", "binary.txt"):
         (d / name).write_bytes(BINARY)
     (d / "latin1.yaml").write_bytes(LATIN1)
     (d / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     (d / "folder").mkdir(exist_ok=True)
+    (d / "recs_bin").mkdir(exist_ok=True)
+    (d / "recs_bin" / "r.json").write_bytes(BINARY)
     return {p.name: str(p) for p in d.iterdir()}
 
 
@@ -145,6 +152,10 @@ CASES = [
     pytest.param(["plan", "{fleet.yaml}", "--time-limit", "-5"], "--time-limit", id="plan-time-limit-negative"),
     pytest.param(["plan", "{fleet.yaml}", "--time-limit", "nan"], "--time-limit", id="plan-time-limit-nan"),
     pytest.param(["plan", "{fleet.yaml}", "--power-cap=-5MW"], "power", id="plan-power-cap-negative"),
+    pytest.param(["plan", "{fleet.yaml}", "--records", "{recs_nan}"], "chips", id="plan-record-nan"),
+    pytest.param(["plan", "{fleet.yaml}", "--records", "{recs_inf}"], "step_time_s", id="plan-record-inf"),
+    pytest.param(["plan", "{fleet.yaml}", "--records", "{recs_bin}"], "r.json", id="plan-record-binary"),
+    pytest.param(["plan", "{fleet.yaml}", "--records", "{d}/norecs"], "not found", id="plan-records-missing"),
     pytest.param(["plan", "{fleet.yaml}", "--objective", "vibes"], "invalid choice", id="plan-bad-objective"),
 ]
 

@@ -1,7 +1,10 @@
 """polychip command line: train | generate | bench | compile | plan | serve.
 
-User mistakes (bad config, missing data, wrong checkpoint, impossible mesh) print one line
-`polychip: error: ...` and exit 2; only real bugs show a traceback.
+User mistakes (bad config, missing data, wrong checkpoint, impossible mesh) and refusals from the
+world (disk full, read-only folder, a binary file where text belongs) print one line
+`polychip: error: ...` and exit 2 (`guarded`, the one error boundary); `--debug` shows the traceback
+instead. Only real bugs show a traceback without it. Overrides (`section.key=value`) may come
+anywhere on the line (`parse_args`).
 """
 from __future__ import annotations
 

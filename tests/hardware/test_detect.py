@@ -53,3 +53,26 @@ def test_unknown_accelerator_warns_and_has_no_peak():
     with pytest.warns(UserWarning, match="not in the chip catalog"):
         chip = detect.current_chip(dev)
     assert chip.peak("bfloat16") is None and chip.device_kinds == ("NVIDIA Z9000",)
+
+
+def test_unwritable_or_poisoned_cache_does_not_fail_the_run(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    monkeypatch.setenv("POLYCHIP_CACHE_DIR", str(blocker))  # a file where the cache folder should be
+    monkeypatch.setattr(detect, "measure_cpu_matmul_flops", lambda dtype="float32", **k: 5e10)
+    with pytest.warns(UserWarning, match="could not cache the CPU peak"):
+        assert detect.cpu_peak_flops("float32") == 5e10
+    monkeypatch.setenv("POLYCHIP_CACHE_DIR", str(tmp_path))
+    (tmp_path / "cpu_peak.json").write_text('{"%s": {"float32": Infinity}}' % detect.cpu_cache_key())
+    assert detect.cpu_peak_flops("float32") == 5e10  # an infinite cached peak is re-measured
+
+
+def test_unwritable_compile_cache_warns(tmp_path, monkeypatch):
+    from polychip.compile import cache
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    monkeypatch.setenv("POLYCHIP_CACHE_DIR", str(blocker))
+    with pytest.warns(UserWarning, match="could not write the compile cache"):
+        cache.store("k", {"a": 1})
+    assert cache.load("k") is None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -46,4 +47,8 @@ def load(k: str) -> dict | None:
 
 
 def store(k: str, value: dict) -> None:
-    atomic_write_json(_dir() / f"{k}.json", value, indent=None, sort_keys=False)
+    try:
+        atomic_write_json(_dir() / f"{k}.json", value, indent=None, sort_keys=False)
+    except OSError as e:
+        # A cache that cannot be written must not throw away the compile that produced the value.
+        warnings.warn(f"could not write the compile cache in {_dir()} ({e.strerror or e})", stacklevel=2)

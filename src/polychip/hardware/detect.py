@@ -9,6 +9,7 @@ warning, so MFU reads n/a instead of crashing.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -84,12 +85,19 @@ def cpu_peak_flops(dtype: str = "float32") -> float:
     cache = _read_cache(path)
     entry = cache.get(key, {})
     val = entry.get(dt) if isinstance(entry, dict) else None
-    if isinstance(val, (int, float)) and val > 0:
+    if isinstance(val, (int, float)) and not isinstance(val, bool) and math.isfinite(val) and val > 0:
         return float(val)
     flops = measure_cpu_matmul_flops(dt)
     cache = _read_cache(path)  # re-read: another process may have added entries meanwhile
-    cache.setdefault(key, {})[dt] = flops
-    atomic_write_json(path, cache)
+    if not isinstance(cache.get(key), dict):
+        cache[key] = {}
+    cache[key][dt] = flops
+    try:
+        atomic_write_json(path, cache)
+    except OSError as e:
+        # The figure is only a cache: a read-only or full cache folder costs a re-measure next run.
+        warnings.warn(f"could not cache the CPU peak in {path} ({e.strerror or e}); it will be measured again",
+                      stacklevel=2)
     return flops
 
 

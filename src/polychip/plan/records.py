@@ -24,6 +24,7 @@ every *.json under DIR. `polychip bench` writes `source: measured`, `polychip co
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,9 @@ def _num(d: dict, key: str, where: str, integer: bool = False, required: bool = 
         if required:
             raise PlanError(f"{where}: missing field {key!r}")
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 or (integer and v != int(v)):
+    # JSON admits NaN and Infinity; neither is a measurement.
+    if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0
+            or (integer and v != int(v))):
         raise PlanError(f"{where}: field {key} must be a positive {'integer' if integer else 'number'}, got {v!r}")
     return int(v) if integer else float(v)
 

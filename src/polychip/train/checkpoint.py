@@ -12,6 +12,7 @@ When the retrained step is saved again, the damaged folder is first moved to
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import zlib
@@ -91,10 +92,20 @@ class Checkpointer:
             if verify(self.dir / str(step)) is None:
                 return  # already saved and intact (a run resumed at its last step): same state
             aside = self._set_aside(step)
-        self.mngr.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-            meta=ocp.args.JsonSave(meta)), force=True)
-        self.mngr.wait_until_finished()
+        _quiet_orbax_echoes()
+        try:
+            self.mngr.save(step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+                meta=ocp.args.JsonSave(meta)), force=True)
+            self.mngr.wait_until_finished()
+        except (OSError, ValueError, RuntimeError) as e:
+            # Disk full / read-only reach us from TensorStore as ValueError("RESOURCE_EXHAUSTED ...").
+            # Orbax never renamed its temp folder, so earlier steps are intact; free the space it took.
+            if jax.process_index() == 0:
+                for tmp in self.dir.glob(f"{step}.orbax-checkpoint-tmp*"):
+                    shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"writing checkpoint step {step} in {self.dir} failed ({_short(e)}); "
+                                  "earlier checkpoints are intact") from e
         if jax.process_index() == 0:
             write_manifest(self.dir / str(step))
             if aside is not None:
@@ -162,6 +173,37 @@ class Checkpointer:
 
     def close(self) -> None:
         self.mngr.close()
+
+
+class _EchoFilter(logging.Filter):
+    """Drops the echoes of a failed save: Orbax's worker threads and its never-awaited asyncio tasks
+    each log the TensorStore error that `save` raises as one CheckpointError, with a traceback
+    (dozens for one full disk)."""
+
+    NOISE = ("RESOURCE_EXHAUSTED", "Event loop is closed", "Task exception was never retrieved",
+             "_SignalingThread.run() raised an exception")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            text += " " + str(record.exc_info[1])
+        return not any(n in text for n in self.NOISE)
+
+
+def _quiet_orbax_echoes() -> None:
+    for name in ("absl", "asyncio"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _EchoFilter) for f in logger.filters):
+            logger.addFilter(_EchoFilter())
+
+
+def _short(e: BaseException) -> str:
+    """The useful end of a TensorStore/Orbax error: the OS reason if there is one, else its first line."""
+    text = " ".join(str(e).split())
+    for reason in ("No space left on device", "Permission denied", "Read-only file system", "Disk quota exceeded"):
+        if reason in text:
+            return reason
+    return (text[:300] + "...") if len(text) > 300 else text or type(e).__name__
 
 
 def _diff(a: dict, b: dict) -> str:
