@@ -20,7 +20,8 @@ SRC = Path(polychip.__file__).parent
 #: unit -> layer. A unit may import units of strictly lower layers; units of one layer are independent.
 LAYERS = {
     "polychip": 0,  # the root __init__: the version string
-    "files": 0,  # atomic writes, the cache folder (standard library only)
+    "files": 0,  # atomic writes, the cache folder, the run-folder lock (standard library only)
+    "yamlpos": 0,  # YAML with line numbers, refusing aliases, duplicate keys and binary files (PyYAML)
     "config": 1,  # typed config dataclasses, presets, YAML + overrides
     "hardware": 1,  # the chip catalog, device detection
     "data": 2,  # corpus, tokenizer, batches

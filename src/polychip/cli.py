@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
-    return guarded(args.fn, args)
+    return guarded(args.fn, args, prog=getattr(args, "prog", "polychip"))
 
 
 if __name__ == "__main__":

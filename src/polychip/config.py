@@ -482,7 +482,7 @@ def _model_derived(m: ModelConfig) -> dict[str, int]:
 
 def parse_override(text: str) -> dict:
     """`model.n_layers=4` -> {"model": {"n_layers": 4}} (values parsed as YAML scalars)."""
-    from polychip.hardware import yamlpos
+    from polychip import yamlpos
 
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value")
@@ -505,7 +505,7 @@ def parse_override(text: str) -> dict:
 
 
 def load_yaml(path: str | Path) -> dict:
-    from polychip.hardware import yamlpos
+    from polychip import yamlpos
 
     p = Path(path)
     if not p.is_file():

@@ -1,11 +1,10 @@
 """`polychip plan` end to end: table, JSON, report folder, launch specs, what-if, bad input."""
-import argparse
 import json
 
 import pytest
 import yaml
 
-from polychip.plan import cli
+from polychip.cli import main
 
 FLEET = """\
 start: 2026-09-01
@@ -22,11 +21,8 @@ workloads:
 
 
 def run(argv):
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers()
-    cli.add_parser(sub)
-    args = parser.parse_args(["plan", *argv])
-    return args.fn(args)
+    """`polychip plan ARGV` through the real command line (its parser and error boundary)."""
+    return main(["plan", *argv])
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@
     batch = stream.batch(step, batch_size, seq_len)       # int32 [B, T + 1], pure in (seed, step)
 
 Owns: corpus reading, the tokenizer, deterministic resumable token batches.
-May import: files, config, hardware (layer 2; tests/test_layers.py).
+May import: files, yamlpos, config, hardware (layer 2; tests/test_layers.py).
 """
 from .batches import TokenStream, prepare, split_documents, tokenize_documents
 from .corpus import DataError, load_documents, resolve_files

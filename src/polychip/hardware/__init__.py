@@ -1,7 +1,7 @@
 """Hardware: the chip catalog (one data file), device detection, peak FLOP/s (measured on CPU).
 
 Owns: the chip catalog (catalog.yaml and its reader), device detection, measured CPU peak FLOP/s.
-May import: files (layer 1; tests/test_layers.py).
+May import: files, yamlpos (layer 1; tests/test_layers.py).
 """
 from polychip.hardware.catalog import (
     Chip,

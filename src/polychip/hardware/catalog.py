@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from polychip.hardware import yamlpos
+from polychip import yamlpos
 
 
 class HardwareError(ValueError):

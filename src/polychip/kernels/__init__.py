@@ -2,7 +2,7 @@
 call path (`KernelPolicy.call`); see README.md in this folder.
 
 Owns: the kernel registry (registration, selection per device, per-shard placement) and one folder per op.
-May import: files, config, hardware (layer 2; tests/test_layers.py).
+May import: files, yamlpos, config, hardware (layer 2; tests/test_layers.py).
 """
 from polychip.kernels.registry import (KernelError, KernelPolicy, Op, Target, declare, implementations, kernel, ops,
                                        register, resolve)

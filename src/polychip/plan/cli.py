@@ -27,15 +27,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--power-cap", metavar="POWER", help="what-if: site power cap, e.g. 500MW")
     p.add_argument("--time-limit", type=float, default=60.0, help="solver time limit in seconds")
     p.add_argument("--gap", type=float, default=1e-4, help="relative MIP gap at which the solver may stop")
-    p.set_defaults(fn=run)
+    # polychip.cli's error boundary (guarded) runs `fn` and prefixes one-line errors with `prog`
+    p.set_defaults(fn=run, prog="polychip plan")
     return p
-
-
-def run(args) -> int:
-    """Plan; print the table; write outputs. Returns 0 when a feasible plan was found, 1 when not, 2 on bad input."""
-    from polychip.cli import guarded
-
-    return guarded(_run, args, prog="polychip plan")
 
 
 def _check_args(args) -> None:
@@ -52,7 +46,9 @@ def _check_args(args) -> None:
         raise PlanError(f"--gap must be a relative gap in [0, 1), got {args.gap}")
 
 
-def _run(args) -> int:
+def run(args) -> int:
+    """Plan; print the table; write outputs. Returns 0 when a feasible plan was found, 1 when not, 2 on bad input
+    (bad input raises; the CLI's error boundary turns it into one line and exit 2)."""
     import json
 
     from rich.console import Console

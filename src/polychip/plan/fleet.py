@@ -54,7 +54,7 @@ from typing import Any
 
 from polychip.config import MODEL_PRESETS, TRAIN_PRESETS, ConfigError, ModelConfig, from_dict
 from polychip.hardware import Chip, HardwareError, get_chip, load_catalog
-from polychip.hardware import yamlpos
+from polychip import yamlpos
 from polychip.plan import units
 from polychip.plan.errors import PlanError
 

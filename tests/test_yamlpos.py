@@ -3,8 +3,8 @@ import time
 
 import pytest
 
-from polychip.hardware import yamlpos
-from polychip.hardware.yamlpos import YamlSyntaxError
+from polychip import yamlpos
+from polychip.yamlpos import YamlSyntaxError
 
 # 9 levels of 9-fold aliases: 9**9 (387 million) values if anything walks the expanded data.
 BOMB = "a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
