@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 
 from polychip.compile.errors import CompileError
-from polychip.hardware.catalog import Chip, HardwareError, active_catalog, get_chip
+from polychip.hardware.catalog import Chip, HardwareError, load_catalog, get_chip
 from polychip.parallel.sharding import MESH_AXES
 
 
@@ -49,12 +49,12 @@ class TargetSpec:
 
 
 def tpu_prefixes() -> dict[str, Chip]:
-    return {c.topology_prefix: c for c in active_catalog().values() if c.topology_prefix}
+    return {c.topology_prefix: c for c in load_catalog().values() if c.topology_prefix}
 
 
 def _valid_targets_text() -> str:
     tpus = ", ".join(f"{p}:<shape> (e.g. {_example(p)})" for p in sorted(tpu_prefixes()))
-    others = ", ".join(sorted(n for n, c in active_catalog().items() if not c.topology_prefix and c.family != "cpu"))
+    others = ", ".join(sorted(n for n, c in load_catalog().items() if not c.topology_prefix and c.family != "cpu"))
     return f"TPU topologies {tpus}, optionally '*N' for N slices; modelled chips <name>:<count> for {others}"
 
 

@@ -6,16 +6,14 @@ May import: files, yamlpos (layer 1; tests/test_layers.py).
 from polychip.hardware.catalog import (
     Chip,
     HardwareError,
-    active_catalog,
     canonical_dtype,
     chip_for_device_kind,
     get_chip,
     load_catalog,
-    use_catalog,
 )
 from polychip.hardware.detect import cpu_peak_flops, current_chip
 
 __all__ = [
-    "Chip", "HardwareError", "active_catalog", "canonical_dtype", "chip_for_device_kind", "cpu_peak_flops",
-    "current_chip", "get_chip", "load_catalog", "use_catalog",
+    "Chip", "HardwareError", "canonical_dtype", "chip_for_device_kind", "cpu_peak_flops",
+    "current_chip", "get_chip", "load_catalog",
 ]

@@ -258,7 +258,8 @@ def builtin_text() -> str:
 
 
 def load_catalog(path: str | Path | None = None) -> dict[str, Chip]:
-    """The packaged catalog, with the user file at `path` (same layout) merged over it.
+    """The catalog: the packaged one, with the user file at `path` (same layout) merged over it. The one
+    way to reach chip facts; callers that take a user file (`plan --catalog`) pass the result on.
 
     A user entry for an existing chip changes only the fields it names (e.g. price_per_hour and
     price_date); a new name must give every required field. Raises HardwareError naming file, line
@@ -290,28 +291,13 @@ def load_catalog(path: str | Path | None = None) -> dict[str, Chip]:
     return out
 
 
-# The process's active catalog: the CLI sets it once at the boundary (`--catalog my.yaml`).
-_ACTIVE: dict[str, Chip] | None = None
-
-
-def use_catalog(path: str | Path | None) -> dict[str, Chip]:
-    """Make the catalog at `path` (merged over the built-in one) the default for get_chip & co."""
-    global _ACTIVE
-    _ACTIVE = load_catalog(path)
-    return _ACTIVE
-
-
-def active_catalog() -> dict[str, Chip]:
-    return _ACTIVE if _ACTIVE is not None else load_catalog()
-
-
 def _norm(s: str) -> str:
     return s.lower().replace("_", "-").replace(" ", "-")
 
 
 def get_chip(name: str, catalog: dict[str, Chip] | None = None) -> Chip:
     """Chip by name or alias (case-insensitive). Unknown -> HardwareError listing valid names."""
-    cat = catalog if catalog is not None else active_catalog()
+    cat = catalog if catalog is not None else load_catalog()
     if name in cat:
         return cat[name]
     key = _norm(str(name))
@@ -323,7 +309,7 @@ def get_chip(name: str, catalog: dict[str, Chip] | None = None) -> Chip:
 
 def chip_for_device_kind(kind: str, catalog: dict[str, Chip] | None = None) -> Chip | None:
     """The catalog chip whose device_kinds contains `kind` (exact match first, then case-insensitive)."""
-    cat = catalog if catalog is not None else active_catalog()
+    cat = catalog if catalog is not None else load_catalog()
     for chip in cat.values():
         if kind in chip.device_kinds:
             return chip
