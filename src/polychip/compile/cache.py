@@ -14,7 +14,7 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4  # 4: serve compiles the engine's paged step
 
 
 def cache_dir() -> Path:
