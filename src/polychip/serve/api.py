@@ -105,8 +105,6 @@ async def _on_validation(request, e: RequestValidationError):
 async def _on_http(request, e: StarletteHTTPException):
     if isinstance(e.__cause__, APIError):  # raised while FastAPI read the body (BodyLimit)
         return _err(e.__cause__)
-    if isinstance(e.__cause__, RecursionError):  # JSON nested deeper than the parser's recursion limit
-        return _err(APIError(400, "the request body is nested too deeply", code="invalid_json"))
     return _err(APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None))
 
 
