@@ -23,7 +23,6 @@ import time
 from collections import deque
 from typing import Any, Callable
 
-import jax
 import numpy as np
 
 from polychip.config import ConfigError, ModelConfig
@@ -131,7 +130,7 @@ class Engine:
             raise ConfigError(f"the request needs {need} KV blocks; the pool has {self.pool.usable}")
         t, k, p, seed = sampling.step_values(self.cfg.vocab_size)
         seq = Sequence(next(self._ids), list(prompt), sampling, (t, k, p), budget, stop_ids, sink,
-                       key_data=np.asarray(jax.random.key_data(jax.random.key(seed))))
+                       key_data=np.asarray(PM.seed_key_data(seed)))
         with self._lock:
             if self._n_queued >= self.ecfg.max_queue:
                 raise QueueFull(f"the server's queue is full ({self.ecfg.max_queue} requests waiting); retry later")

@@ -173,7 +173,7 @@ def step_shardings(cfg: ModelConfig, layout, args: StepArgs) -> tuple[StepArgs, 
     ins = StepArgs(layout.tree_shardings(T.param_axes(cfg), args.params), {"k": pages, "v": pages},
                    *(layout.sharding(ax, a.shape) for ax, a in zip(
                        (grid, grid, row, ("batch", None), row, ("batch", None), row, row, row), args[2:])))
-    outs = (ins.n_valid, ins.key_data, ins.kv)
+    outs = (ins.n_valid, ins.key_data, ins.kv)  # next tokens [B] split like n_valid [B]
     return ins, outs
 
 
