@@ -212,7 +212,7 @@ def main(argv=None) -> int:
     from polychip.serve.engine import Engine, EngineConfig
 
     if args.checkpoint:
-        from polychip.generate import load_for_inference
+        from polychip.infer import load_for_inference
 
         cfg, params, tok = load_for_inference(args.checkpoint, args.dtype)
     else:
@@ -229,7 +229,7 @@ def main(argv=None) -> int:
     compiled = engine.warmup()
     print(f"device {jax.devices()[0].device_kind}; {T.count_params(params) / 1e6:.2f}M params; KV pool "
           f"{engine.pool.usable} blocks x {ecfg.page_size}; {len(compiled)} buckets compiled in "
-          f"{time.perf_counter() - t0:.1f} s; paged attention: {'kernel' if engine.uses_kernel else 'jnp gather'}")
+          f"{time.perf_counter() - t0:.1f} s")
     engine.start()
     server = uvicorn.Server(uvicorn.Config(build_app(engine, tok, "bench"), host="127.0.0.1", port=0,
                                            log_level="warning"))

@@ -85,3 +85,46 @@ def test_generate_from_an_exported_hf_folder(tiny_run, tmp_path):
     assert dataclasses.replace(cfg2, multiple_of=cfg.multiple_of) == cfg  # d_ff is explicit in HF configs
     sp = SamplingParams(temperature=0, max_tokens=16)
     assert Generator(cfg2, p2, tok2).generate("class ", sp).tokens == Generator(cfg, p, tok).generate("class ", sp).tokens
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "is not UTF-8 text (byte 0x89 at offset 0)"),
+    (b"plain text then\x00a NUL", "looks binary"),
+    (None, "cannot read --prompt-file"),  # a directory
+])
+def test_prompt_file_that_is_not_text_exits_2(tmp_path, capsys, content, needle):
+    from polychip.cli import main
+
+    f = tmp_path / "prompt"
+    if content is None:
+        f.mkdir()
+    else:
+        f.write_bytes(content)
+    assert main(["generate", "--checkpoint", str(tmp_path / "no-such-run"), "--prompt-file", str(f)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("polychip: error:") and needle in err and "\n" not in err
+
+
+def test_undecodable_prompt_argument_exits_2(tmp_path, capsys):
+    """Undecodable command-line bytes reach Python as lone surrogates (surrogateescape)."""
+    from polychip.cli import main
+
+    assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "a\udcffb"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the prompt is not valid Unicode" in err and "\n" not in err
+
+
+def test_one_validator_for_every_path(model):
+    """Generator and the serving engine refuse the same SamplingParams with the same RequestError."""
+    from polychip.infer import RequestError
+    from polychip.serve.engine import Engine, EngineConfig
+
+    cfg, p = model
+    eng = Engine(cfg, p, EngineConfig(max_batch=1, kv_blocks=8, page_size=16))
+    for bad, param in ((SamplingParams(temperature=float("nan")), "temperature"), (SamplingParams(top_k=-2), "top_k"),
+                       (SamplingParams(top_p=1.5), "top_p"), (SamplingParams(max_tokens=-1), "max_tokens")):
+        for run in (lambda: Generator(cfg, p).generate_ids([1, 2], bad),
+                    lambda: eng.submit([1, 2], bad, lambda ev: None)):
+            with pytest.raises(RequestError) as e:
+                run()
+            assert e.value.param == param

@@ -139,20 +139,20 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from polychip.generate import Generator, SamplingParams, load_for_inference
+    from polychip.generate import Generator
+    from polychip.infer import SamplingParams, check_text, load_for_inference, read_prompt_file
     from polychip.kernels.registry import KernelPolicy
 
-    cfg, params, tok = load_for_inference(args.checkpoint, args.dtype)
+    # Everything the user typed is checked before the (slow) checkpoint load.
     sp = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                        max_tokens=args.max_tokens, stop=args.stop or [])
+                        max_tokens=args.max_tokens, stop=[check_text(s, "--stop") for s in args.stop or []])
     sp.validate()
-    gen = Generator(cfg, params, tok, KernelPolicy.create(), compute_dtype=args.dtype)
-    prompt = args.prompt
-    if args.prompt_file:
-        with open(args.prompt_file) as f:
-            prompt = f.read()
+    prompt = read_prompt_file(args.prompt_file) if args.prompt_file else args.prompt
     if prompt is None:
         raise ConfigError("give --prompt TEXT or --prompt-file FILE")
+    check_text(prompt, "the prompt")
+    cfg, params, tok = load_for_inference(args.checkpoint, args.dtype)
+    gen = Generator(cfg, params, tok, KernelPolicy.create(), compute_dtype=args.dtype)
     r = gen.generate(prompt, sp)
     if args.json:
         print(json.dumps({"prompt": prompt, "text": r.text, "tokens": r.tokens, "prompt_tokens": r.prompt_tokens,

@@ -114,14 +114,43 @@ def test_llama3_70b_on_one_v5e_does_not_fit(cache_dir):
 
 
 def test_tiny_serve_prefill_and_decode(cache_dir):
+    """Serve compiles the engine's paged step: the KV pool holds batch x (prompt + output) tokens in
+    whole pages plus the scratch page, replicated (pages are shared by all sequences, and tiny's 2 kv
+    heads do not split over fsdp), next to each device's shard of the weights."""
+    from polychip.compile.lower import SERVE_PAGE_SIZE
+    from polychip.serve import paged_model as PM
+
     rep = compile_report(Request(model="tiny", target="v5e:2x2", mode="serve", batch=4, seq=64, output_tokens=32))
     steps = {s["name"]: s for s in rep["steps"]}
     assert set(steps) == {"prefill", "decode"} and rep["fits"] is True
     m = build_config("tiny").model
-    cache = 2 * m.n_layers * 4 * (64 + 32) * m.n_kv_heads * m.head_dim * 4  # K and V, float32, batch 4
+    pool = (4 * PM.pages_for(64 + 32, SERVE_PAGE_SIZE) + 1) * PM.bytes_per_block(m, SERVE_PAGE_SIZE)
+    assert pool == 2 * m.n_layers * (4 * 96 + 16) * m.n_kv_heads * m.head_dim * 4  # K and V, float32
     params = 4 * m.n_params
     for s in steps.values():
-        # Each device holds its batch shard of the cache and its fsdp shard of the weights (or more: padding).
-        assert s["figures"]["argument_bytes_per_device"]["value"] >= (cache + params) / 4
+        args = s["figures"]["argument_bytes_per_device"]["value"]
+        assert args >= pool + params / 4  # or more: TPU tiles pad small minor dimensions
+        assert s["figures"]["program_flops"]["value"] > 0
     dec = steps["decode"]["figures"]
     assert dec["model_flops"]["value"] == F.decode_flops_per_token(m, 64 + 32 - 1) * 4
+    assert rep["kernels"]["decode"]["paged_attention"] == "reference"  # multi-device: the Pallas kernel falls back
+
+
+def test_serve_compile_and_engine_share_the_step_builder(cache_dir, monkeypatch):
+    """What `compile --mode serve` lowers is what the engine runs: both get their step from
+    paged_model.jit_step (compile with shardings for the target mesh, the engine without)."""
+    import jax
+
+    from polychip.model import transformer as T
+    from polychip.serve import paged_model as PM
+    from polychip.serve.engine import Engine, EngineConfig
+
+    built = []
+    real = PM.jit_step
+    monkeypatch.setattr(PM, "jit_step", lambda cfg, rt, shardings=None: built.append(shardings) or real(cfg, rt, shardings))
+    compile_report(Request(model="tiny", target="v5e:1x1", mode="serve", batch=2, seq=32, output_tokens=8,
+                           use_cache=False))
+    assert len(built) == 2 and all(b is not None for b in built)  # prefill and decode
+    cfg = build_config("tiny").model
+    eng = Engine(cfg, T.init_params(cfg, jax.random.key(0)), EngineConfig(max_batch=2, kv_blocks=9))
+    assert built[-1] is None and eng.runner.step is not None and len(built) == 3

@@ -92,7 +92,7 @@ def test_load_parity_and_blocks_returned(served):
                _metric(before, f'polychip_requests_total{{finish_reason="{r}"}}') for r in ("stop", "length"))
     assert done == N_REQUESTS
     # Every shape the engine ran was compiled at start-up: the jit cache holds exactly the buckets.
-    assert served.engine._step._cache_size() == len(served.engine.compiled)
+    assert served.engine.runner.step._cache_size() == len(served.engine.compiled)
 
 
 def test_disconnect_cancels_and_frees_blocks(served):

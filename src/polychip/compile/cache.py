@@ -15,7 +15,7 @@ from pathlib import Path
 
 from polychip.files import atomic_write_json, cache_dir
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4  # 4: serve compiles the engine's paged step
 
 
 def _dir() -> Path:

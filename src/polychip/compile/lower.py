@@ -1,8 +1,9 @@
 """Lower and compile the real steps for a TPU topology, without the hardware.
 
 The train step is `polychip.train.step.StepSpec.build(...).jitted` (the function `train` runs, with its
-donation and shardings); serve compiles prefill and decode over `polychip.model.transformer.logits` with a KV
-cache, jitted the way `polychip.generate` does. Kernels are chosen for the *target* device kind.
+donation and shardings); serve compiles `polychip.serve.paged_model.jit_step` (the step the serving engine's
+runner runs: paged KV cache, per-row sampling) at a prefill and a decode shape. Kernels are chosen
+for the *target* device kind.
 
 Every figure in a `CompiledStep` is per device (what `memory_analysis()` / `cost_analysis()` return
 for an SPMD executable), except `program_flops`, which is global (all devices).
@@ -233,60 +234,55 @@ def _compile_train(cfg: Config, spec: TargetSpec, sizes: dict, on_phase=None) ->
     return out
 
 
-def serve_fns(cfg: Config, rt):
-    """(prefill, decode) as pure functions, the same computation `polychip.generate.Generator` jits:
-    prefill(params, tokens [B,S], cache) -> (last-position logits [B,V] f32, cache);
-    decode(params, token [B,1], cache, pos int32) -> (logits [B,V] f32, cache)."""
-    import jax.numpy as jnp
-
-    from polychip.model import transformer as T
-
-    def prefill(params, tokens, cache):
-        lg, cache = T.logits(params, tokens, cfg.model, rt, cache=cache, cache_pos=jnp.int32(0))
-        return lg[:, -1], cache
-
-    def decode(params, token, cache, pos):
-        lg, cache = T.logits(params, token, cfg.model, rt, cache=cache, cache_pos=pos)
-        return lg[:, -1], cache
-
-    return prefill, decode
+#: Tokens per KV block in compiled serve steps (the engine's default, EngineConfig.page_size).
+SERVE_PAGE_SIZE = 16
 
 
 def compile_serve(cfg: Config, spec: TargetSpec, sizes: dict, batch: int, prompt: int, cache_len: int,
                   on_phase=None) -> list[CompiledStep]:
-    """Compile prefill (batch x prompt tokens into an empty cache of cache_len) and one decode step
-    against that cache (the attention reads all cache_len positions, masked). Parameters and cache are
-    in the compute dtype."""
+    """Compile the server's step (polychip.serve.paged_model.jit_step, what the engine's runner runs)
+    twice: "prefill" feeds `batch` prompts of `prompt` tokens in one [batch, prompt] call, "decode"
+    one token for each of `batch` sequences. The paged KV pool holds every sequence's cache_len
+    tokens (+ the scratch block); block tables span cache_len, so decode attention reads all of it
+    (masked). Parameters and cache are in the compute dtype."""
     return _with_fallback(_compile_serve, cfg, True, spec, sizes, batch, prompt, cache_len, on_phase)
 
 
 def _compile_serve(cfg: Config, spec: TargetSpec, sizes: dict, batch: int, seq: int, cache_len: int,
                    on_phase=None) -> list[CompiledStep]:
-    import jax
-    import jax.numpy as jnp
-
+    from polychip.kernels.registry import KernelPolicy, Target
     from polychip.model import transformer as T
+    from polychip.serve import paged_model as PM
 
     devices = tpu_devices(spec)
     layout = _layout(cfg, sizes, devices)
-    policy = _policy(cfg, devices)
-    dt = T.DTYPES[cfg.train.compute_dtype]
-    rt = T.Runtime(policy=policy, layout=layout, compute_dtype=cfg.train.compute_dtype, remat="none")
-    params = T.abstract_params(cfg.model, dt)
-    p_sh = layout.tree_shardings(T.param_axes(cfg.model), params)
-    cache = jax.eval_shape(lambda: T.init_cache(cfg.model, batch, cache_len, dt))
-    c_sh = layout.tree_shardings(T.cache_axes(), cache)
-    tok_sh = layout.sharding(("batch", "seq"), (batch, seq))
-    prefill, decode = serve_fns(cfg, rt)
-    jp = jax.jit(prefill, in_shardings=(p_sh, tok_sh, c_sh), out_shardings=(None, c_sh), donate_argnums=(2,))
-    jd = jax.jit(decode, in_shardings=(p_sh, layout.sharding(("batch", "seq"), (batch, 1)), c_sh, None),
-                 out_shardings=(None, c_sh), donate_argnums=(2,))
-    toks = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
-    tok1 = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
-    pos = jax.ShapeDtypeStruct((), jnp.int32)
-    a = _compile("prefill", jp, (params, toks, cache), jp, len(devices), on_phase, (p_sh, tok_sh, c_sh))
-    a.kernels = _kernels_used(policy, cfg, seq, cfg.train.compute_dtype, True)
-    b = _compile("decode", jd, (params, tok1, cache, pos), jd, len(devices), on_phase,
-                 (p_sh, layout.sharding(("batch", "seq"), (batch, 1)), c_sh, None))
-    b.kernels = _kernels_used(policy, cfg, seq, cfg.train.compute_dtype, True)
-    return [a, b]
+    overrides = cfg.kernels.overrides()
+    if overrides.get("attention") == "reference":  # the paged kernel follows attention to the reference
+        overrides["paged_attention"] = "reference"
+    policy = KernelPolicy.create(Target(platform="tpu", device_kind=devices[0].device_kind), overrides)
+    dtype = cfg.train.compute_dtype
+    rt = T.Runtime(policy=policy, layout=layout, compute_dtype=dtype, remat="none")
+    pages = PM.pages_for(cache_len, SERVE_PAGE_SIZE)
+    out = []
+    for name, width in (("prefill", seq), ("decode", 1)):
+        args = PM.abstract_step_args(cfg.model, T.DTYPES[dtype], batch, width, batch * pages + 1, SERVE_PAGE_SIZE,
+                                     pages)
+        shardings = PM.step_shardings(cfg.model, layout, args)
+        jitted = PM.jit_step(cfg.model, rt, shardings)
+        step = _compile(name, jitted, tuple(args), jitted, len(devices), on_phase, tuple(shardings[0]))
+        step.kernels = _kernels_used(policy, cfg, seq, dtype, True)
+        if name == "decode":
+            step.kernels["paged_attention"] = _paged_kernel(policy, cfg, args)
+        out.append(step)
+    return out
+
+
+def _paged_kernel(policy, cfg: Config, args) -> str:
+    """The paged-attention implementation the registry picks for the decode step (for the report)."""
+    m, (_, K, P, ps, D) = cfg.model, args.kv["k"].shape
+    try:
+        return policy.pick("paged_attention", batch=args.tokens.shape[0], n_heads=m.n_heads, n_kv_heads=K,
+                           head_dim=D, page_size=ps, total_pages=P, max_pages=args.block_tables.shape[1],
+                           dtype=cfg.train.compute_dtype, soft_cap=None).name
+    except Exception as e:  # noqa: BLE001 - report only
+        return f"? ({e})"

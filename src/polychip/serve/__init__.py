@@ -1,6 +1,9 @@
-"""Serving: paged KV cache (kv_cache), the model step over it (paged_model), the continuous-batching
-engine (engine), the OpenAI-compatible HTTP app (api, protocol, text, metrics) and `polychip serve` (cli).
+"""Serving, in vLLM v1's three parts: the scheduler (scheduler: queue, admission, chunked prefill,
+prefix reuse), the block manager between it and the device (kv_cache), and the runner (runner: one
+jitted step over the paged cache from paged_model.jit_step). engine drives them on a thread; api,
+protocol, text and metrics are the OpenAI-compatible HTTP layer; cli is `polychip serve`.
 
-Owns: the paged KV cache, the model step over it, the engine, the OpenAI-compatible HTTP API.
-May import: files, yamlpos, config, hardware, data, kernels, parallel, model, train (layer 5; tests/test_layers.py).
+Owns: the scheduler, the paged KV cache (block manager), the runner, the engine, the OpenAI-compatible HTTP API.
+May import: files, yamlpos, config, hardware, data, kernels, parallel, model, train, plan, infer (layer 6;
+tests/test_layers.py).
 """

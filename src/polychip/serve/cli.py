@@ -38,7 +38,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def build_server(args):
     """(engine, app) from parsed arguments; the engine is warmed up and started."""
-    from polychip.generate import load_for_inference
+    from polychip.infer import load_for_inference
     from polychip.kernels.registry import KernelPolicy
     from polychip.serve.api import ServerLimits, build_app
     from polychip.serve.engine import Engine, EngineConfig
@@ -51,8 +51,8 @@ def build_server(args):
                         max_queue=args.max_queue, prefix_cache=not args.no_prefix_cache, compute_dtype=args.dtype)
     engine = Engine(cfg, params, ecfg, KernelPolicy.create())
     print(f"polychip serve: {cfg.n_layers} layers, d_model {cfg.d_model}, context {cfg.max_seq_len}; "
-          f"KV pool {engine.pool.usable} blocks x {ecfg.page_size} tokens ({engine.kv_bytes / 2**20:.1f} MiB); "
-          f"paged attention: {'kernel' if engine.uses_kernel else 'jnp gather fallback'}", file=sys.stderr)
+          f"KV pool {engine.pool.usable} blocks x {ecfg.page_size} tokens ({engine.kv_bytes / 2**20:.1f} MiB)",
+          file=sys.stderr)
     for c in engine.warmup():
         print(f"  compiled {c['kind']:<7} batch {c['batch']:>3} x {c['tokens']:>4} tokens in {c['seconds']:.2f} s",
               file=sys.stderr)

@@ -1,14 +1,15 @@
 """The model step over a paged KV cache: one jitted function for decode ([B, 1]) and prefill chunks
-([B, T]), compiled once per shape bucket.
+([B, T]), compiled once per shape bucket. `jit_step` is the one builder of it: the engine's runner
+calls it, and `polychip compile --mode serve` lowers what it returns for a target mesh.
 
 Cache layout (matches polychip.kernels.paged_attention): {"k", "v"}: [L, K, P, page_size, Dh]
 (layers, kv heads, pages, slot in page, head dim). A sequence's token at absolute position p lives
 in page block_table[p // page_size], slot p % page_size. Page 0 is scratch (see kv_cache.py).
 
-Decode attention goes to `paged_attention` from the kernel package when it is importable, otherwise
-to `paged_attention_gather` below (plain jnp: gather the sequence's pages into a contiguous
-[B, S, K, Dh] view and call the registry's `attention`). Prefill chunks always use the gather path:
-their cost is amortised over T query tokens.
+Decode attention goes to the kernel registry's `paged_attention` (its reference implementation
+gathers pages in plain jnp where no hand-written kernel supports the device). Prefill chunks gather
+the sequence's pages into a contiguous view and call the registry's `attention`: their cost is
+amortised over T query tokens.
 
 The block is transformer.block itself; only its `attend` (the cache write and the attention read)
 is the paged one here, because positions and lengths are per row.
@@ -16,27 +17,23 @@ is the paged one here, because positions and lengths are per row.
 from __future__ import annotations
 
 import functools
-from typing import Any
+import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from polychip.config import ModelConfig
-from polychip.generate import sample
+from polychip.infer import sample
 from polychip.kernels.attention import attention
-from polychip.kernels.registry import KernelPolicy
+from polychip.kernels.paged_attention import paged_attention
 from polychip.kernels.rms_norm import rms_norm
 from polychip.model import transformer as T
 from polychip.model.rope import inv_frequencies
 
-try:  # the Pallas/NKI paged kernel package, when present
-    from polychip.kernels.paged_attention import paged_attention as _kernel_paged_attention
-except ImportError:  # pragma: no cover - depends on which packages are installed
-    _kernel_paged_attention = None
-
-
-def kernel_available() -> bool:
-    return _kernel_paged_attention is not None
+#: Logical axes of the paged cache: pages are a pool shared by every sequence, so they are not
+#: split by batch; kv heads follow the attention weights (tensor-parallel).
+PAGE_AXES = ("layers", "kv_heads", None, None, "head_dim")
 
 
 def _gather(pages, block_tables):
@@ -45,16 +42,6 @@ def _gather(pages, block_tables):
     B, M = block_tables.shape
     g = pages[:, block_tables]  # [K, B, M, ps, D]
     return g.reshape(K, B, M * ps, D).transpose(1, 2, 0, 3)
-
-
-def paged_attention_gather(q, k_pages, v_pages, block_tables, lengths, *, policy: KernelPolicy, soft_cap=None):
-    """Reference paged decode attention: q [B, H, D] (the query at position lengths-1), pages
-    [K, P, ps, D], block_tables [B, M] int32, lengths [B] int32 -> [B, H, D]."""
-    k = _gather(k_pages, block_tables).astype(q.dtype)
-    v = _gather(v_pages, block_tables).astype(q.dtype)
-    o = attention(q[:, None], k, v, policy=policy, causal=True, soft_cap=soft_cap, q_offset=lengths - 1,
-                  kv_lengths=lengths)
-    return o[:, 0]
 
 
 def init_pages(cfg: ModelConfig, num_blocks: int, page_size: int, dtype=jnp.float32) -> dict:
@@ -68,7 +55,7 @@ def bytes_per_block(cfg: ModelConfig, page_size: int, dtype=jnp.float32) -> int:
 
 
 def forward(params: dict, kv: dict, tokens, positions, n_valid, block_tables, last_idx, cfg: ModelConfig,
-            rt: T.Runtime, use_kernel: bool):
+            rt: T.Runtime):
     """One step over a batch of sequence slices.
 
     tokens, positions [B, T] int32 (absolute positions; row b's slice starts at positions[b, 0]);
@@ -95,11 +82,8 @@ def forward(params: dict, kv: dict, tokens, positions, n_valid, block_tables, la
         # Scatter: advanced indices (layer, pages, slots) around a slice -> update is [B*T, K, D].
         kp = kp.at[layer, :, pages, slots].set(k.reshape(B * Tn, K, D).astype(kp.dtype))
         vp = vp.at[layer, :, pages, slots].set(v.reshape(B * Tn, K, D).astype(vp.dtype))
-        if Tn == 1 and use_kernel:
-            o = _kernel_paged_attention(q[:, 0], kp[layer], vp[layer], block_tables, kv_len,
-                                        policy=rt.policy)[:, None]
-        elif Tn == 1:
-            o = paged_attention_gather(q[:, 0], kp[layer], vp[layer], block_tables, kv_len, policy=rt.policy)[:, None]
+        if Tn == 1:
+            o = paged_attention(q[:, 0], kp[layer], vp[layer], block_tables, kv_len, policy=rt.policy)[:, None]
         else:
             kg = _gather(kp[layer], block_tables).astype(dt)
             vg = _gather(vp[layer], block_tables).astype(dt)
@@ -134,17 +118,67 @@ def _sample_rows(logits, key_data, temperature, top_k, top_p):
     return jax.vmap(one)(logits, key_data, temperature, top_k, top_p)
 
 
-def make_step(cfg: ModelConfig, rt: T.Runtime, use_kernel: bool):
-    """jit(step)(params, kv, tokens, positions, n_valid, block_tables, last_idx, key_data, temperature,
-    top_k, top_p) -> (next tokens [B] int32, next key_data [B, 2], kv). kv is donated."""
+class StepArgs(NamedTuple):
+    """The step's inputs, in call order (arrays, or ShapeDtypeStructs for lowering)."""
 
-    @functools.partial(jax.jit, donate_argnums=(1,))
-    def step(params, kv, tokens, positions, n_valid, block_tables, last_idx, key_data, temperature, top_k, top_p):
-        lg, kv = forward(params, kv, tokens, positions, n_valid, block_tables, last_idx, cfg, rt, use_kernel)
-        tok, kd = _sample_rows(lg, key_data, temperature, top_k, top_p)
-        return tok, kd, kv
+    params: Any
+    kv: Any
+    tokens: Any  # [B, T] int32
+    positions: Any  # [B, T] int32, absolute
+    n_valid: Any  # [B] int32: real tokens of each row (0 for padding rows)
+    block_tables: Any  # [B, max_pages] int32
+    last_idx: Any  # [B] int32: the token whose logits are sampled
+    key_data: Any  # [B, 2] uint32: each request's own PRNG key
+    temperature: Any  # [B] float32
+    top_k: Any  # [B] int32
+    top_p: Any  # [B] float32
 
-    return step
+
+def step(params, kv, tokens, positions, n_valid, block_tables, last_idx, key_data, temperature, top_k, top_p, *,
+         cfg: ModelConfig, rt: T.Runtime):
+    """The serving step: forward over the paged cache, then each row samples its next token.
+    -> (next tokens [B] int32, next key_data [B, 2], kv)."""
+    lg, kv = forward(params, kv, tokens, positions, n_valid, block_tables, last_idx, cfg, rt)
+    tok, kd = _sample_rows(lg, key_data, temperature, top_k, top_p)
+    return tok, kd, kv
+
+
+def jit_step(cfg: ModelConfig, rt: T.Runtime, shardings: tuple[StepArgs, tuple] | None = None):
+    """jit(step)(*StepArgs) with the cache donated: what the engine's runner calls and what
+    `compile --mode serve` lowers. `shardings` = (input shardings as StepArgs, output shardings),
+    from `step_shardings`, for a mesh; None runs wherever the arguments live (one device)."""
+    fn = functools.partial(step, cfg=cfg, rt=rt)
+    if shardings is None:
+        return jax.jit(fn, donate_argnums=(1,))
+    ins, outs = shardings
+    return jax.jit(fn, in_shardings=tuple(ins), out_shardings=outs, donate_argnums=(1,))
+
+
+def abstract_step_args(cfg: ModelConfig, dtype, batch: int, width: int, num_blocks: int, page_size: int,
+                       max_pages: int) -> StepArgs:
+    """ShapeDtypeStructs of one bucket's inputs ([batch, width] tokens over a pool of num_blocks)."""
+    sds = jax.ShapeDtypeStruct
+    i32, f32 = jnp.int32, jnp.float32
+    return StepArgs(T.abstract_params(cfg, dtype), jax.eval_shape(lambda: init_pages(cfg, num_blocks, page_size, dtype)),
+                    sds((batch, width), i32), sds((batch, width), i32), sds((batch,), i32),
+                    sds((batch, max_pages), i32), sds((batch,), i32), sds((batch, 2), jnp.uint32),
+                    sds((batch,), f32), sds((batch,), i32), sds((batch,), f32))
+
+
+def step_shardings(cfg: ModelConfig, layout, args: StepArgs) -> tuple[StepArgs, tuple]:
+    """(input shardings, output shardings) of the step on `layout`'s mesh: weights by their logical
+    axes, cache pages by PAGE_AXES, per-row inputs split over the batch where it divides."""
+    row, grid = ("batch",), ("batch", "seq")
+    pages = layout.sharding(PAGE_AXES, args.kv["k"].shape)
+    ins = StepArgs(layout.tree_shardings(T.param_axes(cfg), args.params), {"k": pages, "v": pages},
+                   *(layout.sharding(ax, a.shape) for ax, a in zip(
+                       (grid, grid, row, ("batch", None), row, ("batch", None), row, row, row), args[2:])))
+    outs = (ins.n_valid, ins.key_data, ins.kv)  # next tokens [B] split like n_valid [B]
+    return ins, outs
+
+
+def pages_for(tokens: int, page_size: int) -> int:
+    return math.ceil(tokens / page_size)
 
 
 def seed_key_data(seed: int) -> Any:

@@ -7,6 +7,7 @@ incomplete UTF-8 character) so a client never receives text that is later retrac
 from __future__ import annotations
 
 from polychip.data.tokenizer import special_ids
+from polychip.infer import check_text
 
 REPLACEMENT = "\ufffd"  # what a byte-level decoder yields for an incomplete UTF-8 sequence
 
@@ -27,6 +28,15 @@ def stop_token_ids(tok) -> frozenset[int]:
     return frozenset(ids)
 
 
+def encode(tok, text: str, param: str = "prompt") -> list[int]:
+    """Token ids of `text`. RequestError (a 400) for text no tokenizer accepts (lone surrogates).
+
+    Through encode_batch because it releases the GIL while the Rust tokenizer works (encode holds
+    it: ~1 s per MB, during which no other Python thread - the event loop - would run); the ids
+    are the same."""
+    return tok.encode_batch([check_text(text, param)])[0].ids
+
+
 def render_chat(tok, messages: list[dict]) -> tuple[list[int], list[str]]:
     """messages [{"role", "content"}] -> (prompt ids ending where the assistant's reply starts,
     extra stop strings of the template).
@@ -38,9 +48,9 @@ def render_chat(tok, messages: list[dict]) -> tuple[list[int], list[str]]:
         text = "".join(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content']}<|eot_id|>"
                        for m in messages)
         text += "<|start_header_id|>assistant<|end_header_id|>\n\n"
-        return tok.encode(text).ids, []
+        return encode(tok, text, "messages"), []
     text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
-    return tok.encode(text).ids, ["\nUser:"]
+    return encode(tok, text, "messages"), ["\nUser:"]
 
 
 class TextStream:

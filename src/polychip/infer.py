@@ -1,0 +1,173 @@
+"""What every inference path shares: the sampling parameters and their one validator, the sampler,
+and loading weights + tokenizer for inference.
+
+Used by `polychip generate` (generate.py), the serving engine (serve/) and the HTTP layer, so a
+request means the same thing whichever way it arrives.
+
+May import: files, yamlpos, config, hardware, data, kernels, parallel, model, train (layer 5;
+tests/test_layers.py).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from polychip.config import ConfigError, ModelConfig
+from polychip.model import transformer as T
+
+#: Seeds are folded into [0, 2**31) so every path builds the same key from the same seed.
+SEED_MOD = 2 ** 31
+
+
+class RequestError(ConfigError):
+    """An impossible generation request. `param` names the offending field (the HTTP layer reports
+    it as OpenAI's error.param); the CLI prints the message like any ConfigError."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+@dataclass
+class SamplingParams:
+    #: 0 means greedy (argmax).
+    temperature: float = 1.0
+    #: Keep only the k most likely tokens (0: off).
+    top_k: int = 0
+    #: Keep the smallest set of tokens whose probability reaches p (1.0: off).
+    top_p: float = 1.0
+    seed: int = 0
+    max_tokens: int = 128
+    stop: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise RequestError(f"temperature must be a finite number >= 0, got {self.temperature}", "temperature")
+        if self.top_k < 0:
+            raise RequestError(f"top_k must be >= 0, got {self.top_k}", "top_k")
+        if not 0 < self.top_p <= 1:
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
+        if self.max_tokens < 0:
+            raise RequestError(f"max_tokens must be >= 0, got {self.max_tokens}", "max_tokens")
+
+    def step_values(self, vocab_size: int) -> tuple[float, int, float, int]:
+        """(temperature, top_k, top_p, seed) as the jitted samplers take them: int32-safe, top_k at or
+        above the vocabulary is "off" (0), the seed folded into [0, 2**31)."""
+        top_k = self.top_k if 0 < self.top_k < vocab_size else 0
+        return float(self.temperature), int(top_k), float(self.top_p), self.seed % SEED_MOD
+
+
+def check_prompt(prompt: list[int], max_len: int, vocab_size: int | None = None) -> None:
+    """The prompt must be non-empty, leave room for one generated token, and (when vocab_size is
+    given) hold valid token ids."""
+    n = len(prompt)
+    if n == 0:
+        raise RequestError("the prompt is empty", "prompt")
+    if n >= max_len:
+        raise RequestError(f"the prompt is {n} tokens; the model's context is {max_len} tokens", "prompt",
+                           "context_length_exceeded")
+    if vocab_size is not None and any(t < 0 or t >= vocab_size for t in prompt):
+        raise RequestError(f"prompt token ids must be in [0, {vocab_size})", "prompt")
+
+
+def check_text(text: str, param: str = "prompt") -> str:
+    """`text` unchanged, or RequestError when it cannot be UTF-8 encoded (a lone surrogate such as
+    "\\ud800", which JSON escapes and undecodable command-line bytes can carry; tokenizers refuse it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(f"{param} is not valid Unicode: {e.object[e.start:e.end]!r} at character {e.start} "
+                           "(a lone surrogate)", param) from None
+    return text
+
+
+def read_prompt_file(path: str) -> str:
+    """The UTF-8 text of `path`; ConfigError (one line) for a missing, unreadable or binary file."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read --prompt-file {path!r}: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--prompt-file {path!r} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})"
+                          ) from None
+    if "\0" in text:
+        raise ConfigError(f"--prompt-file {path!r} looks binary (it contains NUL bytes at offset {text.index(chr(0))})")
+    return text
+
+
+def token_budget(prompt: list[int], sp: SamplingParams, max_len: int) -> int:
+    """Validate `sp` and the prompt; tokens that may be generated (max_tokens capped by the context)."""
+    sp.validate()
+    check_prompt(prompt, max_len)
+    return min(sp.max_tokens, max_len - len(prompt))
+
+
+def sample(logits, key, temperature, top_k, top_p):
+    """logits [B, V] float32; temperature/top_p [B] float; top_k [B] int (0 = off) -> tokens [B] int32.
+
+    Rows with temperature 0 take the argmax. Filtering follows the usual order: top-k, then top-p on
+    the renormalised distribution (the most likely token is always kept)."""
+    B, V = logits.shape
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    t = jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    scaled = logits / t
+    order = jnp.argsort(-scaled, axis=-1)
+    sorted_l = jnp.take_along_axis(scaled, order, axis=-1)
+    rank = jnp.arange(V)[None, :]
+    k = jnp.where(top_k > 0, top_k, V)[:, None]
+    sorted_l = jnp.where(rank < k, sorted_l, -jnp.inf)
+    probs = jax.nn.softmax(sorted_l, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # probability mass strictly above this token
+    sorted_l = jnp.where((before < top_p[:, None]) | (rank == 0), sorted_l, -jnp.inf)
+    choice = jax.random.categorical(key, sorted_l, axis=-1)
+    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return jnp.where(temperature > 0, sampled, greedy)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading weights for inference: a polychip training folder, or a Hugging Face Llama folder.
+# ----------------------------------------------------------------------------------------------
+def load_for_inference(path: str | Path, dtype: str = "float32") -> tuple[ModelConfig, Any, Any]:
+    """(model config, params on the default device, tokenizer) from `path`."""
+    from polychip.data.tokenizer import load_tokenizer
+
+    p = Path(path)
+    if not p.is_dir():
+        raise ConfigError(f"checkpoint folder {str(p)!r} not found")
+    if (p / "config.json").is_file() and not (p / "config.yaml").is_file():
+        from polychip.model.hf import load_hf
+
+        cfg, params = load_hf(p, dtype=T.DTYPES[dtype])
+        if not (p / "tokenizer.json").is_file():
+            raise ConfigError(f"{str(p)!r} has no tokenizer.json")
+        return cfg, jax.device_put(params), load_tokenizer(p / "tokenizer.json")
+    if not (p / "config.yaml").is_file():
+        raise ConfigError(f"{str(p)!r} is neither a polychip run folder (config.yaml) nor a Hugging Face folder (config.json)")
+    cfg, params = _load_run(p, dtype)
+    return cfg, params, load_tokenizer(p / "tokenizer.json")
+
+
+def _load_run(p: Path, dtype: str) -> tuple[ModelConfig, Any]:
+    """The newest good checkpoint of a `polychip train --out` folder, cast to `dtype`, on one device."""
+    from polychip.config import Config, from_dict, load_yaml
+    from polychip.train.checkpoint import Checkpointer, CheckpointError
+
+    full = from_dict(Config, load_yaml(p / "config.yaml"))
+    abstract = T.abstract_params(full.model, T.DTYPES[full.train.param_dtype])
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev), abstract)
+    ck = Checkpointer(p, keep=max(1, full.train.keep_checkpoints))
+    try:
+        got = ck.restore(abstract, None)
+    finally:
+        ck.close()
+    if got is None:
+        raise CheckpointError(f"no checkpoint in {str(p / 'checkpoints')!r}")
+    return full.model, jax.tree.map(lambda x: x.astype(T.DTYPES[dtype]), got[1])

@@ -1,0 +1,174 @@
+"""The scheduler: which requests run this step and how many tokens each gets (vLLM v1's split:
+scheduler -> block manager (kv_cache.BlockPool) -> runner).
+
+Policy:
+  * admission is FIFO while a batch slot and the KV blocks for prompt + max_tokens are free. Blocks
+    are reserved for the whole request at admission, so a running sequence never runs out and
+    nothing is ever preempted (preemption policy: none; the head of the queue waits for blocks);
+  * prefix reuse: the prompt's full blocks whose chained hash is cached are taken by reference
+    (at least one prompt token is always recomputed: its logits give the first output token);
+  * chunked prefill: one prompt's next chunk (at most `prefill_chunk` tokens) per iteration, so a
+    long prompt is interleaved with decode steps instead of stalling them;
+  * decode: every sequence past its prefill, one token each, batched.
+
+Batches are padded to the shape buckets of EngineConfig, so the runner only ever sees shapes it
+compiled at start-up. Not thread-safe: only the engine thread calls it.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from polychip.infer import SamplingParams
+from polychip.serve.config import EngineConfig
+from polychip.serve.kv_cache import BlockPool, OutOfBlocks, block_hashes
+from polychip.serve.paged_model import pages_for
+
+
+@dataclass(eq=False)
+class Sequence:
+    id: int
+    prompt: list[int]
+    sampling: SamplingParams
+    #: (temperature, top_k, top_p) as the step takes them (SamplingParams.step_values).
+    step_sampling: tuple[float, int, float]
+    budget: int  # tokens it may generate (max_tokens capped by the context)
+    stop_ids: frozenset[int]
+    sink: Callable[[tuple], None]
+    key_data: Any = None  # uint32 [2]: the request's PRNG key, advanced by every sampled token
+    arrival: float = field(default_factory=time.perf_counter)
+    blocks: list[int] = field(default_factory=list)
+    hashes: list[bytes] = field(default_factory=list)
+    computed: int = 0  # prompt tokens whose K/V are in the cache
+    registered: int = 0  # prompt blocks published to the prefix cache
+    out: list[int] = field(default_factory=list)
+    first_token_at: float | None = None
+    finished: bool = False
+
+
+@dataclass
+class Row:
+    """One row of a step, all the runner needs: tokens to feed from absolute position `start`, the
+    sequence's block table, its PRNG key and sampling settings."""
+
+    tokens: list[int]
+    start: int
+    blocks: list[int]
+    key_data: Any
+    sampling: tuple[float, int, float]
+
+
+@dataclass
+class Batch:
+    kind: str  # "prefill" | "decode"
+    seqs: list[Sequence]
+    rows: list[Row]
+    size: int  # B: the batch bucket (rows beyond len(rows) are padding)
+    width: int  # T: tokens per row (1 for decode; the chunk bucket for prefill)
+
+
+class Scheduler:
+    def __init__(self, ecfg: EngineConfig, pool: BlockPool, on_prefix_hits: Callable[[int], None] = lambda n: None):
+        self.ecfg = ecfg
+        self.pool = pool
+        self.on_prefix_hits = on_prefix_hits
+        self.waiting: deque[Sequence] = deque()
+        self.prefilling: deque[Sequence] = deque()
+        self.decoding: list[Sequence] = []
+
+    def running(self) -> int:
+        return len(self.prefilling) + len(self.decoding)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.decoding)
+
+    def add(self, s: Sequence) -> None:
+        self.waiting.append(s)
+
+    def remove(self, s: Sequence) -> bool:
+        """Drop `s` wherever it is and give back its blocks; True when it was still waiting."""
+        was_waiting = s in self.waiting
+        for q in (self.waiting, self.prefilling, self.decoding):
+            if s in q:
+                q.remove(s)
+        self.pool.free(s.blocks)
+        s.blocks = []
+        return was_waiting
+
+    def admit(self) -> list[Sequence]:
+        """Move waiting sequences to prefill while slots and blocks allow; returns those admitted
+        (a sequence with a zero budget is admitted but not queued for prefill: it is already done)."""
+        ps = self.ecfg.page_size
+        admitted = []
+        while self.waiting and self.running() < self.ecfg.max_batch:
+            s = self.waiting[0]
+            n = len(s.prompt)
+            if not s.hashes:
+                s.hashes = block_hashes(s.prompt, ps)
+            hits = self.pool.lookup_prefix(s.hashes[: (n - 1) // ps])
+            try:
+                fresh = self.pool.allocate(pages_for(n + s.budget, ps) - len(hits))
+            except OutOfBlocks:
+                self.pool.free(hits)
+                break  # FIFO: wait for blocks to come back
+            self.waiting.popleft()
+            self.on_prefix_hits(len(hits))
+            s.blocks = hits + fresh
+            s.registered = len(hits)
+            s.computed = len(hits) * ps
+            admitted.append(s)
+            if s.budget > 0:
+                self.prefilling.append(s)
+        return admitted
+
+    def schedule(self, kind: str) -> Batch | None:
+        """The next batch of `kind`: the head prompt's next chunk, or one token for every decoding sequence."""
+        if kind == "prefill":
+            if not self.prefilling:
+                return None
+            s = self.prefilling[0]
+            c = min(self.ecfg.prefill_chunk, len(s.prompt) - s.computed)
+            width = next(b for b in self.ecfg.chunk_buckets() if b >= c)
+            row = Row(s.prompt[s.computed:s.computed + c], s.computed, s.blocks, s.key_data, s.step_sampling)
+            return Batch("prefill", [s], [row], 1, width)
+        if not self.decoding:
+            return None
+        # A sequence that just got its first token from prefill is here with 1 output token.
+        seqs = list(self.decoding)
+        rows = [Row([s.out[-1]], len(s.prompt) + len(s.out) - 1, s.blocks, s.key_data, s.step_sampling) for s in seqs]
+        size = next(b for b in self.ecfg.batch_buckets() if b >= len(rows))
+        return Batch("decode", seqs, rows, size, 1)
+
+    def update(self, batch: Batch, tokens: np.ndarray, key_data: np.ndarray) -> list[tuple[Sequence, int]]:
+        """Record what the runner did; returns (sequence, sampled token) for each sequence that produced one."""
+        if batch.kind == "decode":
+            for i, s in enumerate(batch.seqs):
+                s.key_data = key_data[i]
+            return [(s, int(tokens[i])) for i, s in enumerate(batch.seqs)]
+        s, row = batch.seqs[0], batch.rows[0]
+        s.computed += len(row.tokens)
+        full = min(s.computed // self.ecfg.page_size, len(s.hashes))
+        for i in range(s.registered, full):
+            self.pool.register(s.blocks[i], s.hashes[i])
+        s.registered = max(s.registered, full)
+        if s.computed < len(s.prompt):
+            return []  # a middle chunk: its sample is discarded, its key not advanced
+        self.prefilling.popleft()
+        s.key_data = key_data[0]
+        self.decoding.append(s)
+        return [(s, int(tokens[0]))]
+
+    @staticmethod
+    def accept(s: Sequence, token: int) -> tuple[bool, str | None]:
+        """Stop conditions, in Generator.generate_ids' order: a stop id ends without being emitted;
+        then the budget. Returns (emit the token, finish reason or None)."""
+        if s.first_token_at is None:
+            s.first_token_at = time.perf_counter()
+        if token in s.stop_ids:
+            return False, "stop"
+        s.out.append(token)
+        return True, ("length" if len(s.out) >= s.budget else None)
