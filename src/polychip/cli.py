@@ -1,4 +1,4 @@
-"""polychip command line: train | generate | bench | compile | plan | serve.
+"""polychip command line: train | generate | bench | compile | plan | serve | report.
 
 User mistakes (bad config, missing data, wrong checkpoint, impossible mesh) print one line
 `polychip: error: ...` and exit 2; only real bugs show a traceback.
@@ -25,7 +25,8 @@ def user_errors() -> tuple[type, ...]:
                       ("polychip.train.health", "NonFiniteError"),
                       ("polychip.hardware.catalog", "HardwareError"), ("polychip.kernels.registry", "KernelError"),
                       ("polychip.parallel.sharding", "ShardingError"), ("polychip.model.hf", "HFError"),
-                      ("polychip.compile.errors", "CompileError"), ("polychip.plan.errors", "PlanError")]:
+                      ("polychip.compile.errors", "CompileError"), ("polychip.plan.errors", "PlanError"),
+                      ("polychip.train.report", "ReportError")]:
         try:
             errs.append(getattr(importlib.import_module(mod), name))
         except (ImportError, AttributeError):
@@ -223,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_bench)
 
     # Subcommands owned by other packages register themselves through add_parser(sub).
-    for mod in ("polychip.compile.cli", "polychip.plan.cli", "polychip.serve.cli"):
+    for mod in ("polychip.compile.cli", "polychip.plan.cli", "polychip.serve.cli", "polychip.train.report"):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:

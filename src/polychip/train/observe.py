@@ -48,14 +48,16 @@ def device_memory(device) -> dict[str, float]:
 
 class Profiler:
     """A jax.profiler trace of the steps in `steps` (first, last; counted from 1) into `folder`:
-    XProf's .xplane.pb (TensorBoard's profile tab) and perfetto_trace.json.gz (ui.perfetto.dev)."""
+    XProf's .xplane.pb (TensorBoard's profile tab) and perfetto_trace.json.gz (ui.perfetto.dev).
+    The trace starts when the run reaches the first step, so an attempt resumed inside the range (or
+    past it) does not trace again."""
 
     def __init__(self, folder: Path, steps: tuple[int, int] | None, log):
         self.folder, self.steps, self.log = folder, steps, log
         self.active = self.done = False
 
     def before(self, step: int) -> None:
-        if self.steps and not (self.active or self.done) and self.steps[0] <= step <= self.steps[1]:
+        if self.steps and not (self.active or self.done) and step == self.steps[0]:
             self.folder.mkdir(parents=True, exist_ok=True)
             jax.profiler.start_trace(str(self.folder), create_perfetto_trace=True)
             self.active, self._first = True, step
