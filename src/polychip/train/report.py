@@ -120,9 +120,20 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def _save(fig, path: Path) -> str:
+def _save(plt, fig, path: Path) -> str:
+    """Lay out, write atomically and close `fig`; returns the file name."""
+    fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
     return path.name
+
+
+def _label(ax, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
 
 
 def _plot_loss(plt, runs: list[RunData], folder: Path) -> str:
@@ -140,15 +151,8 @@ def _plot_loss(plt, runs: list[RunData], folder: Path) -> str:
                 label=f"{run.name} checkpoint" if ck else None)
         for j, s in enumerate(run.event_steps("resume")):
             ax.axvline(s, color=c, linestyle=":", linewidth=1.2, label=f"{run.name} restart" if j == 0 else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("Loss (faint: raw, solid: smoothed; triangles: checkpoints; dotted: restarts)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    name = _save(fig, folder / "loss.png")
-    plt.close(fig)
-    return name
+    _label(ax, "step", "loss", "Loss (faint: raw, solid: smoothed; triangles: checkpoints; dotted: restarts)")
+    return _save(plt, fig, folder / "loss.png")
 
 
 def _plot_throughput(plt, runs: list[RunData], folder: Path) -> str:
@@ -157,17 +161,9 @@ def _plot_throughput(plt, runs: list[RunData], folder: Path) -> str:
         a1.plot(*run.series("tokens_per_s", skip_compile=True), color=f"C{i}", linewidth=1.2, label=run.name)
         xs, ys = run.series("mfu", skip_compile=True)
         a2.plot(xs, [100 * y for y in ys], color=f"C{i}", linewidth=1.2, label=run.name)
-    a1.set_ylabel("tokens/s")
-    a1.set_title("Throughput and MFU (first step of each attempt, which compiles, left out)")
-    a2.set_ylabel("MFU %")
-    a2.set_xlabel("step")
-    for a in (a1, a2):
-        a.grid(alpha=0.3)
-        a.legend(fontsize=7)
-    fig.tight_layout()
-    name = _save(fig, folder / "throughput.png")
-    plt.close(fig)
-    return name
+    _label(a1, "", "tokens/s", "Throughput and MFU (first step of each attempt, which compiles, left out)")
+    _label(a2, "step", "MFU %", "")
+    return _save(plt, fig, folder / "throughput.png")
 
 
 def _plot_step_time(plt, runs: list[RunData], folder: Path) -> str:
@@ -185,10 +181,7 @@ def _plot_step_time(plt, runs: list[RunData], folder: Path) -> str:
     ax.set_ylabel("steps")
     ax.set_title("Step time (compile steps left out)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    name = _save(fig, folder / "step_time.png")
-    plt.close(fig)
-    return name
+    return _save(plt, fig, folder / "step_time.png")
 
 
 def _plot_goodput(plt, runs: list[RunData], folder: Path) -> str | None:
@@ -209,10 +202,7 @@ def _plot_goodput(plt, runs: list[RunData], folder: Path) -> str | None:
     ax.set_xlabel("wall seconds, all attempts")
     ax.set_title("Where the wall time went")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    name = _save(fig, folder / "goodput.png")
-    plt.close(fig)
-    return name
+    return _save(plt, fig, folder / "goodput.png")
 
 
 def _plot_memory(plt, runs: list[RunData], folder: Path) -> str | None:
@@ -224,15 +214,8 @@ def _plot_memory(plt, runs: list[RunData], folder: Path) -> str | None:
         ax.plot(xs, [y / 2**30 for y in ys], color=f"C{i}", label=f"{run.name} in use")
         xs, ys = run.series("mem_peak_bytes_in_use")
         ax.plot(xs, [y / 2**30 for y in ys], color=f"C{i}", linestyle="--", label=f"{run.name} peak")
-    ax.set_xlabel("step")
-    ax.set_ylabel("GiB (device 0)")
-    ax.set_title("Device memory")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    name = _save(fig, folder / "memory.png")
-    plt.close(fig)
-    return name
+    _label(ax, "step", "GiB (device 0)", "Device memory")
+    return _save(plt, fig, folder / "memory.png")
 
 
 def plots(runs: list[RunData], folder: Path) -> list[str]:
