@@ -75,9 +75,9 @@ class Profiler:
         jax.profiler.stop_trace()
         self.active, self.done = False, True
         traces = sorted(self.folder.glob("plugins/profile/*/perfetto_trace.json.gz"))
-        where = f"; Perfetto file {traces[-1]}" if traces else ""
+        where = f"open {traces[-1]} at ui.perfetto.dev, or " if traces else ""
         self.log(f"profile of steps {self._first}-{step or '?'} written to {self.folder} "
-                 f"(tensorboard --logdir {self.folder}, Profile tab{where})")
+                 f"({where}`pip install xprof; xprof --logdir {self.folder}`)")
 
 
 class RunObserver:
