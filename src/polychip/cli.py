@@ -1,4 +1,4 @@
-"""polychip command line: train | generate | bench | compile | plan | serve.
+"""polychip command line: train | generate | bench | compile | plan | serve | report.
 
 User mistakes (bad config, missing data, wrong checkpoint, impossible mesh) and refusals from the
 world (disk full, read-only folder, a binary file where text belongs) print one line
@@ -28,7 +28,8 @@ def user_errors() -> tuple[type, ...]:
                       ("polychip.train.health", "NonFiniteError"),
                       ("polychip.hardware.catalog", "HardwareError"), ("polychip.kernels.registry", "KernelError"),
                       ("polychip.parallel.sharding", "ShardingError"), ("polychip.model.hf", "HFError"),
-                      ("polychip.compile.errors", "CompileError"), ("polychip.plan.errors", "PlanError")]:
+                      ("polychip.compile.errors", "CompileError"), ("polychip.plan.errors", "PlanError"),
+                      ("polychip.train.report", "ReportError")]:
         try:
             errs.append(getattr(importlib.import_module(mod), name))
         except (ImportError, AttributeError):
@@ -226,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_bench)
 
     # Subcommands owned by other packages register themselves through add_parser(sub).
-    for mod in ("polychip.compile.cli", "polychip.plan.cli", "polychip.serve.cli"):
+    for mod in ("polychip.compile.cli", "polychip.plan.cli", "polychip.serve.cli", "polychip.train.report"):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:

@@ -171,6 +171,27 @@ class TrainConfig:
     keep_checkpoints: int = 2
     #: Evaluate held-out loss every N steps (0 disables).
     eval_every: int = 0
+    #: Steps to capture in a jax.profiler trace under <out_dir>/profile/, e.g. "5-7" or "5" (empty: off).
+    profile_steps: str = ""
+    #: Write TensorBoard event files into the run folder (process 0).
+    tensorboard: bool = True
+
+    def profile_range(self) -> tuple[int, int] | None:
+        """(first, last) step of train.profile_steps, both included; None when off."""
+        text = self.profile_steps.strip()
+        if not text:
+            return None
+        first, _, last = text.partition("-")
+        try:
+            lo, hi = int(first), int(last or first)
+        except ValueError:
+            lo = hi = 0
+        if not 1 <= lo <= hi:
+            raise ConfigError(f"train.profile_steps must be a step range like 5-7 or one step like 5 "
+                              f"(steps count from 1), got {self.profile_steps!r}")
+        if hi > self.steps:
+            raise ConfigError(f"train.profile_steps={self.profile_steps} ends after train.steps={self.steps}")
+        return lo, hi
 
 
 @dataclass
@@ -253,6 +274,7 @@ class Config:
             raise ConfigError(f"train.remat must be none, full or dots, got {t.remat!r}")
         if t.layer_loop not in ("auto", "scan", "unroll"):
             raise ConfigError(f"train.layer_loop must be auto, scan or unroll, got {t.layer_loop!r}")
+        t.profile_range()  # raises on a malformed range
 
 
 # ----------------------------------------------------------------------------------------------

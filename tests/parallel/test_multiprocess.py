@@ -49,6 +49,10 @@ def test_two_processes_match_one(tmp_path):
         assert p.returncode == 0, e[-3000:]
     assert "x 2 process(es)" in outs[0][0]
     np.testing.assert_allclose(_losses(two), _losses(one), rtol=1e-5, atol=1e-5)
+    # Process 0 alone writes the run's records: one TensorBoard file, one start and one end event.
+    assert len(list(two.glob("events.out.tfevents.*"))) == 1
+    events = [json.loads(l)["event"] for l in (two / "events.jsonl").read_text().splitlines()]
+    assert events.count("start") == 1 and events.count("end") == 1
 
     # One checkpoint, restorable by a single process with a different device count.
     assert sorted(d.name for d in (two / "checkpoints").iterdir() if d.name.isdigit()) == ["6"]

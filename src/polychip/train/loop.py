@@ -6,6 +6,8 @@ and, because batches are a pure function of (seed, step), sees exactly the batch
 A step whose loss or gradient norm is not finite stops the run (`health.NonFiniteError`) without
 saving it: the last good checkpoint stays the newest. Process 0 holds a lock on the run folder
 (`files.RunLock`), so two runs on one folder cannot interleave checkpoints and metrics.
+What a run records (metrics.jsonl, TensorBoard events, events.jsonl, a profile, goodput.json) goes
+through one `observe.RunObserver`, whose calls also drive the goodput lap clock.
 """
 from __future__ import annotations
 
@@ -21,11 +23,11 @@ import jax.numpy as jnp
 
 from polychip.config import Config, save_yaml, to_dict
 from polychip.files import RunLock
-from polychip.model.flops import train_flops_per_step
 from polychip.parallel import distributed
 from polychip.train.checkpoint import Checkpointer
 from polychip.train.health import check_finite
-from polychip.train.metrics import MetricsLogger
+from polychip.train.goodput import GoodputClock
+from polychip.train.observe import RunObserver
 from polychip.train.step import StepSpec
 
 
@@ -37,6 +39,7 @@ class TrainResult:
     interrupted: int = 0  # signal number that stopped the run, 0 if it finished
     resumed_from: int | None = None
     state: Any = None
+    goodput: dict | None = None  # this attempt's wall-time accounting (goodput.GoodputClock.summary)
 
 
 class _StopFlag:
@@ -66,6 +69,7 @@ def train(cfg: Config, log=print, stop_after: int | None = None) -> TrainResult:
     """Run (or resume) training as configured. `stop_after` ends the loop early after that many steps
     in this call (without changing the schedule): for tests of interrupted runs."""
     cfg.validate()
+    clock = GoodputClock()
     distributed.initialize(cfg.distributed)
     spec = StepSpec.build(cfg)
     out = Path(cfg.out_dir)
@@ -75,12 +79,14 @@ def train(cfg: Config, log=print, stop_after: int | None = None) -> TrainResult:
             log(f"note: replicated where the mesh does not divide: {d}")
         ckpt = Checkpointer(out, keep=cfg.train.keep_checkpoints)
         try:
+            clock.lap("startup")
             state, start = _restore_or_init(spec, ckpt, log)
-            metrics = _metrics_logger(spec, out, log)
+            clock.lap("restore" if start else "startup")
+            obs = RunObserver(spec, out, start, clock, log)
             try:
-                return _run_steps(spec, state, start, stream, ckpt, metrics, log, stop_after)
+                return _run_steps(spec, state, start, stream, ckpt, obs, stop_after)
             finally:
-                metrics.close()
+                obs.close()
         finally:
             ckpt.close()
 
@@ -114,20 +120,7 @@ def _restore_or_init(spec: StepSpec, ckpt: Checkpointer, log) -> tuple[dict, int
     return {"step": step, "params": params, "opt_state": opt_state}, start
 
 
-def _metrics_logger(spec: StepSpec, out: Path, log) -> MetricsLogger:
-    cfg, t = spec.cfg, spec.cfg.train
-    flops = train_flops_per_step(cfg.model, t.batch_size, t.seq_len)
-    is_main = jax.process_index() == 0
-    metrics = MetricsLogger(out, flops, jax.device_count(), t.compute_dtype, t.steps, enabled=is_main)
-    if is_main:
-        peak = "n/a" if not metrics.peak else f"{metrics.peak / 1e12:.2f} TFLOP/s/device"
-        log(f"model {cfg.model.n_params / 1e6:.2f}M params | mesh {dict(spec.layout.mesh.shape)} on "
-            f"{jax.device_count()} {jax.devices()[0].platform} devices x {jax.process_count()} process(es) | "
-            f"batch {t.batch_size}x{t.seq_len} | peak {metrics.peak_source}: {peak}")
-    return metrics
-
-
-def _run_steps(spec: StepSpec, state: dict, start: int, stream, ckpt: Checkpointer, metrics: MetricsLogger, log,
+def _run_steps(spec: StepSpec, state: dict, start: int, stream, ckpt: Checkpointer, obs: RunObserver,
                stop_after: int | None) -> TrainResult:
     cfg, t = spec.cfg, spec.cfg.train
     result = TrainResult(steps_run=0, final_step=start, resumed_from=start if start else None)
@@ -135,31 +128,36 @@ def _run_steps(spec: StepSpec, state: dict, start: int, stream, ckpt: Checkpoint
     rows = {"process_index": jax.process_index(), "process_count": jax.process_count()}
     with _StopFlag() as stop:
         while step < t.steps:
+            obs.before_step(step + 1)
             batch = spec.put_batch(stream.batch(step, t.batch_size, t.seq_len, **rows))
+            obs.clock.lap("data")
             t0 = time.perf_counter()
-            state, m = step_fn(state, batch)
-            m = jax.device_get(m)  # waits for the step: honest per-step time
+            with obs.profiler.annotation(step + 1):
+                state, m = step_fn(state, batch)
+                m = jax.device_get(m)  # waits for the step: honest per-step time
             dt = time.perf_counter() - t0
             check_finite(step + 1, m, last_checkpoint=saved)
             step += 1
             result.steps_run += 1
             result.losses.append(float(m["loss"]))
-            first = result.steps_run == 1
-            metrics.record(step, m, dt, tokens_per_step,
-                           print_line=first or step % max(1, t.log_every) == 0 or step == t.steps, compiled=first)
+            obs.step_done(step, m, dt, tokens_per_step,
+                          print_line=result.steps_run == 1 or step % max(1, t.log_every) == 0 or step == t.steps)
             if t.eval_every and step % t.eval_every == 0:
-                _eval(spec, state, stream, step, log)
+                obs.eval_done(step, _eval(spec, state, stream))
             if stop.signum or (stop_after is not None and result.steps_run >= stop_after):
                 result.interrupted = stop.signum
                 break
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.steps:
                 ckpt.save(step, state["params"], state["opt_state"], _meta(cfg, step))
+                obs.checkpoint_done(step)
                 saved = step
     ckpt.save(step, state["params"], state["opt_state"], _meta(cfg, step))
+    obs.checkpoint_done(step)
     if result.interrupted and jax.process_index() == 0:
-        log(f"interrupted by signal {result.interrupted}: checkpoint written at step {step}; "
-            f"run the same command to resume")
+        obs.log(f"interrupted by signal {result.interrupted}: checkpoint written at step {step}; "
+                f"run the same command to resume")
     result.final_step, result.state = step, state
+    result.goodput = obs.finish(step, result.steps_run, result.interrupted)
     return result
 
 
@@ -167,13 +165,12 @@ def _meta(cfg: Config, step: int) -> dict:
     return {"model": to_dict(cfg.model), "step": step, "config": to_dict(cfg)}
 
 
-def _eval(spec: StepSpec, state: dict, stream, step: int, log) -> None:
+def _eval(spec: StepSpec, state: dict, stream) -> float:
+    """Held-out loss on the first eval batch (the same batch every time, so evals compare)."""
     t = spec.cfg.train
     local = stream.batch(0, t.batch_size, t.seq_len, split="eval", process_index=jax.process_index(),
                          process_count=jax.process_count())
-    loss = float(spec.jitted_eval(state["params"], spec.put_batch(local)))
-    if jax.process_index() == 0:
-        log(f"step {step}: eval loss {loss:.4f}")
+    return float(spec.jitted_eval(state["params"], spec.put_batch(local)))
 
 
 def _sync(name: str) -> None:

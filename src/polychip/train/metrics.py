@@ -57,10 +57,11 @@ class MetricsLogger:
         return mfu(self.flops_per_step, step_time, self.n_devices, self.peak)
 
     def record(self, step: int, metrics: dict[str, Any], step_time: float, tokens: int, print_line: bool,
-               compiled: bool = False) -> dict:
+               compiled: bool = False, extra: dict[str, float] | None = None) -> dict:
+        """One row (returned, and appended to metrics.jsonl); `extra` adds fields such as device memory."""
         rec = {"step": step, **{k: float(v) for k, v in metrics.items()}, "step_time_s": step_time,
                "tokens_per_s": tokens / step_time if step_time > 0 else None,
-               "mfu": None if compiled else self.mfu(step_time), "time": time.time()}
+               "mfu": None if compiled else self.mfu(step_time), "time": time.time(), **(extra or {})}
         if compiled:
             rec["includes_compile"] = True
         if self._f:
