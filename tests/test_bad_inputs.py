@@ -1,7 +1,8 @@
-"""A hostile user's sweep over the train, bench, compile and plan CLIs: every bad input gives exit 2,
+"""A hostile user's sweep over the train, bench, compile, plan, generate and serve CLIs: every bad input gives exit 2,
 one `error:` line on stderr and no traceback (issue 10). Cases run in-process through
-polychip.cli.main and fail before anything compiles, so the sweep stays fast. The serving engineer
-adds generate/serve cases to CASES.
+polychip.cli.main and fail before anything compiles, so the sweep stays fast. generate and serve cases use the
+session's tiny run folder and fail before generating or binding a port. (The HTTP API's own bad-request
+sweep is tests/serve/test_fuzz.py: 4xx, never 5xx.)
 """
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ def _files(d):
         "cfg_bomb.yaml": ALIAS_BOMB,
         "cfg_nan.yaml": "train:\n  lr: .nan\n",
         "afile": "not a folder\n",
+        "hf_bad/config.json": "{not json",
+        "run_bad/config.yaml": "model: [unclosed\n",
         "recs_nan/r.json": '{"chip": "h100", "model": "llama3-8b", "mode": "train", "chips": NaN, "source": "measured", '
                            '"batch": 8, "seq": 2048, "step_time_s": 1.0}',
         "recs_inf/r.json": '{"chip": "h100", "model": "llama3-8b", "mode": "train", "chips": 8, "source": "measured", '
@@ -67,6 +70,8 @@ def _files(d):
 T = ["train", "--preset", "tiny"]
 B = ["bench", "train", "--preset", "tiny"]
 C = ["compile", "--model", "tiny", "--target", "v5e:2x2"]
+G = ["generate", "--checkpoint", "{run}"]
+S = ["serve", "--checkpoint", "{run}"]
 TRAIN_OVERRIDES = [
     ("train.lr=.nan", "train.lr"), ("train.lr=-1", "train.lr"), ("train.lr=inf", "train.lr"),
     ("model.rope_theta=-5", "model.rope_theta"), ("train.b1=2", "train.b1"), ("train.b2=-0.1", "train.b2"),
@@ -157,6 +162,36 @@ CASES = [
     pytest.param(["plan", "{fleet.yaml}", "--records", "{recs_bin}"], "r.json", id="plan-record-binary"),
     pytest.param(["plan", "{fleet.yaml}", "--records", "{d}/norecs"], "not found", id="plan-records-missing"),
     pytest.param(["plan", "{fleet.yaml}", "--objective", "vibes"], "invalid choice", id="plan-bad-objective"),
+    *[pytest.param([*G, *extra], needle, id=f"generate-{name}") for name, extra, needle in [
+        ("temperature-neg", ["--prompt", "hi", "--temperature", "-1"], "temperature"),
+        ("temperature-nan", ["--prompt", "hi", "--temperature", "nan"], "temperature"),
+        ("top-p-0", ["--prompt", "hi", "--top-p", "0"], "top_p"),
+        ("top-p-big", ["--prompt", "hi", "--top-p", "1.5"], "top_p"),
+        ("top-k-neg", ["--prompt", "hi", "--top-k", "-1"], "top_k"),
+        ("max-tokens-neg", ["--prompt", "hi", "--max-tokens", "-1"], "max_tokens"),
+        ("prompt-file-binary", ["--prompt-file", "{binary.txt}"], "UTF-8"),
+        ("prompt-file-latin1", ["--prompt-file", "{latin1.txt}"], "UTF-8"),
+        ("prompt-file-missing", ["--prompt-file", "{d}/nope.txt"], "cannot read"),
+        ("prompt-file-folder", ["--prompt-file", "{folder}"], "--prompt-file"),
+        ("no-prompt", [], "--prompt"),
+        ("dtype", ["--prompt", "hi", "--dtype", "int8"], "invalid choice"),
+    ]],
+    *[pytest.param(["generate", "--checkpoint", ck, "--prompt", "hi"], needle, id=f"generate-checkpoint-{name}")
+      for name, ck, needle in [("missing", "{d}/nockpt", "not found"), ("file", "{afile}", "afile"),
+                               ("empty-folder", "{folder}", "neither"), ("bad-hf-config", "{hf_bad}", "config.json"),
+                               ("bad-run-config", "{run_bad}", "config.yaml")]],
+    *[pytest.param([*S, *extra], needle, id=f"serve-{name}") for name, extra, needle in [
+        ("port-neg", ["--port", "-1"], "--port"), ("port-big", ["--port", "70000"], "--port"),
+        ("max-batch-0", ["--max-batch", "0"], "max_batch"), ("page-size-0", ["--page-size", "0"], "page_size"),
+        ("kv-blocks-0", ["--kv-blocks", "0"], "kv_blocks"),
+        ("kv-fraction", ["--kv-memory-fraction", "2"], "kv_memory_fraction"),
+        ("prefill-chunk-0", ["--prefill-chunk", "0"], "prefill_chunk"), ("max-queue-0", ["--max-queue", "0"], "max_queue"),
+        ("request-bytes-0", ["--max-request-bytes", "0"], "--max-request-bytes"),
+        ("tokens-limit-neg", ["--max-tokens-limit", "-1"], "--max-tokens-limit"),
+        ("empty-api-key", ["--api-key", " "], "--api-key"), ("dtype", ["--dtype", "fp8"], "invalid choice"),
+    ]],
+    pytest.param(["serve", "--checkpoint", "{d}/nockpt"], "not found", id="serve-checkpoint-missing"),
+    pytest.param(["serve", "--checkpoint", "{hf_bad}"], "config.json", id="serve-checkpoint-bad-hf"),
 ]
 
 
@@ -178,9 +213,11 @@ def assert_one_line_error(code, out, err, needle=""):
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
+def inputs(tmp_path_factory, tiny_run):
     d = tmp_path_factory.mktemp("bad")
-    return {"d": str(d), **_files(d)}
+    files = _files(d)
+    files.update({sub: str(d / sub) for sub in ("hf_bad", "run_bad")})
+    return {"d": str(d), "run": str(tiny_run), **files}
 
 
 @pytest.mark.parametrize("argv,needle", CASES)
@@ -192,7 +229,7 @@ def test_bad_input_is_one_line_exit_2(argv, needle, inputs, capsys, monkeypatch,
 
 
 def test_the_sweep_is_large_enough():
-    assert len(CASES) >= 60
+    assert len(CASES) >= 80
 
 
 def test_debug_shows_the_traceback(capsys):

@@ -1,7 +1,8 @@
 """Chaos: a training subprocess killed with SIGKILL at random points (mid-step, mid-checkpoint) resumes
 bit-identically, and no kill loses more than one checkpoint interval of steps.
 
-Bounded: 3 kills at seeded random delays after the run's first step, each run a few seconds of CPU.
+Bounded: 3 kills, each after a seeded random number of this attempt's steps (plus a random fraction of a
+step, so kills also land inside checkpoint writes); each attempt costs a few seconds of CPU.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from polychip.config import build_config
 from polychip.train.checkpoint import Checkpointer
 from polychip.train.step import StepSpec
 
-STEPS, EVERY, KILLS = 40, 4, 3
+STEPS, EVERY, KILLS = 60, 4, 3
 ARGS = ["--preset", "tiny", "data.max_bytes=150000", f"train.steps={STEPS}", f"train.checkpoint_every={EVERY}",
         "train.log_every=1", "train.keep_checkpoints=3", "mesh.num_devices=1"]
 RUN = "from polychip.cli import main; raise SystemExit(main())"
@@ -60,12 +61,12 @@ def test_sigkill_at_random_points_resumes_bit_identically(tmp_path):
 
     rng, killed_at = random.Random(1234), []
     for kill in range(KILLS):
-        before = len(_logged_steps(out))
+        before, after = len(_logged_steps(out)), rng.randint(1, 12)
         p = _train(out)
         deadline = time.monotonic() + 240
-        while len(_logged_steps(out)) <= before and p.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)  # wait until this run has compiled and done a step
-        time.sleep(rng.uniform(0.0, 1.5))
+        while len(_logged_steps(out)) < before + after and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)  # until this attempt has done `after` steps (it logs every step)
+        time.sleep(rng.uniform(0.0, 0.05))
         if p.poll() is not None:
             break  # finished before the kill: nothing left to interrupt
         p.send_signal(signal.SIGKILL)

@@ -36,6 +36,18 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def _check_args(args) -> None:
+    """Refuse flag values the engine would not catch itself, before the weights are loaded."""
+    if args.port < 0 or args.port > 65535:
+        raise ConfigError(f"--port must be in 0..65535, got {args.port}")
+    if args.max_request_bytes < 1024:
+        raise ConfigError(f"--max-request-bytes must be >= 1024, got {args.max_request_bytes}")
+    if args.max_tokens_limit is not None and args.max_tokens_limit < 1:
+        raise ConfigError(f"--max-tokens-limit must be >= 1, got {args.max_tokens_limit}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise ConfigError("--api-key is empty: give a key, or leave the flag out to serve without one")
+
+
 def build_server(args):
     """(engine, app) from parsed arguments; the engine is warmed up and started."""
     from polychip.infer import load_for_inference
@@ -43,8 +55,7 @@ def build_server(args):
     from polychip.serve.api import ServerLimits, build_app
     from polychip.serve.engine import Engine, EngineConfig
 
-    if args.port < 0 or args.port > 65535:
-        raise ConfigError(f"--port must be in 0..65535, got {args.port}")
+    _check_args(args)
     cfg, params, tok = load_for_inference(args.checkpoint, args.dtype)
     ecfg = EngineConfig(max_batch=args.max_batch, page_size=args.page_size, kv_blocks=args.kv_blocks,
                         kv_memory_fraction=args.kv_memory_fraction, prefill_chunk=args.prefill_chunk,
