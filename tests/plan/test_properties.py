@@ -63,12 +63,20 @@ def check_constraints(f, plan):
             assert sum(p.figures["requests_per_s"] for p in mine) >= w.rate - 1e-9
 
 
-# `stub` is a stateless class (tests/plan/conftest.py), safe to share across examples.
-@settings(max_examples=40, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(pools=st.lists(pool_st, min_size=2, max_size=5), trains=st.lists(train_st, min_size=1, max_size=4),
-       serves=st.lists(serve_st, max_size=2), cap=st.sampled_from([None, 5000, 15000, 40000]),
-       objective=st.sampled_from(["cost", "energy", "time"]))
+def random_fleets(max_examples: int, max_trains: int):
+    """Hypothesis over fleets: 2-5 pools, 1-max_trains training and 0-2 serving workloads, a power cap, an
+    objective. `stub` is a stateless class (tests/plan/conftest.py), safe to share across examples."""
+    def deco(test):
+        return settings(max_examples=max_examples, deadline=None,
+                        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])(
+            given(pools=st.lists(pool_st, min_size=2, max_size=5),
+                  trains=st.lists(train_st, min_size=1, max_size=max_trains),
+                  serves=st.lists(serve_st, max_size=2), cap=st.sampled_from([None, 5000, 15000, 40000]),
+                  objective=st.sampled_from(["cost", "energy", "time"]))(test))
+    return deco
+
+
+@random_fleets(max_examples=40, max_trains=4)
 def test_plans_respect_constraints_and_beat_greedy(stub, pools, trains, serves, cap, objective):
     f = build(pools, trains, serves, cap)
     perf = stub(rate=RATE, rps=RPS, k=K)
@@ -86,11 +94,7 @@ def test_plans_respect_constraints_and_beat_greedy(stub, pools, trains, serves, 
         assert plan.objective_value <= g.objective_value + tol, (plan.objective_value, g.objective_value)
 
 
-@settings(max_examples=30, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(pools=st.lists(pool_st, min_size=2, max_size=5), trains=st.lists(train_st, min_size=1, max_size=5),
-       serves=st.lists(serve_st, max_size=2), cap=st.sampled_from([None, 5000, 15000, 40000]),
-       objective=st.sampled_from(["cost", "energy", "time"]))
+@random_fleets(max_examples=30, max_trains=5)
 def test_column_generation_matches_the_direct_milp(stub, pools, trains, serves, cap, objective):
     """The large-fleet path (LP column generation, then the MILP over generated columns) must find
     the same optimum as handing HiGHS every column, and report a gap consistent with it."""
