@@ -191,8 +191,7 @@ class Reply:
         ids, lps = [t for t, _ in toks], [lp for _, lp in toks]
         if self.chat:
             return chat_logprobs(self.st.tokenizer, ids, lps)
-        lp = completion_logprobs(self.st.tokenizer, ids, lps, c.offset)
-        c.offset = lp["text_offset"][-1] + len(lp["tokens"][-1]) if ids else c.offset
+        lp, c.offset = completion_logprobs(self.st.tokenizer, ids, lps, c.offset)
         return lp
 
     def choice(self, c: Choice, text: str, fin: str | None, lp: dict | None, stream: bool) -> dict:
@@ -214,8 +213,7 @@ async def _echo(r: Reply, c: Choice) -> None:
     c.prefix = tok.decode(c.prompt, skip_special_tokens=False)
     if r.logprobs is not None:
         scores = await r.st.off_loop(r.st.engine.score, c.prompt, r.logprobs)
-        c.prefix_logprobs = completion_logprobs(tok, c.prompt, scores)
-        c.offset = c.prefix_logprobs["text_offset"][-1] + len(c.prefix_logprobs["tokens"][-1])
+        c.prefix_logprobs, c.offset = completion_logprobs(tok, c.prompt, scores)
     else:
         c.offset = len(c.prefix)
 
