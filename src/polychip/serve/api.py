@@ -1,6 +1,7 @@
 """The HTTP layer: an OpenAI-compatible FastAPI app over a running `Engine`.
 
-Module-level handlers over one small `AppState` (app.state.polychip). The engine runs in its own
+Module-level handlers over one small `AppState` (app.state.polychip); the generation routes are in
+completions.py, the rest (models, health, metrics, vLLM's tokenizer routes) here. The engine runs in its own
 thread; each request gets an asyncio queue that the engine feeds through
 `loop.call_soon_threadsafe`. A client that disconnects (the streaming response is cancelled, or a
 non-streaming handler sees `is_disconnected`) cancels its engine request, which frees its KV blocks

@@ -283,17 +283,22 @@ async def _merge(gens: list) -> AsyncIterator[tuple[int, Any]]:
             else:
                 yield i, x
     finally:
+        # A consumer that stopped early (the client went away): cancelling a pump ends its generator
+        # inside its await, whose `finally` cancels the engine request; aclose covers any not started.
         for t in tasks:
             t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for g in gens:
-            await g.aclose()  # cancels the engine requests of a client that went away
+            await g.aclose()
 
 
 async def _events(r: Reply, choices: list[Choice], gens: list) -> AsyncIterator[str]:
     try:
         for c in choices:
-            if r.chat:
-                yield f"data: {json.dumps(r.body(r.obj + '.chunk', [{'index': c.index, 'delta': {'role': 'assistant', 'content': ''}, 'logprobs': None, 'finish_reason': None}]))}\n\n"
+            if r.chat:  # OpenAI's first chat chunk names the role
+                role = {"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                        "finish_reason": None}
+                yield f"data: {json.dumps(r.body(r.obj + '.chunk', [role]))}\n\n"
             elif c.prefix:
                 yield r.chunk(c, c.prefix, None, c.prefix_logprobs)
         async for i, (delta, fin, toks) in _merge(gens):
