@@ -9,6 +9,7 @@ anywhere on the line (`parse_args`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import sys
@@ -166,6 +167,8 @@ def cmd_generate(args) -> int:
         raise ConfigError("--system needs --chat")
     cfg, params, tok = load_for_inference(args.checkpoint, args.dtype)
     gcfg = load_generation_config(args.checkpoint, tok)
+    if args.stop_token_id:
+        gcfg = dataclasses.replace(gcfg, eos_ids=gcfg.eos_ids | frozenset(args.stop_token_id))
     sp = _sampling_args(args, gcfg)
     gen = Generator(cfg, params, tok, KernelPolicy.create(), compute_dtype=args.dtype, gcfg=gcfg)
     if args.chat:
@@ -234,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                "else off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--stop-token-id", action="append", type=int, metavar="ID",
+                   help="token id that also ends generation, besides the model's EOS ids (repeatable)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     p.add_argument("--chat", action="store_true", help="the prompt is a user message: render it with the model's "
                                                        "chat template and print the reply")

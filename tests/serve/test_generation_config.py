@@ -147,3 +147,13 @@ def test_generate_chat_cli(hf_tiny, tmp_path):
     ids = encode(tok, text, special=False)
     want, _ = Generator(cfg, params, tok).generate_ids(ids, SamplingParams(temperature=0, max_tokens=6), gcfg.eos_ids)
     assert got["tokens"] == want and got["prompt_tokens"] == len(ids)
+
+
+def test_generate_stop_token_id_cli(hf_tiny):
+    base = ["--checkpoint", str(hf_tiny), "--prompt", "The history of the", "--max-tokens", "8", "--json"]
+    r = _generate(*base)
+    assert r.returncode == 0, r.stderr
+    toks = json.loads(r.stdout)["tokens"]
+    r = _generate(*base, "--stop-token-id", str(toks[3]))
+    got = json.loads(r.stdout)
+    assert got["tokens"] == toks[:toks.index(toks[3])] and got["finish_reason"] == "stop"

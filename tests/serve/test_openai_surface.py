@@ -90,6 +90,18 @@ def test_generated_logprobs_agree_with_scoring(served, client):
                                [full[i - 1, ids[i]] for i in range(len(ctx), len(ids))], atol=1e-5)
 
 
+def test_echo_streams_the_prompt_first(served, client):
+    kw = dict(model=MODEL, prompt=PROMPT, max_tokens=4, echo=True, logprobs=2, temperature=0)
+    whole = client.completions.create(**kw).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(**kw, stream=True) if c.choices]
+    assert chunks[0].text == served.tok.decode(served.tok.encode(PROMPT).ids)
+    assert "".join(c.text for c in chunks) == whole.text
+    streamed = [x for c in chunks if c.logprobs for x in c.logprobs.token_logprobs]
+    assert streamed == whole.logprobs.token_logprobs and streamed[0] is None
+    offsets = [x for c in chunks if c.logprobs for x in c.logprobs.text_offset]
+    assert offsets == whole.logprobs.text_offset
+
+
 def test_n_choices_and_batched_prompts(served, client):
     a, b = served.tok.encode("Once upon a time").ids, served.tok.encode(PROMPT).ids
     r = client.completions.create(model=MODEL, prompt=[a, b], n=2, max_tokens=5, temperature=0)
