@@ -6,6 +6,7 @@ the serving engine shares; they are re-exported here for callers of the old name
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any
@@ -106,7 +107,7 @@ class Generator:
         from polychip.serve.text import render_chat
 
         ids, extra_stops = render_chat(self.tok, self.gcfg, messages)
-        return self._generate(ids, SamplingParams(**{**sp.__dict__, "stop": sp.stop + extra_stops}))
+        return self._generate(ids, dataclasses.replace(sp, stop=sp.stop + extra_stops))
 
     def _generate(self, prompt_ids: list[int], sp: SamplingParams) -> Generation:
         hit: list[str] = []

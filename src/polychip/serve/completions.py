@@ -8,6 +8,7 @@ is prompt i's j-th. `echo` scores the prompt with one full forward pass (Engine.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import secrets
 import time
@@ -339,7 +340,7 @@ def _jobs(st, req, prompts: list[list[int]], max_tokens, default: int, logprobs)
     for ids in prompts:
         sp = sampling(st, req, ids, max_tokens, default, logprobs)
         for j in range(req.n):  # n choices of one prompt differ by seed
-            jobs.append((ids, SamplingParams(**{**sp.__dict__, "seed": sp.seed + j})))
+            jobs.append((ids, dataclasses.replace(sp, seed=sp.seed + j)))
     return jobs
 
 
