@@ -128,3 +128,32 @@ def test_one_validator_for_every_path(model):
             with pytest.raises(RequestError) as e:
                 run()
             assert e.value.param == param
+
+
+def test_several_eos_ids_stop_at_the_first_of_them(model):
+    cfg, p = model
+    g = Generator(cfg, p)
+    prompt = [1, 2, 3, 4, 5, 6, 7]
+    ref, _ = g.generate_ids(prompt, SamplingParams(temperature=0, max_tokens=24))
+    a, b = ref[5], ref[9]
+    first = min(ref.index(a), ref.index(b))
+    out, reason = g.generate_ids(prompt, SamplingParams(temperature=0, max_tokens=24), frozenset({b, a, 100}))
+    assert out == ref[:first] and reason == "stop"
+    assert g.generate_ids(prompt, SamplingParams(temperature=0, max_tokens=24), a)[0] == ref[:ref.index(a)]
+
+
+def test_command_line_sampling_defaults_come_from_the_model():
+    import argparse
+
+    from polychip.cli import _sampling_args
+    from polychip.infer import GenerationConfig
+
+    args = argparse.Namespace(temperature=None, top_k=None, top_p=None, seed=0, max_tokens=8, stop=None)
+    sp = _sampling_args(args, GenerationConfig())  # a run folder: greedy, as before
+    assert (sp.temperature, sp.top_k, sp.top_p) == (0.0, 0, 1.0)
+    model_defaults = GenerationConfig(sampling_defaults={"temperature": 0.6, "top_p": 0.9, "top_k": 20})
+    sp = _sampling_args(args, model_defaults)
+    assert (sp.temperature, sp.top_k, sp.top_p) == (0.6, 20, 0.9)
+    args.temperature, args.top_k = 0.0, 0  # given on the command line: they win
+    sp = _sampling_args(args, model_defaults)
+    assert (sp.temperature, sp.top_k, sp.top_p) == (0.0, 0, 0.9)

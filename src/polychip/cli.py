@@ -9,6 +9,7 @@ anywhere on the line (`parse_args`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import sys
@@ -139,27 +140,48 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _sampling_args(args, gcfg):
+    """The command line's sampling settings; those not given come from the model's
+    generation_config.json, else greedy."""
+    from polychip.infer import SamplingParams, check_text
+
+    sp = SamplingParams(temperature=gcfg.default("temperature", args.temperature, 0.0),
+                        top_k=gcfg.default("top_k", args.top_k, 0), top_p=gcfg.default("top_p", args.top_p, 1.0),
+                        seed=args.seed, max_tokens=args.max_tokens,
+                        stop=[check_text(s, "--stop") for s in args.stop or []])
+    sp.validate()
+    return sp
+
+
 def cmd_generate(args) -> int:
     from polychip.generate import Generator
-    from polychip.infer import SamplingParams, check_text, load_for_inference, read_prompt_file
+    from polychip.infer import GenerationConfig, check_text, load_for_inference, load_generation_config, read_prompt_file
     from polychip.kernels.registry import KernelPolicy
 
     # Everything the user typed is checked before the (slow) checkpoint load.
-    sp = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                        max_tokens=args.max_tokens, stop=[check_text(s, "--stop") for s in args.stop or []])
-    sp.validate()
+    _sampling_args(args, GenerationConfig())
     prompt = read_prompt_file(args.prompt_file) if args.prompt_file else args.prompt
     if prompt is None:
         raise ConfigError("give --prompt TEXT or --prompt-file FILE")
     check_text(prompt, "the prompt")
+    if args.system is not None and not args.chat:
+        raise ConfigError("--system needs --chat")
     cfg, params, tok = load_for_inference(args.checkpoint, args.dtype)
-    gen = Generator(cfg, params, tok, KernelPolicy.create(), compute_dtype=args.dtype)
-    r = gen.generate(prompt, sp)
+    gcfg = load_generation_config(args.checkpoint, tok)
+    if args.stop_token_id:
+        gcfg = dataclasses.replace(gcfg, eos_ids=gcfg.eos_ids | frozenset(args.stop_token_id))
+    sp = _sampling_args(args, gcfg)
+    gen = Generator(cfg, params, tok, KernelPolicy.create(), compute_dtype=args.dtype, gcfg=gcfg)
+    if args.chat:
+        msgs = ([{"role": "system", "content": check_text(args.system, "--system")}] if args.system else [])
+        r = gen.chat(msgs + [{"role": "user", "content": prompt}], sp)
+    else:
+        r = gen.generate(prompt, sp)
     if args.json:
         print(json.dumps({"prompt": prompt, "text": r.text, "tokens": r.tokens, "prompt_tokens": r.prompt_tokens,
                           "finish_reason": r.finish_reason}))
     else:
-        print(prompt + r.text)
+        print(r.text if args.chat else prompt + r.text)
         print(f"\n[{len(r.tokens)} tokens, finish_reason={r.finish_reason}]", file=sys.stderr)
     return 0
 
@@ -208,12 +230,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="prompt text")
     p.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a file")
     p.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default 128)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); >0 samples")
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
+    p.add_argument("--temperature", type=float, help="0 = greedy; >0 samples (default: the model's "
+                                                     "generation_config.json, else 0)")
+    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens (0 = off; default: "
+                                             "generation_config.json, else off)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass (1.0 = off; default: generation_config.json, "
+                                               "else off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--stop-token-id", action="append", type=int, metavar="ID",
+                   help="token id that also ends generation, besides the model's EOS ids (repeatable)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
+    p.add_argument("--chat", action="store_true", help="the prompt is a user message: render it with the model's "
+                                                       "chat template and print the reply")
+    p.add_argument("--system", metavar="TEXT", help="system message (with --chat)")
     p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
     p.set_defaults(fn=cmd_generate)
 

@@ -6,6 +6,7 @@ the serving engine shares; they are re-exported here for callers of the old name
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from polychip.config import ModelConfig
-from polychip.infer import SamplingParams, load_for_inference, sample, token_budget
+from polychip.infer import (GenerationConfig, SamplingParams, builtin_generation_config, load_for_inference, sample,
+                            token_budget)
 from polychip.kernels.registry import KernelPolicy
 from polychip.model import transformer as T
 
@@ -41,10 +43,12 @@ class Generator:
     """Single-sequence KV-cached decoding for the CLI (the server has its own batched engine)."""
 
     def __init__(self, cfg: ModelConfig, params: Any, tokenizer: Any = None, policy: KernelPolicy | None = None,
-                 compute_dtype: str = "float32"):
+                 compute_dtype: str = "float32", gcfg: GenerationConfig | None = None):
         self.cfg = cfg
         self.params = params
         self.tok = tokenizer
+        #: EOS ids, BOS rule and chat template (infer.load_generation_config); default: a run folder's.
+        self.gcfg = gcfg if gcfg is not None or tokenizer is None else builtin_generation_config(tokenizer)
         self.rt = T.Runtime(policy or KernelPolicy.create(), None, compute_dtype)
         self.max_len = cfg.max_seq_len
 
@@ -61,8 +65,11 @@ class Generator:
         self._prefill, self._decode = prefill, decode
         self._sample = jax.jit(sample)
 
-    def generate_ids(self, prompt: list[int], sp: SamplingParams, eos_id: int | None = None,
+    def generate_ids(self, prompt: list[int], sp: SamplingParams, eos_id: int | frozenset[int] | None = None,
                      on_token=None) -> tuple[list[int], str]:
+        """Tokens after `prompt` and the finish reason; generation ends (without emitting it) at any id
+        in eos_id (one id or a set), or when on_token(tokens so far) returns True."""
+        stop_ids = frozenset() if eos_id is None else frozenset([eos_id] if isinstance(eos_id, int) else eos_id)
         budget = token_budget(prompt, sp, self.max_len)
         n = len(prompt)
         cache = T.init_cache(self.cfg, 1, self.max_len, T.DTYPES[self.rt.compute_dtype])
@@ -81,7 +88,7 @@ class Generator:
         while True:
             key, sub = jax.random.split(key)
             nxt = int(self._sample(lg, sub, temp, tk, tp)[0])
-            if eos_id is not None and nxt == eos_id:
+            if nxt in stop_ids:
                 return out, "stop"
             out.append(nxt)
             if on_token is not None and on_token(out):
@@ -92,11 +99,17 @@ class Generator:
             pos += 1
 
     def generate(self, prompt: str, sp: SamplingParams) -> Generation:
-        from polychip.data.tokenizer import special_ids
+        """Continue the text `prompt` (encoded by the tokenizer, then the model's BOS rule)."""
+        return self._generate(self.gcfg.prompt_ids(self.tok.encode(prompt).ids), sp)
 
-        ids = special_ids(self.tok)
-        # Llama-3 tokenizers add <|begin_of_text|> through their post-processor; ours add nothing.
-        prompt_ids = self.tok.encode(prompt).ids
+    def chat(self, messages: list[dict], sp: SamplingParams) -> Generation:
+        """The assistant's reply to messages [{"role", "content"}], through the model's chat template."""
+        from polychip.serve.text import render_chat
+
+        ids, extra_stops = render_chat(self.tok, self.gcfg, messages)
+        return self._generate(ids, dataclasses.replace(sp, stop=sp.stop + extra_stops))
+
+    def _generate(self, prompt_ids: list[int], sp: SamplingParams) -> Generation:
         hit: list[str] = []
 
         def check_stop(out):
@@ -109,7 +122,7 @@ class Generator:
                     return True
             return False
 
-        out, reason = self.generate_ids(prompt_ids, sp, ids.get("eos"), check_stop)
+        out, reason = self.generate_ids(prompt_ids, sp, self.gcfg.eos_ids, check_stop)
         text = self.tok.decode(out)
         if hit:
             text = text[: text.index(hit[0])]

@@ -22,6 +22,9 @@ from polychip.model import transformer as T
 
 #: Seeds are folded into [0, 2**31) so every path builds the same key from the same seed.
 SEED_MOD = 2 ** 31
+#: Most alternatives a request may ask log-probabilities for (OpenAI's top_logprobs limit); every
+#: step computes this many so one compiled program serves all requests.
+MAX_LOGPROBS = 20
 
 
 class RequestError(ConfigError):
@@ -44,6 +47,9 @@ class SamplingParams:
     seed: int = 0
     max_tokens: int = 128
     stop: list[str] = field(default_factory=list)
+    #: Report each generated token's log-probability and this many most likely alternatives
+    #: (None: no log-probabilities; 0: only the chosen token's).
+    logprobs: int | None = None
 
     def validate(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -54,6 +60,8 @@ class SamplingParams:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if self.max_tokens < 0:
             raise RequestError(f"max_tokens must be >= 0, got {self.max_tokens}", "max_tokens")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise RequestError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}", "logprobs")
 
     def step_values(self, vocab_size: int) -> tuple[float, int, float, int]:
         """(temperature, top_k, top_p, seed) as the jitted samplers take them: int32-safe, top_k at or
@@ -171,3 +179,135 @@ def _load_run(p: Path, dtype: str) -> tuple[ModelConfig, Any]:
     if got is None:
         raise CheckpointError(f"no checkpoint in {str(p / 'checkpoints')!r}")
     return full.model, jax.tree.map(lambda x: x.astype(T.DTYPES[dtype]), got[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# What the model's own files say about generating from it (Hugging Face folders), or today's
+# rules for a polychip run folder.
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GenerationConfig:
+    """End-of-sequence ids, BOS rule, chat template and default sampling of one model."""
+
+    #: Token ids that end a generation (the id is not emitted).
+    eos_ids: frozenset[int] = frozenset()
+    #: The tokenizer's BOS id (None: it has none).
+    bos_id: int | None = None
+    #: True: text prompts must start with bos_id (prepended when the tokenizer's post-processor does
+    #: not add it); False: a leading bos_id is removed; None: whatever the tokenizer produces.
+    add_bos: bool | None = None
+    #: The special-token strings chat templates refer to as `bos_token` / `eos_token`.
+    bos_token: str = ""
+    eos_token: str = ""
+    #: The model's Jinja chat template (None: it has none).
+    chat_template: str | None = None
+    #: A polychip run folder: chat prompts use the built-in transcript (serve/text.py), not a template.
+    builtin_chat: bool = False
+    #: Sampling defaults from generation_config.json: any of temperature, top_p, top_k.
+    sampling_defaults: dict = field(default_factory=dict)
+
+    def prompt_ids(self, ids: list[int]) -> list[int]:
+        """Token ids of a text prompt, encoded with the tokenizer's post-processor, after the BOS rule."""
+        if self.bos_id is None or self.add_bos is None:
+            return ids
+        has = bool(ids) and ids[0] == self.bos_id
+        if self.add_bos and not has:
+            return [self.bos_id, *ids]
+        if not self.add_bos and has:
+            return ids[1:]
+        return ids
+
+    def default(self, name: str, given, fallback):
+        """`given` when the request/command line set it, else the model's default, else `fallback`."""
+        if given is not None:
+            return given
+        return self.sampling_defaults.get(name, fallback)
+
+
+def _read_json(p: Path) -> dict:
+    import json
+
+    if not p.is_file():
+        return {}
+    try:
+        obj = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"cannot read {str(p)!r}: {e}") from None
+    return obj if isinstance(obj, dict) else {}
+
+
+def _ids(v) -> set[int]:
+    if isinstance(v, bool) or v is None:
+        return set()
+    if isinstance(v, int):
+        return {v}
+    if isinstance(v, list):
+        return {x for x in v if isinstance(x, int) and not isinstance(x, bool)}
+    return set()
+
+
+def _token_text(v) -> str:
+    """tokenizer_config's bos_token/eos_token: a string, or an AddedToken dict {"content": ...}."""
+    if isinstance(v, dict):
+        v = v.get("content")
+    return v if isinstance(v, str) else ""
+
+
+def _chat_template(p: Path, tok_cfg: dict) -> str | None:
+    """chat_template.jinja, else tokenizer_config.json's chat_template (a string, or a list of named
+    templates of which "default" is the one transformers uses)."""
+    f = p / "chat_template.jinja"
+    if f.is_file():
+        return f.read_text(encoding="utf-8")
+    t = tok_cfg.get("chat_template")
+    if isinstance(t, list):
+        t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
+    return t if isinstance(t, str) and t.strip() else None
+
+
+def _sampling_defaults(gen: dict) -> dict:
+    """temperature/top_p/top_k from generation_config.json. do_sample: false (transformers: greedy
+    whatever the temperature) makes greedy the default; without do_sample the values apply, as vLLM
+    applies them."""
+    out = {k: gen[k] for k in ("temperature", "top_p", "top_k")
+           if isinstance(gen.get(k), (int, float)) and not isinstance(gen.get(k), bool)}
+    if gen.get("do_sample") is False:
+        out["temperature"] = 0.0
+    return out
+
+
+def builtin_generation_config(tok) -> GenerationConfig:
+    """A polychip run folder (its files say nothing about generation): stop at the eos found by name
+    (plus Llama-3's end of turn), add nothing to prompts, use the built-in chat transcript."""
+    from polychip.data.tokenizer import special_ids
+
+    eos = {i for r, i in special_ids(tok).items() if r == "eos"}
+    eot = tok.token_to_id("<|eot_id|>")
+    if eot is not None:
+        eos.add(eot)
+    return GenerationConfig(eos_ids=frozenset(eos), builtin_chat=True)
+
+
+def load_generation_config(path: str | Path, tok) -> GenerationConfig:
+    """The GenerationConfig of the checkpoint folder `path` (see load_for_inference) and its tokenizer.
+
+    HF folders: EOS ids are config.json's eos_token_id together with generation_config.json's (each
+    an id or a list), else tokenizer_config's eos_token; BOS follows tokenizer_config's
+    add_bos_token where set, else the tokenizer's post-processor."""
+    p = Path(path)
+    if (p / "config.yaml").is_file() or not (p / "config.json").is_file():
+        return builtin_generation_config(tok)
+    cfg, gen, tok_cfg = _read_json(p / "config.json"), _read_json(p / "generation_config.json"), \
+        _read_json(p / "tokenizer_config.json")
+    bos_token, eos_token = _token_text(tok_cfg.get("bos_token")), _token_text(tok_cfg.get("eos_token"))
+    eos = _ids(cfg.get("eos_token_id")) | _ids(gen.get("eos_token_id"))
+    if not eos and eos_token and tok.token_to_id(eos_token) is not None:
+        eos = {tok.token_to_id(eos_token)}
+    bos_id = next(iter(_ids(gen.get("bos_token_id")) or _ids(cfg.get("bos_token_id"))), None)
+    if bos_token and tok.token_to_id(bos_token) is not None:
+        bos_id = tok.token_to_id(bos_token)
+    add_bos = tok_cfg.get("add_bos_token")
+    return GenerationConfig(eos_ids=frozenset(eos), bos_id=bos_id,
+                            add_bos=add_bos if isinstance(add_bos, bool) else None, bos_token=bos_token,
+                            eos_token=eos_token, chat_template=_chat_template(p, tok_cfg),
+                            sampling_defaults=_sampling_defaults(gen))

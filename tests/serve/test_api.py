@@ -114,7 +114,6 @@ def assert_openai_error(r: httpx.Response, status: int):
     (b'[1, 2, 3]', 400, None),                                                   # not an object
     ({"model": "nope", "prompt": "hi"}, 404, "model"),                           # unknown model
     ({"model": MODEL, "prompt": "hi", "max_tokens": -5}, 400, "max_tokens"),     # negative
-    ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
     ({"model": MODEL, "prompt": "hi", "max_tokens": 10 ** 9}, 400, "max_tokens"),  # huge
     ({"model": MODEL, "prompt": "hi " * 400}, 400, "prompt"),                    # longer than the context
     ({"model": MODEL, "prompt": "hi", "max_tokens": 127}, 400, "max_tokens"),   # prompt + max_tokens > context
@@ -122,8 +121,14 @@ def assert_openai_error(r: httpx.Response, status: int):
     ({"model": MODEL, "prompt": ""}, 400, "prompt"),
     ({"model": MODEL, "prompt": "hi", "temperature": -1}, 400, "temperature"),
     ({"model": MODEL, "prompt": "hi", "top_p": 0}, 400, "top_p"),
-    ({"model": MODEL, "prompt": "hi", "n": 3}, 400, "n"),
-    ({"model": MODEL, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"model": MODEL, "prompt": "hi", "n": 65}, 400, "n"),
+    ({"model": MODEL, "prompt": ["hi"] * 9, "n": 8}, 400, "n"),                 # 72 choices
+    ({"model": MODEL, "prompt": [], "max_tokens": 2}, 400, "prompt"),
+    ({"model": MODEL, "prompt": [[1, 2], []]}, 400, "prompt"),
+    ({"model": MODEL, "prompt": "hi", "stop": ["s"] * 17}, 400, "stop"),
+    ({"model": MODEL, "prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+    ({"model": MODEL, "prompt": "hi", "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    ({"model": MODEL, "prompt": "hi", "response_format": {"type": "json_object"}}, 400, "response_format"),
     ({"prompt": "hi"}, 400, "model"),                                            # missing field
 ])
 def test_completion_errors(served, body, status, param):

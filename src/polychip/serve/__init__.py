@@ -1,7 +1,8 @@
 """Serving, in vLLM v1's three parts: the scheduler (scheduler: queue, admission, chunked prefill,
 prefix reuse), the block manager between it and the device (kv_cache), and the runner (runner: one
-jitted step over the paged cache from paged_model.jit_step). engine drives them on a thread; api,
-protocol, text and metrics are the OpenAI-compatible HTTP layer; cli is `polychip serve`.
+jitted step over the paged cache from paged_model.jit_step). engine drives them on a thread; api (app,
+errors, small routes), completions (the generation routes), protocol, text (chat templates, stop
+strings), logprobs and metrics are the OpenAI-compatible HTTP layer; cli is `polychip serve`.
 
 Owns: the scheduler, the paged KV cache (block manager), the runner, the engine, the OpenAI-compatible HTTP API.
 May import: files, yamlpos, config, hardware, data, kernels, parallel, model, train, plan, infer (layer 6;

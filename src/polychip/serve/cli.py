@@ -50,13 +50,14 @@ def _check_args(args) -> None:
 
 def build_server(args):
     """(engine, app) from parsed arguments; the engine is warmed up and started."""
-    from polychip.infer import load_for_inference
+    from polychip.infer import load_for_inference, load_generation_config
     from polychip.kernels.registry import KernelPolicy
     from polychip.serve.api import ServerLimits, build_app
     from polychip.serve.engine import Engine, EngineConfig
 
     _check_args(args)
     cfg, params, tok = load_for_inference(args.checkpoint, args.dtype)
+    gcfg = load_generation_config(args.checkpoint, tok)
     ecfg = EngineConfig(max_batch=args.max_batch, page_size=args.page_size, kv_blocks=args.kv_blocks,
                         kv_memory_fraction=args.kv_memory_fraction, prefill_chunk=args.prefill_chunk,
                         max_queue=args.max_queue, prefix_cache=not args.no_prefix_cache, compute_dtype=args.dtype)
@@ -70,7 +71,7 @@ def build_server(args):
     engine.start()
     limits = ServerLimits(max_request_bytes=args.max_request_bytes, max_tokens=args.max_tokens_limit)
     name = args.model_name or Path(args.checkpoint).resolve().name
-    return engine, build_app(engine, tok, name, api_key=args.api_key, limits=limits)
+    return engine, build_app(engine, tok, name, api_key=args.api_key, limits=limits, gcfg=gcfg)
 
 
 def cmd_serve(args) -> int:

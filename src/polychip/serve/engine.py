@@ -11,8 +11,10 @@ with continuous batching, chunked prefill and prefix caching.
 Shapes are bucketed (decode batch sizes; prefill chunk lengths), so the jit cache holds
 len(batch_buckets) + len(chunk_buckets) programs, all compiled by `warmup()` before serving.
 
-Sinks are called on the engine thread with events ("token", id), ("done", finish_reason) or
-("error", message); the HTTP layer forwards them to its event loop.
+Sinks are called on the engine thread with events ("token", id, logprobs), ("done", finish_reason)
+or ("error", message); the HTTP layer forwards them to its event loop. logprobs is None unless the
+request asked for them (SamplingParams.logprobs = N): then (log p(id), [N most likely ids], [their
+log p]) under the model's unmodified distribution.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from polychip.serve import paged_model as PM
 from polychip.serve.config import EngineConfig
 from polychip.serve.kv_cache import BlockPool
 from polychip.serve.metrics import Metrics
-from polychip.serve.runner import ModelRunner, kv_blocks_for
+from polychip.serve.runner import ModelRunner, StepOut, kv_blocks_for
 from polychip.serve.scheduler import Scheduler, Sequence
 
 __all__ = ["Engine", "EngineConfig", "QueueFull"]
@@ -43,6 +45,13 @@ log = logging.getLogger("polychip.serve")
 
 class QueueFull(RuntimeError):
     """The bounded waiting queue is full (the HTTP layer answers 429)."""
+
+
+def row_logprobs(out: StepOut, i: int, top: int | None) -> tuple | None:
+    """(log p of row i's token, its `top` most likely ids, their log p), or None when top is None."""
+    if top is None:
+        return None
+    return float(out.logprob[i]), out.top_ids[i, :top].tolist(), out.top_logprobs[i, :top].tolist()
 
 
 class Engine:
@@ -139,6 +148,13 @@ class Engine:
             self._wake.notify()
         return seq.id
 
+    def score(self, prompt: list[int], top: int = 0) -> list[tuple | None]:
+        """Prompt log-likelihoods, one per prompt token: None for the first (nothing precedes it), then
+        (log p(token | prefix), [top most likely ids], [their log p]). Runs on the calling thread."""
+        check_prompt(prompt, self.max_len + 1, self.cfg.vocab_size)
+        out = self.runner.score(prompt)
+        return [None] + [row_logprobs(out, i, top) for i in range(len(prompt) - 1)]
+
     def cancel(self, seq_id: int) -> None:
         with self._lock:
             self._cancels.add(seq_id)
@@ -214,12 +230,13 @@ class Engine:
             batch = self.scheduler.schedule(kind)
             if batch is None:
                 continue
-            tokens, key_data = self.runner.execute(batch)
+            out = self.runner.execute(batch)
             self.steps[kind] += 1
-            for s, t in self.scheduler.update(batch, tokens, key_data):
+            row = {id(s): i for i, s in enumerate(batch.seqs)}
+            for s, t in self.scheduler.update(batch, out.tokens, out.key_data):
                 emit, reason = self.scheduler.accept(s, t)
                 if emit:
-                    self._emit(s, ("token", t))
+                    self._emit(s, ("token", t, row_logprobs(out, row[id(s)], s.sampling.logprobs)))
                 if reason is not None:
                     self._finish(s, reason)
             ran = True

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from polychip.config import ModelConfig
-from polychip.infer import sample
+from polychip.infer import MAX_LOGPROBS, sample
 from polychip.kernels.attention import attention
 from polychip.kernels.paged_attention import paged_attention
 from polychip.kernels.rms_norm import rms_norm
@@ -134,13 +134,24 @@ class StepArgs(NamedTuple):
     top_p: Any  # [B] float32
 
 
+def token_logprobs(logits, tokens, top: int):
+    """logits [B, V] float32, tokens [B] -> (log p(token) [B], top ids [B, top] int32, their log p [B, top]).
+
+    The unmodified distribution (before temperature and top-k/top-p), as OpenAI and vLLM report it."""
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0]
+    top_lp, top_ids = jax.lax.top_k(lp, top)
+    return chosen, top_ids.astype(jnp.int32), top_lp
+
+
 def step(params, kv, tokens, positions, n_valid, block_tables, last_idx, key_data, temperature, top_k, top_p, *,
          cfg: ModelConfig, rt: T.Runtime):
     """The serving step: forward over the paged cache, then each row samples its next token.
-    -> (next tokens [B] int32, next key_data [B, 2], kv)."""
+    -> (next tokens [B] int32, next key_data [B, 2], kv, (log p(token) [B], top ids [B, K], top log p [B, K]))
+    with K = infer.MAX_LOGPROBS, so requests asking for log-probabilities need no other program."""
     lg, kv = forward(params, kv, tokens, positions, n_valid, block_tables, last_idx, cfg, rt)
     tok, kd = _sample_rows(lg, key_data, temperature, top_k, top_p)
-    return tok, kd, kv
+    return tok, kd, kv, token_logprobs(lg, tok, min(MAX_LOGPROBS, cfg.vocab_size))
 
 
 def jit_step(cfg: ModelConfig, rt: T.Runtime, shardings: tuple[StepArgs, tuple] | None = None):
@@ -173,7 +184,8 @@ def step_shardings(cfg: ModelConfig, layout, args: StepArgs) -> tuple[StepArgs, 
     ins = StepArgs(layout.tree_shardings(T.param_axes(cfg), args.params), {"k": pages, "v": pages},
                    *(layout.sharding(ax, a.shape) for ax, a in zip(
                        (grid, grid, row, ("batch", None), row, ("batch", None), row, row, row), args[2:])))
-    outs = (ins.n_valid, ins.key_data, ins.kv)  # next tokens [B] split like n_valid [B]
+    # Next tokens and their log p [B] split like n_valid [B]; top-K [B, K] like key_data [B, 2].
+    outs = (ins.n_valid, ins.key_data, ins.kv, (ins.n_valid, ins.key_data, ins.key_data))
     return ins, outs
 
 

@@ -6,18 +6,30 @@ tokens and advanced PRNG keys. It knows nothing of requests, queues or stop cond
 """
 from __future__ import annotations
 
+import functools
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from polychip.config import ConfigError, ModelConfig
+from polychip.infer import MAX_LOGPROBS
 from polychip.model import transformer as T
 from polychip.serve import paged_model as PM
 from polychip.serve.config import EngineConfig
 from polychip.serve.scheduler import Batch
 
+
+class StepOut(NamedTuple):
+    """What one step returns to the host, per row."""
+
+    tokens: np.ndarray  # [B] int32: the sampled tokens
+    key_data: np.ndarray  # [B, 2] uint32: the advanced PRNG keys
+    logprob: np.ndarray  # [B] float32: log p of the sampled token
+    top_ids: np.ndarray  # [B, K] int32: the K most likely tokens (K = infer.MAX_LOGPROBS)
+    top_logprobs: np.ndarray  # [B, K] float32
 
 
 def kv_blocks_for(cfg: ModelConfig, ecfg: EngineConfig) -> int:
@@ -48,6 +60,7 @@ class ModelRunner:
         self.kv_bytes = num_blocks * PM.bytes_per_block(cfg, page_size, self.dtype)
         self.step = PM.jit_step(cfg, rt)
         self.kv = self.new_pages()
+        self._score = jax.jit(functools.partial(_score, cfg=cfg, rt=rt, top=min(MAX_LOGPROBS, cfg.vocab_size)))
 
     def new_pages(self) -> dict:
         """Fresh K/V pages (also after a failed step: a donated cache is gone)."""
@@ -55,8 +68,8 @@ class ModelRunner:
         # first bucket a second compilation at serving time (jit's cache key includes commitment).
         return jax.device_put(PM.init_pages(self.cfg, self.num_blocks, self.page_size, self.dtype), jax.devices()[0])
 
-    def execute(self, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
-        """Run `batch` padded to [batch.size, batch.width]; -> (tokens [B] int32, key data [B, 2] uint32)."""
+    def execute(self, batch: Batch) -> StepOut:
+        """Run `batch` padded to [batch.size, batch.width]."""
         B, Tn = batch.size, batch.width
         a = PM.StepArgs(self.params, self.kv, np.zeros((B, Tn), np.int32), np.zeros((B, Tn), np.int32),
                         np.zeros(B, np.int32), np.zeros((B, self.max_pages), np.int32), np.zeros(B, np.int32),
@@ -71,8 +84,20 @@ class ModelRunner:
             a.last_idx[i] = c - 1
             a.key_data[i] = r.key_data
             a.temperature[i], a.top_k[i], a.top_p[i] = r.sampling
-        tok, kd, self.kv = self.step(*a)
-        return np.asarray(tok), np.asarray(kd)
+        tok, kd, self.kv, (lp, top_ids, top_lp) = self.step(*a)
+        return StepOut(*(np.asarray(x) for x in (tok, kd, lp, top_ids, top_lp)))
+
+    def score(self, prompt: list[int]) -> StepOut:
+        """Prompt log-likelihoods: for i >= 1, log p(prompt[i] | prompt[:i]) and the K most likely
+        tokens there, from one full forward pass (no KV cache) padded to a power of two. Rows are the
+        prompt's positions 1..n-1; tokens holds prompt[1:], key_data is empty. Safe to call from any
+        thread (it reads the weights only)."""
+        n = len(prompt)
+        width = min(max(16, 1 << (n - 1).bit_length()), self.cfg.max_seq_len)
+        tokens = np.zeros((1, width), np.int32)
+        tokens[0, :n] = prompt
+        lp, top_ids, top_lp = (np.asarray(x)[: n - 1] for x in self._score(self.params, jnp.asarray(tokens)))
+        return StepOut(np.asarray(prompt[1:], np.int32), np.zeros((0, 2), np.uint32), lp, top_ids, top_lp)
 
     def warmup(self, ecfg: EngineConfig) -> list[dict]:
         """Compile every bucket: decode [B, 1] per batch bucket, prefill [1, C] per chunk bucket."""
@@ -83,3 +108,9 @@ class ModelRunner:
             self.execute(Batch(kind, [], [], B, Tn))
             compiled.append({"kind": kind, "batch": B, "tokens": Tn, "seconds": time.perf_counter() - t0})
         return compiled
+
+
+def _score(params, tokens, *, cfg: ModelConfig, rt: T.Runtime, top: int):
+    """tokens [1, T] -> log p of tokens[0, 1:] given their prefixes [T-1], top ids and log p [T-1, top]."""
+    lg = T.logits(params, tokens, cfg, rt)[0][0]  # [T, V] float32
+    return PM.token_logprobs(lg[:-1], tokens[0, 1:], top)
