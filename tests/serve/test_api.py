@@ -31,9 +31,9 @@ def test_models_health_metrics(served, client):
     assert h["status"] == "ok" and h["kv_blocks"] == 48
     m = httpx.get(served.url + "/metrics")
     assert m.status_code == 200 and m.headers["content-type"].startswith("text/plain")
-    for name in ("polychip_requests_total", "polychip_queue_depth", "polychip_kv_cache_usage_ratio",
-                 "polychip_time_to_first_token_seconds_bucket", "polychip_time_per_output_token_seconds_count",
-                 "polychip_generation_tokens_total", "polychip_compiled_programs 6"):
+    for name in ("polychip:request_success_total", "polychip:num_requests_waiting", "polychip:kv_cache_usage_perc",
+                 "polychip:time_to_first_token_seconds_bucket", "polychip:time_per_output_token_seconds_count",
+                 "polychip:generation_tokens_total", "polychip:compiled_programs 6"):
         assert name in m.text, name
 
 
@@ -196,7 +196,7 @@ def test_queue_full_is_429(served):
         assert_openai_error(r, 429)
     finally:
         eng.ecfg.max_queue = old
-    assert "polychip_requests_rejected_total 2" in httpx.get(served.url + "/metrics").text
+    assert "polychip:requests_rejected_total 2" in httpx.get(served.url + "/metrics").text
 
 
 def test_extreme_sampling_values_do_not_break_the_batch(served, client):

@@ -86,17 +86,17 @@ def test_load_parity_and_blocks_returned(served):
     st = served.engine.stats()
     assert st["kv_blocks_in_use"] == 0 and st["kv_all_returned"]
     after = httpx.get(served.url + "/metrics").text
-    assert _metric(after, "polychip_prefix_cache_hit_blocks_total") > _metric(before, "polychip_prefix_cache_hit_blocks_total")
-    assert _metric(after, "polychip_kv_cache_usage_ratio") == 0.0
-    done = sum(_metric(after, f'polychip_requests_total{{finish_reason="{r}"}}') -
-               _metric(before, f'polychip_requests_total{{finish_reason="{r}"}}') for r in ("stop", "length"))
+    assert _metric(after, "polychip:prefix_cache_hits_total") > _metric(before, "polychip:prefix_cache_hits_total")
+    assert _metric(after, "polychip:kv_cache_usage_perc") == 0.0
+    done = sum(_metric(after, f'polychip:request_success_total{{finished_reason="{r}"}}') -
+               _metric(before, f'polychip:request_success_total{{finished_reason="{r}"}}') for r in ("stop", "length"))
     assert done == N_REQUESTS
     # Every shape the engine ran was compiled at start-up: the jit cache holds exactly the buckets.
     assert served.engine.runner.step._cache_size() == len(served.engine.compiled)
 
 
 def test_disconnect_cancels_and_frees_blocks(served):
-    name = 'polychip_requests_total{finish_reason="cancelled"}'
+    name = 'polychip:request_success_total{finished_reason="cancelled"}'
     before = _metric(httpx.get(served.url + "/metrics").text, name)
     ids = served.tok.encode("A long story:").ids
     body = {"model": MODEL, "prompt": ids, "max_tokens": served.cfg.max_seq_len - len(ids), "temperature": 0,

@@ -17,9 +17,11 @@ import functools
 import json
 import os
 import secrets
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -30,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from polychip.infer import GenerationConfig, builtin_generation_config
 from polychip.serve.completions import chat_completions, completions, tokenize
 from polychip.serve.engine import Engine
+from polychip.serve.profile import ProfileBusy
 from polychip.serve.protocol import (ERROR_RESPONSES, GENERATION_OK, APIError, DetokenizeRequest, TokenizeRequest,
                                      error_body)
 from polychip.serve.text import encode
@@ -57,6 +60,8 @@ class AppState:
     gcfg: GenerationConfig
     created: int = field(default_factory=lambda: int(time.time()))
     pool: ThreadPoolExecutor | None = None
+    #: Where POST /admin/profile writes traces (None: a temporary folder, made at the first capture).
+    profile_dir: Path | None = None
 
     @property
     def ctx(self) -> int:
@@ -195,6 +200,27 @@ async def metrics(request: Request):
     return PlainTextResponse(_state(request).engine.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
+async def start_profile(request: Request, steps: int = 8):
+    """Capture a jax.profiler trace of the engine's next `steps` steps; answers with the folder at once
+    (GET /admin/profile reports when the trace is written)."""
+    st = _state(request)
+    if st.profile_dir is None:
+        st.profile_dir = Path(tempfile.mkdtemp(prefix="polychip-serve-profile-"))
+    try:
+        path = await st.off_loop(st.engine.profile.start, st.profile_dir, steps)
+    except ValueError as e:
+        raise APIError(400, str(e), param="steps", code="invalid_value") from None
+    except ProfileBusy as e:
+        raise APIError(409, str(e), code="profile_running") from None
+    except Exception as e:  # the profiler could not start (another trace in this process, unwritable folder)
+        raise APIError(503, f"could not start the profiler: {type(e).__name__}: {e}", type_="server_error") from None
+    return {"path": str(path), "steps": steps, "status": "capturing"}
+
+
+async def profile_status(request: Request):
+    return _state(request).engine.profile.status()
+
+
 def _openapi(app: FastAPI) -> dict:
     """The schema names the one model this server serves (the code still answers 404 for others)."""
     if app.openapi_schema is None:
@@ -208,14 +234,17 @@ def _openapi(app: FastAPI) -> dict:
 
 
 def build_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None,
-              limits: ServerLimits | None = None, gcfg: GenerationConfig | None = None) -> FastAPI:
-    """The app; `gcfg` (infer.load_generation_config) defaults to a polychip run folder's rules."""
+              limits: ServerLimits | None = None, gcfg: GenerationConfig | None = None,
+              profile_dir: Path | None = None) -> FastAPI:
+    """The app; `gcfg` (infer.load_generation_config) defaults to a polychip run folder's rules;
+    `profile_dir` is where /admin/profile writes traces (default: a temporary folder)."""
     limits = limits or ServerLimits()
     app = FastAPI(title="polychip serve", version="0.1.0",
                   description="OpenAI-compatible completions and chat completions over polychip's paged-KV engine.")
     app.state.polychip = AppState(engine, tokenizer, model_name, api_key, limits,
                                   gcfg or builtin_generation_config(tokenizer),
-                                  pool=ThreadPoolExecutor(limits.tokenizer_threads, thread_name_prefix="polychip-tok"))
+                                  pool=ThreadPoolExecutor(limits.tokenizer_threads, thread_name_prefix="polychip-tok"),
+                                  profile_dir=profile_dir)
     app.state.engine = engine
     app.add_exception_handler(APIError, _on_api_error)
     app.add_exception_handler(RequestValidationError, _on_validation)
@@ -230,6 +259,9 @@ def build_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = 
     app.add_api_route("/detokenize", detokenize_route, methods=["POST"], dependencies=[Depends(auth)],
                       responses=ERROR_RESPONSES)
     app.add_api_route("/tokenizer_info", tokenizer_info, methods=["GET"], dependencies=[Depends(auth)])
+    app.add_api_route("/admin/profile", start_profile, methods=["POST"], dependencies=[Depends(auth)],
+                      responses=ERROR_RESPONSES)
+    app.add_api_route("/admin/profile", profile_status, methods=["GET"], dependencies=[Depends(auth)])
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"], response_class=PlainTextResponse)
     app.openapi = functools.partial(_openapi, app)

@@ -13,12 +13,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (paged KV cache, continuous batching)",
                        description="Serve a `polychip train --out` folder or a Hugging Face Llama folder over an "
                                    "OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models, "
-                                   "/health, /metrics).")
+                                   "/health, /metrics, /admin/profile).")
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="a `train --out` folder or an HF model folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1/*")
     p.add_argument("--model-name", metavar="NAME", help="model id reported and required (default: folder name)")
+    p.add_argument("--profile-dir", metavar="DIR", help="where POST /admin/profile?steps=N writes jax.profiler traces "
+                   "(default: a temporary folder, named in the reply)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute and KV dtype")
     g = p.add_argument_group("engine")
     g.add_argument("--max-batch", type=int, default=16, help="most sequences decoding at once (default 16)")
@@ -44,6 +46,8 @@ def _check_args(args) -> None:
         raise ConfigError(f"--max-request-bytes must be >= 1024, got {args.max_request_bytes}")
     if args.max_tokens_limit is not None and args.max_tokens_limit < 1:
         raise ConfigError(f"--max-tokens-limit must be >= 1, got {args.max_tokens_limit}")
+    if args.profile_dir and Path(args.profile_dir).exists() and not Path(args.profile_dir).is_dir():
+        raise ConfigError(f"--profile-dir {args.profile_dir} exists and is not a folder")
     if args.api_key is not None and not args.api_key.strip():
         raise ConfigError("--api-key is empty: give a key, or leave the flag out to serve without one")
 
@@ -71,7 +75,8 @@ def build_server(args):
     engine.start()
     limits = ServerLimits(max_request_bytes=args.max_request_bytes, max_tokens=args.max_tokens_limit)
     name = args.model_name or Path(args.checkpoint).resolve().name
-    return engine, build_app(engine, tok, name, api_key=args.api_key, limits=limits, gcfg=gcfg)
+    profile_dir = Path(args.profile_dir) if args.profile_dir else None
+    return engine, build_app(engine, tok, name, api_key=args.api_key, limits=limits, gcfg=gcfg, profile_dir=profile_dir)
 
 
 def cmd_serve(args) -> int:

@@ -34,7 +34,8 @@ from polychip.model import transformer as T
 from polychip.serve import paged_model as PM
 from polychip.serve.config import EngineConfig
 from polychip.serve.kv_cache import BlockPool
-from polychip.serve.metrics import Metrics
+from polychip.serve.metrics import Metrics, RequestTimes
+from polychip.serve.profile import ProfileCapture
 from polychip.serve.runner import ModelRunner, StepOut, kv_blocks_for
 from polychip.serve.scheduler import Scheduler, Sequence
 
@@ -70,7 +71,8 @@ class Engine:
                         max_pages)
         self.pool = BlockPool(n_blocks, self.ecfg.page_size, self.ecfg.prefix_cache)
         self.runner = ModelRunner(cfg, params, rt, n_blocks, self.ecfg.page_size)
-        self.scheduler = Scheduler(self.ecfg, self.pool, self.metrics.count_prefix_hits)
+        self.scheduler = Scheduler(self.ecfg, self.pool, self.metrics.count_prefix_lookup)
+        self.profile = ProfileCapture()
         self.compiled: list[dict] = []
         self.steps = {"prefill": 0, "decode": 0}
 
@@ -95,9 +97,9 @@ class Engine:
 
     def _register_gauges(self) -> None:
         m, sch, pool = self.metrics, self.scheduler, self.pool
-        m.add_gauge("queue_depth", "Requests waiting for admission.", lambda: self._n_queued)
-        m.add_gauge("running_requests", "Requests admitted (prefilling or decoding).", sch.running)
-        m.add_gauge("kv_cache_usage_ratio", "Fraction of KV blocks held by sequences.",
+        m.add_gauge("num_requests_waiting", "Requests waiting for admission.", lambda: self._n_queued)
+        m.add_gauge("num_requests_running", "Requests admitted (prefilling or decoding).", sch.running)
+        m.add_gauge("kv_cache_usage_perc", "Fraction of KV blocks held by sequences (1 means 100 percent).",
                     lambda: pool.in_use() / pool.usable)
         m.add_gauge("kv_blocks_total", "Usable KV blocks in the pool.", lambda: pool.usable)
         m.add_gauge("kv_blocks_free", "KV blocks not held by any sequence.", pool.available)
@@ -124,6 +126,7 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+        self.profile.close()
 
     # ------------------------------------------------------------------------------------------
     # Thread-safe API (any thread)
@@ -230,8 +233,10 @@ class Engine:
             batch = self.scheduler.schedule(kind)
             if batch is None:
                 continue
-            out = self.runner.execute(batch)
+            with self.profile.annotation(kind):
+                out = self.runner.execute(batch)
             self.steps[kind] += 1
+            self.profile.step_done()
             row = {id(s): i for i, s in enumerate(batch.seqs)}
             for s, t in self.scheduler.update(batch, out.tokens, out.key_data):
                 emit, reason = self.scheduler.accept(s, t)
@@ -250,11 +255,15 @@ class Engine:
             with self._lock:
                 self._n_queued -= 1
         self._by_id.pop(s.id, None)
-        ttft = None if s.first_token_at is None else s.first_token_at - s.arrival
-        tpot = None
+        now = time.perf_counter()
+        times = RequestTimes(e2e=now - s.arrival)
+        if s.admitted_at is not None:
+            times.queue = s.admitted_at - s.arrival
+        if s.first_token_at is not None:
+            times.ttft = s.first_token_at - s.arrival
         if len(s.out) > 1:
-            tpot = (time.perf_counter() - s.first_token_at) / (len(s.out) - 1)
-        self.metrics.request_done(reason, len(s.prompt), len(s.out), ttft, tpot)
+            times.tpot = (now - s.first_token_at) / (len(s.out) - 1)
+        self.metrics.request_done(reason, len(s.prompt), len(s.out), times)
         self._emit(s, ("error", message) if reason == "error" else ("done", reason))
 
     def _emit(self, s: Sequence, event: tuple) -> None:

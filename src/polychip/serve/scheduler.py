@@ -46,6 +46,7 @@ class Sequence:
     computed: int = 0  # prompt tokens whose K/V are in the cache
     registered: int = 0  # prompt blocks published to the prefix cache
     out: list[int] = field(default_factory=list)
+    admitted_at: float | None = None
     first_token_at: float | None = None
     finished: bool = False
 
@@ -72,10 +73,12 @@ class Batch:
 
 
 class Scheduler:
-    def __init__(self, ecfg: EngineConfig, pool: BlockPool, on_prefix_hits: Callable[[int], None] = lambda n: None):
+    def __init__(self, ecfg: EngineConfig, pool: BlockPool,
+                 on_prefix_lookup: Callable[[int, int], None] = lambda queried, hit: None):
         self.ecfg = ecfg
         self.pool = pool
-        self.on_prefix_hits = on_prefix_hits
+        #: Called at each admission with (prompt tokens looked up, tokens found in the prefix cache).
+        self.on_prefix_lookup = on_prefix_lookup
         self.waiting: deque[Sequence] = deque()
         self.prefilling: deque[Sequence] = deque()
         self.decoding: list[Sequence] = []
@@ -116,7 +119,8 @@ class Scheduler:
                 self.pool.free(hits)
                 break  # FIFO: wait for blocks to come back
             self.waiting.popleft()
-            self.on_prefix_hits(len(hits))
+            s.admitted_at = time.perf_counter()
+            self.on_prefix_lookup(n, len(hits) * ps)
             s.blocks = hits + fresh
             s.registered = len(hits)
             s.computed = len(hits) * ps
