@@ -191,6 +191,7 @@ CASES = [
         ("request-bytes-0", ["--max-request-bytes", "0"], "--max-request-bytes"),
         ("tokens-limit-neg", ["--max-tokens-limit", "-1"], "--max-tokens-limit"),
         ("empty-api-key", ["--api-key", " "], "--api-key"), ("dtype", ["--dtype", "fp8"], "invalid choice"),
+        ("profile-dir-file", ["--profile-dir", "{afile}"], "--profile-dir"),
     ]],
     pytest.param(["serve", "--checkpoint", "{d}/nockpt"], "not found", id="serve-checkpoint-missing"),
     pytest.param(["serve", "--checkpoint", "{hf_bad}"], "config.json", id="serve-checkpoint-bad-hf"),

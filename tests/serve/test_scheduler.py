@@ -70,7 +70,7 @@ def test_prefix_blocks_are_reused():
     ecfg = EngineConfig(max_batch=2, page_size=4, prefill_chunk=16)
     pool = BlockPool(16, 4)
     hits = []
-    sch = Scheduler(ecfg, pool, hits.append)
+    sch = Scheduler(ecfg, pool, lambda queried, hit: hits.append((queried, hit)))
     shared = list(range(8))
     a = seq(1, shared + [9], 1)
     sch.add(a)
@@ -79,6 +79,6 @@ def test_prefix_blocks_are_reused():
     assert run(sch, sch.schedule("prefill"), 5) == [(1, 5, "length")]  # a is done; its blocks stay cached
     b = seq(2, shared + [10, 11], 1)
     sch.add(b)
-    assert sch.admit() == [b] and hits == [0, 2]
+    assert sch.admit() == [b] and hits == [(9, 0), (10, 8)]  # tokens: 2 blocks of 4 reused
     assert b.blocks[:2] == first[:2] and b.computed == 8
     assert sch.schedule("prefill").rows[0].tokens == [10, 11]  # only the new tokens are computed
