@@ -78,5 +78,5 @@ class ProfileCapture:
     def status(self) -> dict:
         with self._lock:
             files = sorted(str(p) for p in self.folder.glob("plugins/profile/*/*")) if self.folder else []
-            return {"active": self.active, "steps_left": self.steps_left, "path": str(self.folder or "") or None,
+            return {"active": self.active, "steps_left": self.steps_left, "path": str(self.folder) if self.folder else None,
                     "files": [] if self.active else files}
