@@ -40,4 +40,4 @@ HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 "$LMEVAL_VENV/bin/lm_eval" --model local-
   --model_args "model=tiny,base_url=http://127.0.0.1:$PORT/v1/completions" \
   --include_path bench/lm_eval_tasks --tasks polychip_tiny_choice,polychip_tiny_gen \
   --output_path "${LMEVAL_OUT:-$WORK/out}" --log_samples
-echo "== served requests: $(curl -s "http://127.0.0.1:$PORT/metrics" | grep '^polychip_requests_total' | tr '\n' ' ')"
+echo "== served requests: $(curl -s "http://127.0.0.1:$PORT/metrics" | grep '^polychip:request_success_total' | tr '\n' ' ')"
