@@ -83,7 +83,7 @@ def quantize_params(params: dict, mode: str = "int8") -> dict:
     Works on host (numpy) or device (jax) leaves; returns a new tree, `params` is not modified."""
     if mode not in QUANT_MODES:
         raise ConfigError(f"quantisation {mode!r} is not supported; use one of {', '.join(QUANT_MODES)}")
-    if isinstance(params["embed"], QArray):
+    if is_quantized(params):
         raise ConfigError("params are already quantised")
     layers = dict(params["layers"])
     for key, n_in in _LAYER_IN_DIMS.items():
