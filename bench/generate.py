@@ -10,7 +10,8 @@ polychip rows use polychip.generate.Generator. "cache=bucketed" sizes the KV cac
 polychip.model.transformer.cache_length(prompt + tokens) (what Generator should do: issue 11); the
 Generator in this tree sizes it for the model's full context, which --full-cache adds as a row.
 
-  JAX_PLATFORMS=cpu python bench/generate.py [--tokens 128] [--runs 3] [--full-cache] [--json out.json]
+  JAX_PLATFORMS=cpu python bench/generate.py [--tokens 128] [--runs 3] [--full-cache] [--single-thread]
+                                             [--json out.json]
 """
 from __future__ import annotations
 
@@ -89,14 +90,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3, help="timed calls per engine after a warm-up (default 3)")
     ap.add_argument("--full-cache", action="store_true", help="also time float32 with the full-context cache")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--single-thread", action="store_true",
+                    help="one compute thread for torch and XLA (on a machine shared with other jobs, torch's "
+                         "spinning thread pool slowed 6x with 2 threads on 2 busy cores)")
     args = ap.parse_args(argv)
     if args.tokens < 1 or args.runs < 1:
         print("error: --tokens and --runs must be >= 1", file=sys.stderr)
         return 2
 
+    if args.single_thread:
+        # Must be set before jax is first imported (the polychip runners import it).
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
     import torch
     from transformers import AutoTokenizer
 
+    if args.single_thread:
+        torch.set_num_threads(1)
     folder = fixture()
     tok = AutoTokenizer.from_pretrained(folder)
     ids = list(tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,

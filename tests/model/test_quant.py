@@ -33,14 +33,16 @@ def rel_err(a, b) -> float:
 
 
 def test_quantize_rounds_each_output_channel_to_its_own_scale():
-    w = np.random.default_rng(0).normal(size=(2, 8, 3, 5)).astype(np.float32)
+    w = np.random.default_rng(0).normal(size=(2, 8, 3, 5)).astype(np.float32)  # [lead, in, *out]
     w[1, :, 2, 4] = 0.0  # an all-zero channel must not divide by zero
-    qa = quantize(w, (1,))
-    assert qa.q.dtype == np.int8 and qa.scale.shape == (2, 1, 3, 5)
-    amax = np.abs(w).max(axis=1)
-    np.testing.assert_allclose(qa.scale[:, 0], np.where(amax > 0, amax / 127, 1.0), rtol=1e-6)
-    assert np.all(np.abs(qa.astype(np.float32) - w) <= qa.scale / 2 + 1e-7)
-    assert np.abs(qa.q).max() == 127 and np.all(qa.q[1, :, 2, 4] == 0)
+    qa = quantize(w, 1, n_lead=1)
+    assert qa.q.dtype == np.int8 and qa.q.shape == (2, 15, 8) and qa.scale.shape == (2, 15)
+    assert qa.shape == w.shape
+    amax = np.abs(w).max(axis=1)  # [2, 3, 5]
+    scale = np.where(amax > 0, amax / 127, 1.0)
+    np.testing.assert_allclose(qa.scale, scale.reshape(2, 15), rtol=1e-6)
+    assert np.all(np.abs(np.asarray(qa.astype(np.float32)) - w) <= scale[:, None] / 2 + 1e-7)
+    assert np.abs(qa.q).max() == 127 and np.all(qa.q[1, 14] == 0)
 
 
 @pytest.mark.parametrize("n_in", [1, 2])
@@ -49,7 +51,7 @@ def test_dense_applies_scales_after_the_matmul(n_in):
     rng = np.random.default_rng(1)
     w = rng.normal(size=(4, 6, 10) if n_in == 2 else (24, 10)).astype(np.float32)
     x = jnp.asarray(rng.normal(size=(3, 5, *w.shape[:n_in])).astype(np.float32))
-    qa = quantize(jnp.asarray(w), tuple(range(n_in)))
+    qa = quantize(jnp.asarray(w), n_in)
     got = dense(x, qa, n_in=n_in)
     want = dense(x, qa.astype(jnp.float32), n_in=n_in)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
@@ -73,7 +75,8 @@ def test_int8_model_quality_vs_float32(tie):
     # Control: the same int8 values with each channel's scale replaced by the tensor mean (a scale
     # applied to the wrong channels) must break the bounds above, so they are tight enough to bite.
     wd = qp["layers"]["w_down"]
-    wrong = dict(qp, layers=dict(qp["layers"], w_down=QArray(wd.q, jnp.full_like(wd.scale, wd.scale.mean()))))
+    wrong = dict(qp, layers=dict(qp["layers"], w_down=QArray(wd.q, jnp.full_like(wd.scale, wd.scale.mean()),
+                                                             wd.in_shape, wd.out_shape)))
     assert rel_err(f(wrong, toks), ref) > 0.05
 
 

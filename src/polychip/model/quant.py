@@ -1,11 +1,9 @@
 """Weight-only int8 quantisation for serving: per-output-channel symmetric scales.
 
-A quantised matrix is a `QArray` pytree leaf pair: `q` int8 with the weight's shape and `scale` float32
-with the weight's shape except the contracted (input) dims, which are kept as size 1, so
-`q * scale` broadcasts back to the float weight. Because every output channel has its own scale,
-the scale can be applied after the matmul: x @ (q * s) == (x @ q) * s column by column, so the
-matmul reads int8 weights (converted to the compute dtype) and multiplies N scales, never a
-dequantised [K, N] copy in HBM-sized memory (see transformer.dense).
+A quantised matrix is a `QArray`: int8 values `q` and one float32 `scale` per output channel (layout in
+its docstring). Because every output channel has its own scale, the scale can be applied after the
+matmul: x @ (q * s) == (x @ q) * s column by column, so the matmul reads int8 weights (converted to
+the compute dtype) and multiplies N scales, never a dequantised copy (see transformer.dense).
 
 What is quantised: the seven per-layer projections and the output projection (lm_head, or the tied
 embedding, whose rows are the output channels of embed.T, so one scale per vocabulary row serves the
@@ -17,7 +15,8 @@ targets activations).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import jax
@@ -41,44 +40,50 @@ _LAYER_IN_DIMS = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w
 @jax.tree_util.register_dataclass
 @dataclass
 class QArray:
-    """int8 weight `q` and float32 per-output-channel `scale` (contracted dims kept as size 1)."""
+    """A weight of logical shape [*lead, *in_shape, *out_shape] (lead: the stacked layer axis, if any)
+    stored output-major: `q` int8 [*lead, N, K] and `scale` float32 [*lead, N], N = prod(out_shape),
+    K = prod(in_shape).
+
+    Output-major because XLA's CPU backend fuses the int8 -> float conversion into the matmul when
+    the int8 operand is transposed at use ([N, K] read as [K, N]), and materialises a converted copy
+    otherwise: a 576x1536 decode matvec measured 68 us vs 187 us, and SmolLM2's 49152x576 output
+    projection 1.1 ms vs 101 ms (float32: 4.4 ms). It is also the layout of a tied embedding [V, D],
+    so one QArray serves the lookup (rows of q) and the output projection."""
 
     q: Any
     scale: Any
+    in_shape: tuple[int, ...] = field(metadata=dict(static=True))
+    out_shape: tuple[int, ...] = field(metadata=dict(static=True))
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.q.shape)
-
-    @property
-    def ndim(self) -> int:
-        return len(self.q.shape)
+        return (*self.q.shape[:-2], *self.in_shape, *self.out_shape)
 
     @property
     def dtype(self):
         return self.q.dtype
 
     def astype(self, dtype):
-        """The dequantised weight in `dtype` (for callers that need the whole matrix)."""
-        return self.q.astype(dtype) * self.scale.astype(dtype)
-
-    @property
-    def T(self) -> "QArray":
-        return QArray(self.q.T, self.scale.T)
+        """The dequantised weight in `dtype`, logical shape (for callers that need the whole matrix)."""
+        w = self.q.astype(dtype) * self.scale[..., None].astype(dtype)
+        return jnp.swapaxes(w, -1, -2).reshape(self.shape)
 
 
-def quantize(w, in_axes: tuple[int, ...]) -> QArray:
-    """Symmetric int8 with one scale per slice over `in_axes` (the contracted dims). Host or device."""
+def quantize(w, n_in: int, n_lead: int = 0) -> QArray:
+    """Symmetric int8 of a logical [*lead, *in, *out] weight with one scale per output channel (the
+    max |w| over the n_in contracted dims / 127). Host (numpy) or device (jax) arrays."""
     xp = np if isinstance(w, np.ndarray) else jnp
-    wf = w.astype(xp.float32)
-    amax = xp.max(xp.abs(wf), axis=in_axes, keepdims=True)
+    lead, ins, outs = w.shape[:n_lead], w.shape[n_lead:n_lead + n_in], w.shape[n_lead + n_in:]
+    wf = xp.swapaxes(w.astype(xp.float32).reshape(*lead, math.prod(ins), math.prod(outs)), -1, -2)
+    amax = xp.max(xp.abs(wf), axis=-1)
     scale = xp.where(amax > 0, amax / 127.0, 1.0).astype(xp.float32)
-    q = xp.clip(xp.round(wf / scale), -127, 127).astype(xp.int8)
-    return QArray(q, scale)
+    q = xp.clip(xp.round(wf / scale[..., None]), -127, 127).astype(xp.int8)
+    return QArray(q, scale, tuple(ins), tuple(outs))
 
 
 def quantize_params(params: dict, mode: str = "int8") -> dict:
     """A float params tree -> the same tree with the matmul weights as QArrays (see module docstring).
+    A tied embedding [V, D] becomes the QArray of its output projection (logical [D, V]).
 
     Works on host (numpy) or device (jax) leaves; returns a new tree, `params` is not modified."""
     if mode not in QUANT_MODES:
@@ -87,12 +92,12 @@ def quantize_params(params: dict, mode: str = "int8") -> dict:
         raise ConfigError("params are already quantised")
     layers = dict(params["layers"])
     for key, n_in in _LAYER_IN_DIMS.items():
-        layers[key] = quantize(layers[key], tuple(range(1, 1 + n_in)))  # axis 0 is the layer axis
+        layers[key] = quantize(layers[key], n_in, n_lead=1)
     out = dict(params, layers=layers)
     if "lm_head" in params:
-        out["lm_head"] = quantize(params["lm_head"], (0,))  # [D, V]: one scale per vocabulary column
+        out["lm_head"] = quantize(params["lm_head"], 1)  # [D, V]
     else:
-        out["embed"] = quantize(params["embed"], (1,))  # [V, D] tied: one scale per row = per output
+        out["embed"] = quantize(params["embed"].T, 1)  # [V, D] -> logical [D, V], stored [V, D]
     return out
 
 

@@ -138,8 +138,12 @@ def abstract_params(cfg: ModelConfig, dtype=jnp.float32) -> dict:
 
 
 def output_weight(params: dict, cfg: ModelConfig):
-    """[D, V] output projection (the embedding transposed when tied; a QArray when quantised)."""
-    return params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+    """[D, V] output projection: lm_head, or the embedding transposed when tied (a quantised tied
+    embedding already is its projection's QArray, logical [D, V])."""
+    if not cfg.tie_embeddings:
+        return params["lm_head"]
+    e = params["embed"]
+    return e if isinstance(e, QArray) else e.T
 
 
 def embed_tokens(params: dict, tokens, cfg: ModelConfig, dtype):
@@ -147,7 +151,7 @@ def embed_tokens(params: dict, tokens, cfg: ModelConfig, dtype):
     scale, which HF rounds to the compute dtype before multiplying)."""
     e = params["embed"]
     if isinstance(e, QArray):
-        x = jnp.take(e.q, tokens, axis=0).astype(dtype) * jnp.take(e.scale, tokens, axis=0).astype(dtype)
+        x = jnp.take(e.q, tokens, axis=0).astype(dtype) * jnp.take(e.scale, tokens, axis=0)[..., None].astype(dtype)
     else:
         x = jnp.take(e, tokens, axis=0).astype(dtype)
     if cfg.embed_scale:
@@ -189,8 +193,8 @@ def dense(x, w, n_in: int = 1, out_dtype=None):
     lead, ins, outs = x.shape[:x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
     K, N = math.prod(ins), math.prod(outs)
     pet = out_dtype or x.dtype
-    if isinstance(w, QArray):
-        y = jnp.dot(x.reshape(-1, K), w.q.reshape(K, N).astype(x.dtype), preferred_element_type=pet)
+    if isinstance(w, QArray):  # q is [N, K] (output-major; see QArray for why)
+        y = jnp.dot(x.reshape(-1, K), w.q.reshape(N, K).T.astype(x.dtype), preferred_element_type=pet)
         y = y * w.scale.reshape(N).astype(pet)
     else:
         y = jnp.dot(x.reshape(-1, K), w.reshape(K, N).astype(x.dtype), preferred_element_type=pet)
