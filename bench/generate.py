@@ -9,6 +9,8 @@ ratio to transformers float32.
 polychip rows use polychip.generate.Generator. "cache=bucketed" sizes the KV cache with
 polychip.model.transformer.cache_length(prompt + tokens) (what Generator should do: issue 11); the
 Generator in this tree sizes it for the model's full context, which --full-cache adds as a row.
+--argmax picks greedy tokens by argmax instead of Generator's sample() (its full-vocabulary argsort
+costs as much as a third of a decode step here), again what Generator should do.
 
   JAX_PLATFORMS=cpu python bench/generate.py [--tokens 128] [--runs 3] [--full-cache] [--single-thread]
                                              [--json out.json]
@@ -63,7 +65,7 @@ def transformers_runner(folder: Path, ids: list[int], n: int):
     return run
 
 
-def polychip_runner(folder: Path, ids: list[int], n: int, dtype: str, bucketed: bool):
+def polychip_runner(folder: Path, ids: list[int], n: int, dtype: str, bucketed: bool, argmax: bool):
     import jax
 
     from polychip.generate import Generator, SamplingParams
@@ -80,6 +82,10 @@ def polychip_runner(folder: Path, ids: list[int], n: int, dtype: str, bucketed: 
         # Generator sizes its cache and its context check by max_len; a bucket that holds prompt + n
         # tokens is what it should allocate (T.cache_length).
         gen.max_len = T.cache_length(len(ids) + n, cfg)
+    if argmax:
+        # Generator samples greedy tokens through sample(), which argsorts the whole vocabulary
+        # (15.8 ms per token for SmolLM2's 49k on one core); a temperature-0 request needs only argmax.
+        gen._sample = jax.jit(lambda lg, *_: jax.numpy.argmax(lg, axis=-1))
     sp = SamplingParams(temperature=0.0, max_tokens=n)
     return lambda: gen.generate_ids(ids, sp, eos_id=None)[0]
 
@@ -89,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=128, help="new tokens per call (default 128)")
     ap.add_argument("--runs", type=int, default=3, help="timed calls per engine after a warm-up (default 3)")
     ap.add_argument("--full-cache", action="store_true", help="also time float32 with the full-context cache")
+    ap.add_argument("--argmax", action="store_true",
+                    help="polychip rows pick greedy tokens by argmax instead of Generator's sample() (what "
+                         "Generator should do for temperature 0)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--single-thread", action="store_true",
                     help="one compute thread for torch and XLA (on a machine shared with other jobs, torch's "
@@ -115,12 +124,13 @@ def main(argv: list[str] | None = None) -> int:
           f"median of {args.runs}; torch threads {torch.get_num_threads()}, load avg {os.getloadavg()[0]:.1f}")
 
     engines = [("transformers float32", lambda: transformers_runner(folder, ids, args.tokens))]
+    pick = " argmax" if args.argmax else ""
     for dtype in ("float32", "bfloat16", "int8"):
-        engines.append((f"polychip {dtype} cache=bucketed",
-                        lambda d=dtype: polychip_runner(folder, ids, args.tokens, d, bucketed=True)))
+        engines.append((f"polychip {dtype} cache=bucketed{pick}",
+                        lambda d=dtype: polychip_runner(folder, ids, args.tokens, d, True, args.argmax)))
     if args.full_cache:
-        engines.append(("polychip float32 cache=full",
-                        lambda: polychip_runner(folder, ids, args.tokens, "float32", bucketed=False)))
+        engines.append((f"polychip float32 cache=full{pick}",
+                        lambda: polychip_runner(folder, ids, args.tokens, "float32", False, args.argmax)))
 
     rows, ref_tokens = [], None
     for name, make in engines:
@@ -128,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         ref_tokens = toks if ref_tokens is None else ref_tokens
         same = next((i for i, (a, b) in enumerate(zip(toks, ref_tokens)) if a != b), len(toks))
         rows.append({"engine": name, "seconds": secs, "tok_s": args.tokens / secs, "same_tokens_as_hf": same})
-        print(f"  {name:<34} {args.tokens / secs:8.1f} tok/s   ({secs:.2f} s)   "
+        print(f"  {name:<41} {args.tokens / secs:8.1f} tok/s   ({secs:.2f} s)   "
               f"greedy tokens equal to transformers' for the first {same}", flush=True)
     base = rows[0]["tok_s"]
     print("\n| engine | tok/s | vs transformers float32 |\n|---|---|---|")
