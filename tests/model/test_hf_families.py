@@ -85,6 +85,7 @@ def test_family_parity_both_ways(family, tmp_path):
 
     cfg, params = load_hf(tmp_path / "hf")
     assert rel_err(px_logits(cfg, params, tokens), ref) <= TOL, family
+    assert cfg.n_params == sum(p.numel() for p in model.parameters()) == sum(x.size for x in jax.tree.leaves(params))
 
     option, off = FAMILIES[family][3], FAMILIES[family][4]
     assert getattr(cfg, option) != off
