@@ -38,6 +38,10 @@ class RopeScaling:
     original_max_position_embeddings: int = 8192
 
 
+#: ModelConfig.mlp_act values (the gate activation of the gated MLP).
+MLP_ACTIVATIONS = ("silu", "gelu_tanh")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Llama-3-style decoder-only transformer. MHA/GQA/MQA differ only in n_kv_heads."""
@@ -70,6 +74,20 @@ class ModelConfig:
     tie_embeddings: bool = False
     #: Std of the normal initialiser (output projections are scaled by 1/sqrt(2*n_layers)).
     init_std: float = 0.02
+    #: Learned biases on the q/k/v projections (Qwen2/2.5).
+    qkv_bias: bool = False
+    #: Sliding-window attention: each query sees the last N positions, its own included (Mistral); 0: off.
+    sliding_window: int = 0
+    #: RMSNorm multiplies by (norm_offset + weight): 0 for Llama, 1 for Gemma (zero-centred weights).
+    norm_offset: float = 0.0
+    #: Multiply token embeddings by sqrt(d_model) (Gemma).
+    embed_scale: bool = False
+    #: MLP gate activation: "silu" (SwiGLU: Llama, Qwen2, Mistral) or "gelu_tanh" (GeGLU: Gemma).
+    mlp_act: str = "silu"
+    #: Attention scores -> cap * tanh(scores / cap) (Gemma 2); 0: off.
+    attn_softcap: float = 0.0
+    #: Output logits -> cap * tanh(logits / cap) (Gemma 2); 0: off.
+    final_softcap: float = 0.0
 
     def __post_init__(self) -> None:
         # Derive dependent dials (frozen dataclass: use object.__setattr__).
@@ -92,12 +110,15 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"model.head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.mlp_act not in MLP_ACTIVATIONS:
+            raise ConfigError(f"model.mlp_act={self.mlp_act!r} is not one of {', '.join(MLP_ACTIVATIONS)}")
 
     @property
     def n_params(self) -> int:
         """Parameter count (embeddings included, tied ones once)."""
         d, f, L = self.d_model, self.d_ff, self.n_layers
         attn = d * self.head_dim * (self.n_heads * 2 + self.n_kv_heads * 2)
+        attn += self.head_dim * (self.n_heads + 2 * self.n_kv_heads) if self.qkv_bias else 0
         mlp = 3 * d * f
         per_layer = attn + mlp + 2 * d
         emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
@@ -310,6 +331,7 @@ RANGES: dict[str, Range] = {
     **{f"model.{k}": _POS for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
                                     "max_seq_len", "multiple_of", "rope_theta", "norm_eps")},
     "model.init_std": _NONNEG,
+    **{f"model.{k}": _NONNEG for k in ("sliding_window", "attn_softcap", "final_softcap")},
     **{f"model.rope_scaling.{k}": _POS for k in ("factor", "low_freq_factor", "high_freq_factor",
                                                  "original_max_position_embeddings")},
     "data.max_bytes": _NONNEG, "data.eval_fraction": _UNIT, "data.seed": _NONNEG,

@@ -251,7 +251,7 @@ def test_config_from_published_llama31():
 @pytest.mark.parametrize("bad, msg", [
     ({"attention_bias": True}, "attention_bias"),
     ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"model_type": "mistral"}, "model_type"),
+    ({"model_type": "gemma2"}, "model_type 'gemma2'"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type 'yarn'"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "low_freq_factor"),
     ({"hidden_size": None}, "hidden_size"),

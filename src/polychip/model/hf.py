@@ -1,4 +1,5 @@
-"""Hugging Face Llama checkpoint import/export (config.json + *.safetensors), without torch.
+"""Hugging Face checkpoint import/export (config.json + *.safetensors), without torch, for the Llama,
+Mistral, Qwen2 and Gemma families (config mapping: hf_config.py; all four share these tensor names).
 
 Name and layout mapping (HF `LlamaForCausalLM` -> polychip params, see model/transformer.py):
 
@@ -14,6 +15,7 @@ Name and layout mapping (HF `LlamaForCausalLM` -> polychip params, see model/tra
   model.layers.{i}.mlp.down_proj.weight     [D, F]      -> w_down       [L, F, D]
   model.norm.weight                         [D]         -> final_norm   [D]
   lm_head.weight                            [V, D]      -> lm_head      [D, V]  (absent when tied)
+  model.layers.{i}.self_attn.q_proj.bias    [H*Dh]      -> bq           [L, H, Dh]  (Qwen2; k/v alike)
 
 torch `nn.Linear` stores [out, in], polychip stores [in, out], hence the transposes. No q/k row
 permutation is needed: HF checkpoints are already permuted for the rotate-half RoPE layout that
@@ -32,13 +34,9 @@ from typing import Any, Callable, Iterator
 import ml_dtypes
 import numpy as np
 
-from polychip.config import ConfigError, ModelConfig, RopeScaling
+from polychip.config import ModelConfig
 from polychip.files import atomic_write
-
-
-class HFError(ConfigError):
-    """A Hugging Face checkpoint that cannot be read or mapped (a ValueError; the CLI prints one line)."""
-
+from polychip.model.hf_config import HFError, config_from_hf, config_to_hf, hf_family  # noqa: F401 (re-exported)
 
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -68,6 +66,17 @@ LAYER_TENSORS: tuple[tuple[str, str], ...] = (
     ("w_up", "mlp.up_proj.weight"),
     ("w_down", "mlp.down_proj.weight"),
 )
+# Qwen2's q/k/v biases (ModelConfig.qkv_bias), [H*Dh] / [K*Dh] in HF -> [H, Dh] / [K, Dh].
+BIAS_TENSORS: tuple[tuple[str, str], ...] = (
+    ("bq", "self_attn.q_proj.bias"),
+    ("bk", "self_attn.k_proj.bias"),
+    ("bv", "self_attn.v_proj.bias"),
+)
+
+
+def layer_tensors(cfg: ModelConfig) -> tuple[tuple[str, str], ...]:
+    """(polychip key, HF suffix) of every per-layer tensor cfg's family has."""
+    return LAYER_TENSORS + (BIAS_TENSORS if cfg.qkv_bias else ())
 
 
 def np_dtype(dtype: Any) -> np.dtype:
@@ -80,120 +89,8 @@ def np_dtype(dtype: Any) -> np.dtype:
 
 
 # ----------------------------------------------------------------------------------------------
-# Config
+# Config (the mapping itself lives in hf_config.py)
 # ----------------------------------------------------------------------------------------------
-def _rope_dict(hf: dict) -> dict | None:
-    """The RoPE parameter dict, from `rope_parameters` (transformers >= 5) or `rope_scaling` (4.x)."""
-    for key in ("rope_parameters", "rope_scaling"):
-        rd = hf.get(key)
-        if rd:
-            if not isinstance(rd, dict):
-                raise HFError(f"config.json: {key} must be an object, got {rd!r}")
-            return rd
-    return None
-
-
-def config_from_hf(hf: dict) -> ModelConfig:
-    """A Llama config.json (as a dict) -> ModelConfig. Unsupported variants raise HFError."""
-    model_type = hf.get("model_type", "llama")
-    if model_type != "llama":
-        raise HFError(f"config.json: model_type {model_type!r} is not supported (only 'llama')")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise HFError(f"config.json: hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
-    for flag in ("attention_bias", "mlp_bias"):
-        if hf.get(flag):
-            raise HFError(f"config.json: {flag}=true is not supported (polychip's Llama has no biases)")
-    missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                           "intermediate_size") if hf.get(k) is None]
-    if missing:
-        raise HFError(f"config.json: missing required field(s) {', '.join(missing)}")
-
-    rd = _rope_dict(hf) or {}
-    rope_type = rd.get("rope_type", rd.get("type", "default"))
-    # transformers 5 keeps rope_theta inside rope_parameters; 4.x at the top level. HF's default is 1e4.
-    theta = rd.get("rope_theta", hf.get("rope_theta", 10000.0))
-    if rd.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) not in (1, 1.0, None):
-        raise HFError("config.json: partial_rotary_factor != 1 is not supported")
-    max_pos = int(hf.get("max_position_embeddings", 2048))
-    scaling = None
-    if rope_type == "llama3":
-        try:
-            scaling = RopeScaling(
-                factor=float(rd["factor"]),
-                low_freq_factor=float(rd["low_freq_factor"]),
-                high_freq_factor=float(rd["high_freq_factor"]),
-                # HF falls back to max_position_embeddings when this is absent.
-                original_max_position_embeddings=int(rd.get("original_max_position_embeddings", max_pos)),
-            )
-        except KeyError as e:
-            raise HFError(f"config.json: llama3 rope scaling is missing {e.args[0]!r}") from None
-    elif rope_type != "default":
-        raise HFError(f"config.json: rope_type {rope_type!r} is not supported (only 'default' and 'llama3')")
-
-    n_heads = int(hf["num_attention_heads"])
-    try:
-        return ModelConfig(
-            vocab_size=int(hf["vocab_size"]),
-            d_model=int(hf["hidden_size"]),
-            n_layers=int(hf["num_hidden_layers"]),
-            n_heads=n_heads,
-            n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-            head_dim=int(hf.get("head_dim") or 0),
-            d_ff=int(hf["intermediate_size"]),
-            max_seq_len=max_pos,
-            rope_theta=float(theta),
-            rope_scaling=scaling,
-            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            init_std=float(hf.get("initializer_range", 0.02)),
-        )
-    except ConfigError as e:
-        raise HFError(f"config.json describes an invalid model: {e}") from None
-
-
-def config_to_hf(cfg: ModelConfig, dtype: str = "bfloat16", **extra: Any) -> dict:
-    """ModelConfig -> a Llama config.json dict readable by transformers 4.x and 5.x.
-
-    RoPE is written both ways: `rope_theta` + `rope_scaling` (4.x) and `rope_parameters` (5.x).
-    `extra` (e.g. bos_token_id, eos_token_id) is merged in last."""
-    rope_params: dict[str, Any] = {"rope_type": "default", "rope_theta": float(cfg.rope_theta)}
-    scaling = None
-    if cfg.rope_scaling is not None:
-        sc = cfg.rope_scaling
-        scaling = {"rope_type": "llama3", "factor": float(sc.factor), "low_freq_factor": float(sc.low_freq_factor),
-                   "high_freq_factor": float(sc.high_freq_factor),
-                   "original_max_position_embeddings": int(sc.original_max_position_embeddings)}
-        rope_params = {**scaling, "rope_theta": float(cfg.rope_theta)}
-    out = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.head_dim,
-        "intermediate_size": cfg.d_ff,
-        "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": float(cfg.rope_theta),
-        "rope_scaling": scaling,
-        "rope_parameters": rope_params,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "initializer_range": cfg.init_std,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "mlp_bias": False,
-        "pretraining_tp": 1,
-        "use_cache": True,
-        "torch_dtype": dtype,  # transformers 4.x
-        "dtype": dtype,        # transformers 5.x
-    }
-    out.update(extra)
-    return out
-
-
 def read_config(path: str | os.PathLike) -> dict:
     p = Path(path) / CONFIG_NAME
     if not p.is_file():
@@ -292,7 +189,8 @@ class _Checkpoint:
 def _hf_layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     D, H, K, Dh, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
     return {"attn_norm": (D,), "wq": (H * Dh, D), "wk": (K * Dh, D), "wv": (K * Dh, D), "wo": (D, H * Dh),
-            "mlp_norm": (D,), "w_gate": (F, D), "w_up": (F, D), "w_down": (D, F)}
+            "mlp_norm": (D,), "w_gate": (F, D), "w_up": (F, D), "w_down": (D, F),
+            "bq": (H * Dh,), "bk": (K * Dh,), "bv": (K * Dh,)}
 
 
 def _layer_from_hf(key: str, w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
@@ -300,6 +198,8 @@ def _layer_from_hf(key: str, w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
     D, Dh = cfg.d_model, cfg.head_dim
     if key in ("attn_norm", "mlp_norm"):
         return w
+    if key in ("bq", "bk", "bv"):
+        return w.reshape(-1, Dh)
     if key in ("wq", "wk", "wv"):
         return w.T.reshape(D, -1, Dh)
     if key == "wo":
@@ -311,6 +211,8 @@ def _layer_to_hf(key: str, w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
     D = cfg.d_model
     if key in ("attn_norm", "mlp_norm"):
         return w
+    if key in ("bq", "bk", "bv"):
+        return w.reshape(-1)
     if key in ("wq", "wk", "wv"):
         return w.reshape(D, -1).T
     if key == "wo":
@@ -319,7 +221,7 @@ def _layer_to_hf(key: str, w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
 
 
 def load_hf(path: str | os.PathLike, dtype: Any = "float32") -> tuple[ModelConfig, dict]:
-    """Read a Hugging Face Llama folder -> (ModelConfig, params) in polychip's stacked layout.
+    """Read a Hugging Face folder (Llama, Mistral, Qwen2, Gemma) -> (ModelConfig, params) in polychip's stacked layout.
 
     params leaves are host numpy arrays of `dtype` (float32/bfloat16; pass them to jax.device_put with
     a sharding to place them). Missing, extra or mis-shaped tensors raise HFError naming the tensor."""
@@ -346,7 +248,7 @@ def load_hf(path: str | os.PathLike, dtype: Any = "float32") -> tuple[ModelConfi
         params: dict[str, Any] = {"embed": read("model.embed_tokens.weight", (V, D)).astype(dt)}
         hf_shapes = _hf_layer_shapes(cfg)
         layers: dict[str, np.ndarray] = {}
-        for key, suffix in LAYER_TENSORS:
+        for key, suffix in layer_tensors(cfg):
             for i in range(L):
                 w = _layer_from_hf(key, read(f"model.layers.{i}.{suffix}", hf_shapes[key]), cfg)
                 if i == 0:
@@ -363,7 +265,7 @@ def load_hf(path: str | os.PathLike, dtype: Any = "float32") -> tuple[ModelConfi
     extra = sorted(n for n in ckpt.files if n not in used and not n.endswith(_IGNORED_SUFFIXES))
     if extra:
         shown = ", ".join(extra[:5]) + (f" (+{len(extra) - 5} more)" if len(extra) > 5 else "")
-        raise HFError(f"{path}: unexpected tensors not in a Llama checkpoint: {shown}")
+        raise HFError(f"{path}: unexpected tensors not in a {hf_family(cfg)} checkpoint: {shown}")
     return cfg, params
 
 
@@ -374,7 +276,7 @@ def _hf_tensor_specs(cfg: ModelConfig, host: dict) -> list[tuple[str, Callable[[
     """(HF name, producer of the HF-layout array) in HF's usual order."""
     specs: list[tuple[str, Callable[[], np.ndarray]]] = [("model.embed_tokens.weight", lambda: host["embed"])]
     for i in range(cfg.n_layers):
-        for key, suffix in LAYER_TENSORS:
+        for key, suffix in layer_tensors(cfg):
             specs.append((f"model.layers.{i}.{suffix}",
                           lambda key=key, i=i: _layer_to_hf(key, host["layers"][key][i], cfg)))
     specs.append(("model.norm.weight", lambda: host["final_norm"]))
@@ -411,7 +313,7 @@ def _write_json(path: Path, obj: Any) -> None:
 def save_hf(path: str | os.PathLike, cfg: ModelConfig, params: dict, dtype: str = "bfloat16",
             tokenizer_path: str | os.PathLike | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
             **extra_config: Any) -> Path:
-    """Write a Hugging Face Llama folder: config.json, generation_config.json, model.safetensors (or
+    """Write a Hugging Face folder of cfg's family (hf_config.hf_family): config.json, generation_config.json, model.safetensors (or
     model-0000k-of-0000n.safetensors + model.safetensors.index.json above max_shard_bytes) and,
     when tokenizer_path is given (a tokenizer.json file or a folder holding one), tokenizer.json.
 
@@ -423,6 +325,7 @@ def save_hf(path: str | os.PathLike, cfg: ModelConfig, params: dict, dtype: str 
 
     path = Path(path)
     dt = np_dtype(dtype)
+    hf_family(cfg)  # refuse an inexpressible model before writing anything
     _check_params(cfg, params)
     host = _to_host(params)
     specs = _hf_tensor_specs(cfg, host)
@@ -518,10 +421,10 @@ def copy_tokenizer(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> li
 
 
 def iter_hf_names(cfg: ModelConfig) -> Iterator[str]:
-    """Every tensor name a polychip-compatible HF Llama checkpoint holds for cfg (tied: no lm_head)."""
+    """Every tensor name a polychip-compatible HF Llama checkpoint of cfg's family holds (tied: no lm_head)."""
     yield "model.embed_tokens.weight"
     for i in range(cfg.n_layers):
-        for _, suffix in LAYER_TENSORS:
+        for _, suffix in layer_tensors(cfg):
             yield f"model.layers.{i}.{suffix}"
     yield "model.norm.weight"
     if not cfg.tie_embeddings:

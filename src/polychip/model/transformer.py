@@ -10,10 +10,18 @@ params = {
     "mlp_norm":  [L, D]
     "w_gate", "w_up": [L, D, F]             (layers, embed, mlp)
     "w_down":    [L, F, D]                  (layers, mlp, embed)
+    "bq":        [L, H, Dh], "bk", "bv": [L, K, Dh]   (only when cfg.qkv_bias: Qwen2)
   }
   "final_norm": [D]
   "lm_head":    [D, V]  (absent when tie_embeddings: embed.T is used)
 }
+
+For serving, the matmul weights may be `quant.QArray`s (int8 + per-output-channel scales); every
+matmul goes through `dense`, the embedding lookup through `embed_tokens` and the output projection
+through `output_logits`, which accept both.
+
+Family options (ModelConfig): qkv_bias (Qwen2), sliding_window (Mistral), norm_offset / embed_scale /
+mlp_act="gelu_tanh" (Gemma), attn_softcap / final_softcap (Gemma 2's soft-capping).
 """
 from __future__ import annotations
 
@@ -24,11 +32,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from polychip.config import ModelConfig
+from polychip.config import ConfigError, ModelConfig
 from polychip.kernels.attention import attention
 from polychip.kernels.cross_entropy import cross_entropy
 from polychip.kernels.registry import KernelPolicy
 from polychip.kernels.rms_norm import rms_norm
+from polychip.model.quant import QArray
 from polychip.model.rope import apply_rope, inv_frequencies
 from polychip.parallel.sharding import Layout
 
@@ -38,6 +47,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # and read back with dynamic-slice every step), cost 17% of the CPU `small` train step. Deeper models
 # keep lax.scan so compile time does not grow with depth.
 UNROLL_MAX_LAYERS = 4
+BIAS_KEYS = ("['bq']", "['bk']", "['bv']")
+_ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda g: jax.nn.gelu(g, approximate=True)}
 
 
 @dataclass(frozen=True)
@@ -74,6 +85,9 @@ def param_axes(cfg: ModelConfig) -> dict:
         },
         "final_norm": ("norm",),
     }
+    if cfg.qkv_bias:
+        axes["layers"].update(bq=("layers", "heads", "head_dim"), bk=("layers", "kv_heads", "head_dim"),
+                              bv=("layers", "kv_heads", "head_dim"))
     if not cfg.tie_embeddings:
         axes["lm_head"] = ("embed", "vocab")
     return axes
@@ -90,6 +104,8 @@ def param_shapes(cfg: ModelConfig) -> dict:
         },
         "final_norm": (D,),
     }
+    if cfg.qkv_bias:
+        shapes["layers"].update(bq=(L, H, Dh), bk=(L, K, Dh), bv=(L, K, Dh))
     if not cfg.tie_embeddings:
         shapes["lm_head"] = (D, V)
     return shapes
@@ -97,7 +113,7 @@ def param_shapes(cfg: ModelConfig) -> dict:
 
 def init_params(cfg: ModelConfig, key, dtype=jnp.float32) -> dict:
     """Normal(0, init_std) matrices; residual-output projections (wo, w_down) scaled by 1/sqrt(2L)
-    (GPT-2 section 2.3); norms at 1. Each leaf's key is folded from its path, so the values do not
+    (GPT-2 section 2.3); norms at an effective scale of 1 (weight 1 - norm_offset); biases at 0. Each leaf's key is folded from its path, so the values do not
     depend on how the tree is sharded or traversed."""
     shapes = param_shapes(cfg)
     out_scale = 1.0 / math.sqrt(2 * cfg.n_layers)
@@ -105,7 +121,9 @@ def init_params(cfg: ModelConfig, key, dtype=jnp.float32) -> dict:
     def make(path, shape):
         name = jax.tree_util.keystr(path)
         if "norm" in name:
-            return jnp.ones(shape, dtype)
+            return jnp.full(shape, 1.0 - cfg.norm_offset, dtype)
+        if name.endswith(BIAS_KEYS):
+            return jnp.zeros(shape, dtype)
         k = jax.random.fold_in(key, sum(ord(c) * 31 ** i for i, c in enumerate(name)) % (2 ** 31))
         std = cfg.init_std * (out_scale if ("wo" in name or "w_down" in name) else 1.0)
         return (std * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
@@ -120,14 +138,46 @@ def abstract_params(cfg: ModelConfig, dtype=jnp.float32) -> dict:
 
 
 def output_weight(params: dict, cfg: ModelConfig):
-    """[D, V] output projection (the embedding transposed when tied)."""
-    return params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+    """[D, V] output projection: lm_head, or the embedding transposed when tied (a quantised tied
+    embedding already is its projection's QArray, logical [D, V])."""
+    if not cfg.tie_embeddings:
+        return params["lm_head"]
+    e = params["embed"]
+    return e if isinstance(e, QArray) else e.T
+
+
+def embed_tokens(params: dict, tokens, cfg: ModelConfig, dtype):
+    """tokens [B, T] int -> embeddings [B, T, D] in `dtype` (int8 rows dequantised; Gemma's sqrt(D)
+    scale, which HF rounds to the compute dtype before multiplying)."""
+    e = params["embed"]
+    if isinstance(e, QArray):
+        x = jnp.take(e.q, tokens, axis=0).astype(dtype) * jnp.take(e.scale, tokens, axis=0)[..., None].astype(dtype)
+    else:
+        x = jnp.take(e, tokens, axis=0).astype(dtype)
+    if cfg.embed_scale:
+        x = x * jnp.asarray(math.sqrt(cfg.d_model), dtype)
+    return x
+
+
+def soft_cap(x, cap: float):
+    """cap * tanh(x / cap) (Gemma 2 section 3); cap 0 leaves x unchanged."""
+    return x if not cap else cap * jnp.tanh(x / cap)
+
+
+def output_logits(h, params: dict, cfg: ModelConfig):
+    """Final hidden states [..., D] -> logits [..., V] float32 (soft-capped when cfg.final_softcap)."""
+    w = output_weight(params, cfg)
+    if isinstance(w, QArray):
+        out = dense(h, w, out_dtype=jnp.float32)
+    else:
+        out = jnp.einsum("...d,dv->...v", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+    return soft_cap(out, cfg.final_softcap)
 
 
 # ----------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------
-def dense(x, w, n_in: int = 1):
+def dense(x, w, n_in: int = 1, out_dtype=None):
     """x [..., *w.shape[:n_in]] contracted with w [*in, *out] -> [..., *out], as one 2-D matmul.
 
     Leading (token) dims and the weight's in/out dims are flattened first (free reshapes of
@@ -135,11 +185,31 @@ def dense(x, w, n_in: int = 1):
     a single contracting dim. An einsum over [B, T, D] contracts two dims (batch and seq) for the
     weight gradient, and XLA's CPU backend then materialises a transposed copy of the
     [B*T, out] activation gradient with a strided (cache-missing) loop: the `small` preset's MLP
-    backward measured 2.3x slower than this form. The math (and the FLOPs) are the einsum's."""
+    backward measured 2.3x slower than this form. The math (and the FLOPs) are the einsum's.
+
+    w may be a float array (cast to x's dtype) or a QArray: the int8 weight is converted to x's dtype
+    inside the matmul and the per-output-channel scales multiply the [M, N] product, which equals
+    x @ (q * scale) because each output column has one scale (model/quant.py)."""
     lead, ins, outs = x.shape[:x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
     K, N = math.prod(ins), math.prod(outs)
-    y = jnp.dot(x.reshape(-1, K), w.reshape(K, N))
+    pet = out_dtype or x.dtype
+    if isinstance(w, QArray):  # q is [N, K] (output-major; see QArray for why)
+        y = jnp.dot(x.reshape(-1, K), w.q.reshape(N, K).T.astype(x.dtype), preferred_element_type=pet)
+        y = y * w.scale.reshape(N).astype(pet)
+    else:
+        y = jnp.dot(x.reshape(-1, K), w.reshape(K, N).astype(x.dtype), preferred_element_type=pet)
     return y.reshape(*lead, *outs)
+
+
+def norm(x, w, cfg: ModelConfig, rt: Runtime):
+    """RMSNorm with scale (norm_offset + w), the offset added in float32 (Gemma's (1 + w))."""
+    scale = w if not cfg.norm_offset else w.astype(jnp.float32) + cfg.norm_offset
+    return rms_norm(x, scale, eps=cfg.norm_eps, policy=rt.policy)
+
+
+def attention_options(cfg: ModelConfig) -> dict:
+    """The attention kernel's per-model options (every attend() passes them on)."""
+    return dict(sliding_window=cfg.sliding_window or None, soft_cap=cfg.attn_softcap or None)
 
 
 def block(x, lp, positions, cfg: ModelConfig, rt: Runtime, inv_freq, attend=None, state=None):
@@ -149,37 +219,36 @@ def block(x, lp, positions, cfg: ModelConfig, rt: Runtime, inv_freq, attend=None
     and decides where keys/values live: None is causal self-attention over these T tokens; a
     contiguous KV cache (`contiguous_cache_attend`) and the server's paged cache plug in here, so
     the block is defined once for training, generation and serving."""
-    dt = DTYPES[rt.compute_dtype]
-    h = rms_norm(x, lp["attn_norm"], eps=cfg.norm_eps, policy=rt.policy)
-    q = dense(h, lp["wq"].astype(dt))
-    k = dense(h, lp["wk"].astype(dt))
-    v = dense(h, lp["wv"].astype(dt))
+    h = norm(x, lp["attn_norm"], cfg, rt)
+    q, k, v = dense(h, lp["wq"]), dense(h, lp["wk"]), dense(h, lp["wv"])
+    if cfg.qkv_bias:
+        q, k, v = q + lp["bq"].astype(h.dtype), k + lp["bk"].astype(h.dtype), v + lp["bv"].astype(h.dtype)
     q = rt.constrain(q, ("batch", "seq", "act_heads", "head_dim"))
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
     if attend is None:
-        o = attention(q, k, v, policy=rt.policy, causal=True)
+        o = attention(q, k, v, policy=rt.policy, causal=True, **attention_options(cfg))
     else:
         o, state = attend(q, k, v, state)
-    x = x + dense(o, lp["wo"].astype(dt), n_in=2)
+    x = x + dense(o, lp["wo"], n_in=2)
     x = rt.constrain(x, ("batch", "seq", "act_embed"))
-    h = rms_norm(x, lp["mlp_norm"], eps=cfg.norm_eps, policy=rt.policy)
-    g = dense(h, lp["w_gate"].astype(dt))
-    u = dense(h, lp["w_up"].astype(dt))
-    a = rt.constrain(jax.nn.silu(g) * u, ("batch", "seq", "act_mlp"))
-    x = x + dense(a, lp["w_down"].astype(dt))
+    h = norm(x, lp["mlp_norm"], cfg, rt)
+    g, u = dense(h, lp["w_gate"]), dense(h, lp["w_up"])
+    a = rt.constrain(_ACTIVATIONS[cfg.mlp_act](g) * u, ("batch", "seq", "act_mlp"))
+    x = x + dense(a, lp["w_down"])
     x = rt.constrain(x, ("batch", "seq", "act_embed"))
     return x, state
 
 
-def contiguous_cache_attend(rt: Runtime, cache_pos):
+def contiguous_cache_attend(rt: Runtime, cache_pos, cfg: ModelConfig):
     """attend() for a per-layer contiguous cache {"k","v"}: [B, S, K, Dh]: write the new keys/values at
     cache_pos, then attend over the whole cache with the queries offset to cache_pos (decoding)."""
 
     def attend(q, k, v, cache):
         ck = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_pos, axis=1)
         cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_pos, axis=1)
-        o = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), policy=rt.policy, causal=True, q_offset=cache_pos)
+        o = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), policy=rt.policy, causal=True, q_offset=cache_pos,
+                      **attention_options(cfg))
         return o, {"k": ck, "v": cv}
 
     return attend
@@ -196,10 +265,10 @@ def hidden_states(params: dict, tokens, cfg: ModelConfig, rt: Runtime, positions
         base = jnp.arange(T, dtype=jnp.int32)[None, :]
         positions = jnp.broadcast_to(base + (0 if cache_pos is None else cache_pos), (B, T))
     inv_freq = inv_frequencies(cfg)
-    x = jnp.take(params["embed"], tokens, axis=0).astype(dt)
+    x = embed_tokens(params, tokens, cfg, dt)
     x = rt.constrain(x, ("batch", "seq", "act_embed"))
 
-    attend = None if cache is None else contiguous_cache_attend(rt, cache_pos)
+    attend = None if cache is None else contiguous_cache_attend(rt, cache_pos, cfg)
 
     def body(carry, xs):
         lp, lc = xs
@@ -212,15 +281,14 @@ def hidden_states(params: dict, tokens, cfg: ModelConfig, rt: Runtime, positions
                               prevent_cse=False)
     unroll = rt.unroll_layers if rt.unroll_layers is not None else cfg.n_layers <= UNROLL_MAX_LAYERS
     x, new_cache = jax.lax.scan(body, x, (params["layers"], cache), unroll=bool(unroll))
-    x = rms_norm(x, params["final_norm"], eps=cfg.norm_eps, policy=rt.policy)
+    x = norm(x, params["final_norm"], cfg, rt)
     return x, new_cache
 
 
 def logits(params: dict, tokens, cfg: ModelConfig, rt: Runtime, **kw):
     """tokens [B, T] -> logits [B, T, V] float32 (and the new cache when one was given)."""
     h, new_cache = hidden_states(params, tokens, cfg, rt, **kw)
-    w = output_weight(params, cfg).astype(h.dtype)
-    out = jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
+    out = output_logits(h, params, cfg)
     out = rt.constrain(out, ("batch", "seq", "act_vocab"))
     return out, new_cache
 
@@ -233,13 +301,38 @@ def loss_fn(params: dict, batch, cfg: ModelConfig, rt: Runtime):
     inputs, targets = batch[:, :-1], batch[:, 1:]
     h, _ = hidden_states(params, inputs, cfg, rt)
     B, T, D = h.shape
+    if cfg.final_softcap:
+        # The fused kernels see only h and W; the cap sits between them, so the logits are formed here.
+        lg = output_logits(h, params, cfg)
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(lg, axis=-1), targets[..., None], axis=-1)
+        return jnp.mean(nll), jnp.float32(B * T)
     w = output_weight(params, cfg).astype(h.dtype)
     mask = jnp.ones((B * T,), jnp.float32)
     total, count = cross_entropy(h.reshape(B * T, D), w, targets.reshape(B * T), mask, policy=rt.policy)
     return total / count, count
 
 
+#: Smallest KV cache length cache_length() hands out (one compiled decode step serves short chats).
+MIN_CACHE_LEN = 256
+
+
+def cache_length(n_tokens: int, cfg: ModelConfig, min_len: int = MIN_CACHE_LEN) -> int:
+    """KV cache length for a sequence that will hold `n_tokens` (prompt + new tokens): the next power
+    of two >= n_tokens (at least min_len), capped at cfg.max_seq_len.
+
+    Every decode step reads the whole cache, so a cache sized for the model's full context costs each
+    step max_seq_len / n_tokens times the memory traffic it needs (SmolLM2: 8192 vs ~200 tokens, the
+    issue-11 slowdown). Powers of two bound the number of compiled shapes to log2(max_seq_len)."""
+    if n_tokens > cfg.max_seq_len:
+        raise ConfigError(f"{n_tokens} tokens exceed the model's context of {cfg.max_seq_len}")
+    n = max(min_len, 1)
+    while n < n_tokens:
+        n *= 2
+    return min(n, cfg.max_seq_len)
+
+
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+    """Zeroed contiguous KV cache {"k", "v"}: [L, batch, max_len, K, Dh] (size max_len with cache_length)."""
     shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 

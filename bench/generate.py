@@ -1,0 +1,156 @@
+"""Decode speed on a real model: polychip float32 / bfloat16 / int8 vs transformers float32, same run.
+
+SmolLM2-135M-Instruct (the fixture scripts/build_fixtures.py builds; built here when missing), one
+chat-templated prompt, batch 1, greedy, exactly --tokens new tokens (EOS ignored on both sides so every
+run does the same work). Each engine is warmed up once (compilation), then timed --runs times; the
+table gives the median tok/s (new tokens / wall time of the whole call, prefill included) and its
+ratio to transformers float32.
+
+polychip rows use polychip.generate.Generator. "cache=bucketed" sizes the KV cache with
+polychip.model.transformer.cache_length(prompt + tokens) (what Generator should do: issue 11); the
+Generator in this tree sizes it for the model's full context, which --full-cache adds as a row.
+--argmax picks greedy tokens by argmax instead of Generator's sample() (its full-vocabulary argsort
+costs as much as a third of a decode step here), again what Generator should do.
+
+  JAX_PLATFORMS=cpu python bench/generate.py [--tokens 128] [--runs 3] [--full-cache] [--single-thread]
+                                             [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+def fixture() -> Path:
+    spec = importlib.util.spec_from_file_location("build_fixtures", ROOT / "scripts" / "build_fixtures.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.build()
+
+
+def timed(fn, runs: int) -> tuple[float, list[int]]:
+    """(median seconds over `runs` calls after one warm-up call, the tokens of the last call)."""
+    out = fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def transformers_runner(folder: Path, ids: list[int], n: int):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    inp = torch.tensor([ids])
+
+    def run():
+        with torch.no_grad():
+            out = model.generate(inp, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return out[0, len(ids):].tolist()
+
+    return run
+
+
+def polychip_runner(folder: Path, ids: list[int], n: int, dtype: str, bucketed: bool, argmax: bool):
+    import jax
+
+    from polychip.generate import Generator, SamplingParams
+    from polychip.model import transformer as T
+    from polychip.model.hf import load_hf
+    from polychip.model.quant import inference_dtypes, quantize_params
+
+    param_dtype, compute_dtype, quant = inference_dtypes(dtype)
+    cfg, params = load_hf(folder, dtype=param_dtype)
+    if quant:
+        params = quantize_params(params, quant)
+    gen = Generator(cfg, jax.device_put(params), None, compute_dtype=compute_dtype)
+    if bucketed:
+        # Generator sizes its cache and its context check by max_len; a bucket that holds prompt + n
+        # tokens is what it should allocate (T.cache_length).
+        gen.max_len = T.cache_length(len(ids) + n, cfg)
+    if argmax:
+        # Generator samples greedy tokens through sample(), which argsorts the whole vocabulary
+        # (15.8 ms per token for SmolLM2's 49k on one core); a temperature-0 request needs only argmax.
+        gen._sample = jax.jit(lambda lg, *_: jax.numpy.argmax(lg, axis=-1))
+    sp = SamplingParams(temperature=0.0, max_tokens=n)
+    return lambda: gen.generate_ids(ids, sp, eos_id=None)[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", type=int, default=128, help="new tokens per call (default 128)")
+    ap.add_argument("--runs", type=int, default=3, help="timed calls per engine after a warm-up (default 3)")
+    ap.add_argument("--full-cache", action="store_true", help="also time float32 with the full-context cache")
+    ap.add_argument("--argmax", action="store_true",
+                    help="polychip rows pick greedy tokens by argmax instead of Generator's sample() (what "
+                         "Generator should do for temperature 0)")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--single-thread", action="store_true",
+                    help="one compute thread for torch and XLA (on a machine shared with other jobs, torch's "
+                         "spinning thread pool slowed 6x with 2 threads on 2 busy cores)")
+    args = ap.parse_args(argv)
+    if args.tokens < 1 or args.runs < 1:
+        print("error: --tokens and --runs must be >= 1", file=sys.stderr)
+        return 2
+
+    if args.single_thread:
+        # Must be set before jax is first imported (the polychip runners import it).
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+    import torch
+    from transformers import AutoTokenizer
+
+    if args.single_thread:
+        torch.set_num_threads(1)
+    folder = fixture()
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = list(tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                       tokenize=True, return_dict=True)["input_ids"])
+    print(f"model {folder.name}, prompt {len(ids)} tokens, {args.tokens} new tokens, batch 1, greedy; "
+          f"median of {args.runs}; torch threads {torch.get_num_threads()}, load avg {os.getloadavg()[0]:.1f}")
+
+    engines = [("transformers float32", lambda: transformers_runner(folder, ids, args.tokens))]
+    pick = " argmax" if args.argmax else ""
+    for dtype in ("float32", "bfloat16", "int8"):
+        engines.append((f"polychip {dtype} cache=bucketed{pick}",
+                        lambda d=dtype: polychip_runner(folder, ids, args.tokens, d, True, args.argmax)))
+    if args.full_cache:
+        engines.append((f"polychip float32 cache=full{pick}",
+                        lambda: polychip_runner(folder, ids, args.tokens, "float32", False, args.argmax)))
+
+    rows, ref_tokens = [], None
+    for name, make in engines:
+        secs, toks = timed(make(), args.runs)
+        ref_tokens = toks if ref_tokens is None else ref_tokens
+        same = next((i for i, (a, b) in enumerate(zip(toks, ref_tokens)) if a != b), len(toks))
+        rows.append({"engine": name, "seconds": secs, "tok_s": args.tokens / secs, "same_tokens_as_hf": same})
+        print(f"  {name:<41} {args.tokens / secs:8.1f} tok/s   ({secs:.2f} s)   "
+              f"greedy tokens equal to transformers' for the first {same}", flush=True)
+    base = rows[0]["tok_s"]
+    print("\n| engine | tok/s | vs transformers float32 |\n|---|---|---|")
+    for r in rows:
+        r["ratio"] = r["tok_s"] / base
+        print(f"| {r['engine']} | {r['tok_s']:.1f} | {r['ratio']:.2f}x |")
+    print("llama.cpp (Q4_1 GGUF, same machine, issue 11's measurement, not rerun here): 102-107 tok/s")
+    if args.json:
+        from polychip.files import atomic_write_json
+
+        atomic_write_json(args.json, {"prompt_tokens": len(ids), "new_tokens": args.tokens, "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
