@@ -6,14 +6,11 @@ run does the same work). Each engine is warmed up once (compilation), then timed
 table gives the median tok/s (new tokens / wall time of the whole call, prefill included) and its
 ratio to transformers float32.
 
-polychip rows use polychip.generate.Generator. "cache=bucketed" sizes the KV cache with
-polychip.model.transformer.cache_length(prompt + tokens) (what Generator should do: issue 11); the
-Generator in this tree sizes it for the model's full context, which --full-cache adds as a row.
---argmax picks greedy tokens by argmax instead of Generator's sample() (its full-vocabulary argsort
-costs as much as a third of a decode step here), again what Generator should do.
+polychip rows use polychip.generate.Generator as `polychip generate` runs it: the KV cache sized by
+polychip.model.transformer.cache_length(prompt + tokens) (a power of two, not the model's 8192-token
+context), greedy by argmax (the sampler's vocabulary sort is skipped for temperature 0).
 
-  JAX_PLATFORMS=cpu python bench/generate.py [--tokens 128] [--runs 3] [--full-cache] [--single-thread]
-                                             [--json out.json]
+  JAX_PLATFORMS=cpu python bench/generate.py [--tokens 128] [--runs 3] [--single-thread] [--json out.json]
 """
 from __future__ import annotations
 
@@ -64,27 +61,13 @@ def transformers_runner(folder: Path, ids: list[int], n: int):
     return run
 
 
-def polychip_runner(folder: Path, ids: list[int], n: int, dtype: str, bucketed: bool, argmax: bool):
-    import jax
-
+def polychip_runner(folder: Path, ids: list[int], n: int, dtype: str):
     from polychip.generate import Generator, SamplingParams
-    from polychip.model import transformer as T
-    from polychip.model.hf import load_hf
-    from polychip.model.quant import inference_dtypes, quantize_params
+    from polychip.infer import load_for_inference
+    from polychip.model.quant import inference_dtypes
 
-    param_dtype, compute_dtype, quant = inference_dtypes(dtype)
-    cfg, params = load_hf(folder, dtype=param_dtype)
-    if quant:
-        params = quantize_params(params, quant)
-    gen = Generator(cfg, jax.device_put(params), None, compute_dtype=compute_dtype)
-    if bucketed:
-        # Generator sizes its cache and its context check by max_len; a bucket that holds prompt + n
-        # tokens is what it should allocate (T.cache_length).
-        gen.max_len = T.cache_length(len(ids) + n, cfg)
-    if argmax:
-        # Generator samples greedy tokens through sample(), which argsorts the whole vocabulary
-        # (15.8 ms per token for SmolLM2's 49k on one core); a temperature-0 request needs only argmax.
-        gen._sample = jax.jit(lambda lg, *_: jax.numpy.argmax(lg, axis=-1))
+    cfg, params, _ = load_for_inference(folder, dtype)
+    gen = Generator(cfg, params, None, compute_dtype=inference_dtypes(dtype)[1])
     sp = SamplingParams(temperature=0.0, max_tokens=n)
     return lambda: gen.generate_ids(ids, sp, eos_id=None)[0]
 
@@ -93,10 +76,6 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=128, help="new tokens per call (default 128)")
     ap.add_argument("--runs", type=int, default=3, help="timed calls per engine after a warm-up (default 3)")
-    ap.add_argument("--full-cache", action="store_true", help="also time float32 with the full-context cache")
-    ap.add_argument("--argmax", action="store_true",
-                    help="polychip rows pick greedy tokens by argmax instead of Generator's sample() (what "
-                         "Generator should do for temperature 0)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--single-thread", action="store_true",
                     help="one compute thread for torch and XLA (on a machine shared with other jobs, torch's "
@@ -123,13 +102,8 @@ def main(argv: list[str] | None = None) -> int:
           f"median of {args.runs}; torch threads {torch.get_num_threads()}, load avg {os.getloadavg()[0]:.1f}")
 
     engines = [("transformers float32", lambda: transformers_runner(folder, ids, args.tokens))]
-    pick = " argmax" if args.argmax else ""
     for dtype in ("float32", "bfloat16", "int8"):
-        engines.append((f"polychip {dtype} cache=bucketed{pick}",
-                        lambda d=dtype: polychip_runner(folder, ids, args.tokens, d, True, args.argmax)))
-    if args.full_cache:
-        engines.append((f"polychip float32 cache=full{pick}",
-                        lambda: polychip_runner(folder, ids, args.tokens, "float32", False, args.argmax)))
+        engines.append((f"polychip {dtype}", lambda d=dtype: polychip_runner(folder, ids, args.tokens, d)))
 
     rows, ref_tokens = [], None
     for name, make in engines:

@@ -176,7 +176,7 @@ CASES = [
         ("prompt-file-missing", ["--prompt-file", "{d}/nope.txt"], "cannot read"),
         ("prompt-file-folder", ["--prompt-file", "{folder}"], "--prompt-file"),
         ("no-prompt", [], "--prompt"),
-        ("dtype", ["--prompt", "hi", "--dtype", "int8"], "invalid choice"),
+        ("dtype", ["--prompt", "hi", "--dtype", "int4"], "invalid choice"),
     ]],
     *[pytest.param(["generate", "--checkpoint", ck, "--prompt", "hi"], needle, id=f"generate-checkpoint-{name}")
       for name, ck, needle in [("missing", "{d}/nockpt", "not found"), ("file", "{afile}", "afile"),

@@ -157,6 +157,7 @@ def cmd_generate(args) -> int:
     from polychip.generate import Generator
     from polychip.infer import GenerationConfig, check_text, load_for_inference, load_generation_config, read_prompt_file
     from polychip.kernels.registry import KernelPolicy
+    from polychip.model.quant import inference_dtypes
 
     # Everything the user typed is checked before the (slow) checkpoint load.
     _sampling_args(args, GenerationConfig())
@@ -171,7 +172,8 @@ def cmd_generate(args) -> int:
     if args.stop_token_id:
         gcfg = dataclasses.replace(gcfg, eos_ids=gcfg.eos_ids | frozenset(args.stop_token_id))
     sp = _sampling_args(args, gcfg)
-    gen = Generator(cfg, params, tok, KernelPolicy.create(), compute_dtype=args.dtype, gcfg=gcfg)
+    gen = Generator(cfg, params, tok, KernelPolicy.create(), compute_dtype=inference_dtypes(args.dtype)[1],
+                    gcfg=gcfg)
     if args.chat:
         msgs = ([{"role": "system", "content": check_text(args.system, "--system")}] if args.system else [])
         r = gen.chat(msgs + [{"role": "user", "content": prompt}], sp)
@@ -240,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--stop-token-id", action="append", type=int, metavar="ID",
                    help="token id that also ends generation, besides the model's EOS ids (repeatable)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "int8"], default="float32",
+                   help="compute dtype; int8: weight-only int8 matmul weights, float32 compute")
     p.add_argument("--chat", action="store_true", help="the prompt is a user message: render it with the model's "
                                                        "chat template and print the reply")
     p.add_argument("--system", metavar="TEXT", help="system message (with --chat)")

@@ -72,8 +72,12 @@ class Generator:
         stop_ids = frozenset() if eos_id is None else frozenset([eos_id] if isinstance(eos_id, int) else eos_id)
         budget = token_budget(prompt, sp, self.max_len)
         n = len(prompt)
-        cache = T.init_cache(self.cfg, 1, self.max_len, T.DTYPES[self.rt.compute_dtype])
-        padded = np.zeros((1, _bucket(n, self.max_len)), np.int32)
+        # The cache holds prompt + budget, rounded up to a power of two (T.cache_length): every decode step
+        # reads the whole cache, so sizing it for the model's full context made each step read up to 40x
+        # more than it needs (issue 11: SmolLM2's 8192 context for ~200-token turns).
+        cache_len = T.cache_length(n + budget, self.cfg)
+        cache = T.init_cache(self.cfg, 1, cache_len, T.DTYPES[self.rt.compute_dtype])
+        padded = np.zeros((1, _bucket(n, cache_len)), np.int32)
         padded[0, :n] = prompt
         t, k, p, seed = sp.step_values(self.cfg.vocab_size)
         key = jax.random.key(seed)

@@ -67,3 +67,13 @@ def test_builder_refuses_shapes_the_mesh_cannot_split(overrides, msg):
     cfg = build_config("tiny", overrides=["train.batch_size=8", "mesh.fsdp=-1", *overrides])
     with pytest.raises(ConfigError, match=msg):
         StepSpec.build(cfg)
+
+
+def test_weight_decay_skips_norms_and_biases():
+    from polychip.model import transformer as T
+    from polychip.train.optim import decay_mask
+
+    cfg = build_config("tiny", overrides=["model.qkv_bias=true"])
+    mask = decay_mask(T.abstract_params(cfg.model, jnp.float32))
+    assert mask["layers"]["wq"] and mask["embed"]
+    assert not any(mask["layers"][k] for k in ("bq", "bk", "bv", "attn_norm", "mlp_norm")) and not mask["final_norm"]

@@ -21,7 +21,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--model-name", metavar="NAME", help="model id reported and required (default: folder name)")
     p.add_argument("--profile-dir", metavar="DIR", help="where POST /admin/profile?steps=N writes jax.profiler traces "
                    "(default: a temporary folder, named in the reply)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute and KV dtype")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "int8"], default="float32",
+                   help="compute and KV dtype; int8: weight-only int8 matmul weights, float32 compute and KV")
     g = p.add_argument_group("engine")
     g.add_argument("--max-batch", type=int, default=16, help="most sequences decoding at once (default 16)")
     g.add_argument("--page-size", type=int, default=16, help="tokens per KV block (default 16)")
@@ -56,6 +57,7 @@ def build_server(args):
     """(engine, app) from parsed arguments; the engine is warmed up and started."""
     from polychip.infer import load_for_inference, load_generation_config
     from polychip.kernels.registry import KernelPolicy
+    from polychip.model.quant import inference_dtypes
     from polychip.serve.api import ServerLimits, build_app
     from polychip.serve.engine import Engine, EngineConfig
 
@@ -64,7 +66,8 @@ def build_server(args):
     gcfg = load_generation_config(args.checkpoint, tok)
     ecfg = EngineConfig(max_batch=args.max_batch, page_size=args.page_size, kv_blocks=args.kv_blocks,
                         kv_memory_fraction=args.kv_memory_fraction, prefill_chunk=args.prefill_chunk,
-                        max_queue=args.max_queue, prefix_cache=not args.no_prefix_cache, compute_dtype=args.dtype)
+                        max_queue=args.max_queue, prefix_cache=not args.no_prefix_cache,
+                        compute_dtype=inference_dtypes(args.dtype)[1])
     engine = Engine(cfg, params, ecfg, KernelPolicy.create())
     print(f"polychip serve: {cfg.n_layers} layers, d_model {cfg.d_model}, context {cfg.max_seq_len}; "
           f"KV pool {engine.pool.usable} blocks x {ecfg.page_size} tokens ({engine.kv_bytes / 2**20:.1f} MiB)",

@@ -61,6 +61,10 @@ class Engine:
         self.cfg = cfg
         self.ecfg = ecfg or EngineConfig()
         self.ecfg.validate()
+        if cfg.sliding_window and cfg.sliding_window < cfg.max_seq_len:
+            # the paged decode kernel attends to every cached token; a window would need per-row starts
+            raise ConfigError(f"serve does not support sliding-window attention yet (window {cfg.sliding_window} "
+                              f"< context {cfg.max_seq_len}); use `polychip generate` for this model")
         self.metrics = metrics or Metrics()
         self.max_len = cfg.max_seq_len
         rt = T.Runtime(policy or KernelPolicy.create(), None, self.ecfg.compute_dtype)

@@ -27,7 +27,6 @@ from polychip.config import ModelConfig
 from polychip.infer import MAX_LOGPROBS, sample
 from polychip.kernels.attention import attention
 from polychip.kernels.paged_attention import paged_attention
-from polychip.kernels.rms_norm import rms_norm
 from polychip.model import transformer as T
 from polychip.model.rope import inv_frequencies
 
@@ -73,7 +72,8 @@ def forward(params: dict, kv: dict, tokens, positions, n_valid, block_tables, la
     pages = jnp.where(valid, jnp.take_along_axis(block_tables, page_col, axis=1), 0).reshape(-1)
     slots = jnp.where(valid, positions % ps, 0).reshape(-1)
 
-    x = jnp.take(params["embed"], tokens, axis=0).astype(dt)
+    x = T.embed_tokens(params, tokens, cfg, dt)
+    opts = T.attention_options(cfg)
 
     def attend(q, k, v, state):
         """The paged cache behind transformer.block: write this step's keys/values, then attend."""
@@ -83,11 +83,13 @@ def forward(params: dict, kv: dict, tokens, positions, n_valid, block_tables, la
         kp = kp.at[layer, :, pages, slots].set(k.reshape(B * Tn, K, D).astype(kp.dtype))
         vp = vp.at[layer, :, pages, slots].set(v.reshape(B * Tn, K, D).astype(vp.dtype))
         if Tn == 1:
-            o = paged_attention(q[:, 0], kp[layer], vp[layer], block_tables, kv_len, policy=rt.policy)[:, None]
+            o = paged_attention(q[:, 0], kp[layer], vp[layer], block_tables, kv_len, policy=rt.policy,
+                                soft_cap=opts["soft_cap"])[:, None]
         else:
             kg = _gather(kp[layer], block_tables).astype(dt)
             vg = _gather(vp[layer], block_tables).astype(dt)
-            o = attention(q, kg, vg, policy=rt.policy, causal=True, q_offset=positions[:, 0], kv_lengths=kv_len)
+            o = attention(q, kg, vg, policy=rt.policy, causal=True, q_offset=positions[:, 0], kv_lengths=kv_len,
+                          **opts)
         return o, (kp, vp, layer)
 
     def body(carry, xs):
@@ -99,10 +101,8 @@ def forward(params: dict, kv: dict, tokens, positions, n_valid, block_tables, la
     layers = jnp.arange(cfg.n_layers, dtype=jnp.int32)
     (x, kp, vp), _ = jax.lax.scan(body, (x, kv["k"], kv["v"]), (params["layers"], layers))
     x = jnp.take_along_axis(x, last_idx[:, None, None], axis=1)  # [B, 1, D]
-    x = rms_norm(x, params["final_norm"], eps=cfg.norm_eps, policy=rt.policy)
-    w = T.output_weight(params, cfg).astype(x.dtype)
-    lg = jnp.einsum("btd,dv->btv", x, w, preferred_element_type=jnp.float32)[:, 0]
-    return lg, {"k": kp, "v": vp}
+    x = T.norm(x, params["final_norm"], cfg, rt)
+    return T.output_logits(x, params, cfg)[:, 0], {"k": kp, "v": vp}
 
 
 def _sample_rows(logits, key_data, temperature, top_k, top_p):

@@ -18,9 +18,14 @@ def schedule(t: TrainConfig) -> optax.Schedule:
         end_value=t.lr * t.min_lr_ratio)
 
 
+#: Parameters never decayed: norm scales and the q/k/v biases (Qwen2), as in every Llama/Qwen recipe.
+NO_DECAY = ("norm", "'bq'", "'bk'", "'bv'")
+
+
 def decay_mask(params):
-    """Weight decay on matrices only: norms (and anything 1-D per layer) are excluded."""
-    return jax.tree_util.tree_map_with_path(lambda p, _: "norm" not in jax.tree_util.keystr(p), params)
+    """Weight decay on matrices only: norms and biases are excluded."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: not any(k in jax.tree_util.keystr(p) for k in NO_DECAY), params)
 
 
 def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
