@@ -68,8 +68,8 @@ class _StopFlag:
 def train(cfg: Config, log=print, stop_after: int | None = None) -> TrainResult:
     """Run (or resume) training as configured. `stop_after` ends the loop early after that many steps
     in this call (without changing the schedule): for tests of interrupted runs."""
+    clock = GoodputClock()  # first: every second of the call is charged to a goodput category
     cfg.validate()
-    clock = GoodputClock()
     distributed.initialize(cfg.distributed)
     spec = StepSpec.build(cfg)
     out = Path(cfg.out_dir)
@@ -77,18 +77,25 @@ def train(cfg: Config, log=print, stop_after: int | None = None) -> TrainResult:
         stream = _prepare_data(cfg, out)
         for d in spec.dropped():
             log(f"note: replicated where the mesh does not divide: {d}")
-        ckpt = Checkpointer(out, keep=cfg.train.keep_checkpoints)
+        ckpt, obs = Checkpointer(out, keep=cfg.train.keep_checkpoints), None
         try:
             clock.lap("startup")
             state, start = _restore_or_init(spec, ckpt, log)
             clock.lap("restore" if start else "startup")
             obs = RunObserver(spec, out, start, clock, log)
-            try:
-                return _run_steps(spec, state, start, stream, ckpt, obs, stop_after)
-            finally:
+            result = _run_steps(spec, state, start, stream, ckpt, obs, stop_after)
+        except BaseException:
+            if obs is not None:
                 obs.close()
+            raise
         finally:
             ckpt.close()
+        clock.lap("checkpoint")  # closing the checkpointer waits for its last writes
+        try:
+            result.goodput = obs.finish(result.final_step, result.steps_run, result.interrupted)
+        finally:
+            obs.close()
+        return result
 
 
 def _prepare_data(cfg: Config, out: Path):
@@ -157,7 +164,6 @@ def _run_steps(spec: StepSpec, state: dict, start: int, stream, ckpt: Checkpoint
         obs.log(f"interrupted by signal {result.interrupted}: checkpoint written at step {step}; "
                 f"run the same command to resume")
     result.final_step, result.state = step, state
-    result.goodput = obs.finish(step, result.steps_run, result.interrupted)
     return result
 
 
