@@ -48,11 +48,11 @@ def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[IO], Any
     return path
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any, **dump_kw: Any) -> Path:
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, fsync: bool = True, **dump_kw: Any) -> Path:
     """json.dumps(obj) written atomically (indent=1, sorted keys unless given)."""
     dump_kw.setdefault("indent", 1)
     dump_kw.setdefault("sort_keys", True)
-    return atomic_write(path, json.dumps(obj, **dump_kw) + "\n")
+    return atomic_write(path, json.dumps(obj, **dump_kw) + "\n", fsync=fsync)
 
 
 class RunLockedError(RuntimeError):
