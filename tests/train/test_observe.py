@@ -81,7 +81,9 @@ def test_goodput_categories_sum_to_wall_time(resumed_run):
     assert second["restore"] > 0 and second["recompute"] > 0  # step 4 had been run by the first attempt
     doc = goodput.load(out)
     assert len(doc["attempts"]) == 2
-    assert doc["total"]["wall_s"] == pytest.approx(sum(r.goodput["wall_s"] for r in results))
+    # the file was saved before the observer's files closed; the returned account also charges that
+    assert doc["total"]["wall_s"] == pytest.approx(sum(r.goodput["wall_s"] for r in results), rel=1e-2)
+    assert doc["total"]["wall_s"] <= sum(r.goodput["wall_s"] for r in results)
     assert 0 < doc["total"]["goodput"] < 1
 
 

@@ -31,6 +31,9 @@ from polychip.train.observe import RunObserver
 from polychip.train.step import StepSpec
 
 
+_CLOCK_KEYS = ("started_at", "wall_s", "seconds", "goodput")  # what GoodputClock.summary fills in itself
+
+
 @dataclass
 class TrainResult:
     steps_run: int
@@ -92,9 +95,13 @@ def train(cfg: Config, log=print, stop_after: int | None = None) -> TrainResult:
             ckpt.close()
         clock.lap("checkpoint")  # closing the checkpointer waits for its last writes
         try:
-            result.goodput = obs.finish(result.final_step, result.steps_run, result.interrupted)
+            summary = obs.finish(result.final_step, result.steps_run, result.interrupted)
         finally:
             obs.close()
+        # The returned account also charges what came after goodput.json was saved (closing the observer's
+        # files): the file cannot include its own write, the caller's figure can.
+        clock.lap("logging")
+        result.goodput = clock.summary(**{k: v for k, v in summary.items() if k not in _CLOCK_KEYS})
         return result
 
 
