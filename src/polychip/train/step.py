@@ -10,7 +10,6 @@ memory is that of one micro-batch.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -145,12 +144,6 @@ class StepSpec:
         if jax.process_count() == 1:
             return jax.device_put(local, self.batch_sharding)
         return jax.make_array_from_process_local_data(self.batch_sharding, local)
-
-    def with_cfg(self, **changes: Any) -> "StepSpec":
-        """The same mesh and target with some config sections replaced (e.g. kernels=...)."""
-        cfg = dataclasses.replace(self.cfg, **changes)
-        policy = KernelPolicy.create(self.runtime.policy.target, cfg.kernels.overrides())
-        return StepSpec(cfg, self.layout, make_runtime(cfg, policy, self.layout))
 
 
 def make_runtime(cfg: Config, policy: KernelPolicy, layout: Layout | None) -> T.Runtime:
