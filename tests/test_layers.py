@@ -29,6 +29,7 @@ LAYERS = {
     "parallel": 2,  # mesh, logical-axis rules, multi-process start-up
     "model": 3,  # the transformer, FLOPs, Hugging Face conversion
     "train": 4,  # optimiser, step, loop, checkpoints, metrics, bench
+    "estimate": 4,  # the one step-time estimator (per-op costs) that compile and plan share
     "plan": 5,  # the fleet planner
     "infer": 5,  # sampling parameters and their validator, sampling, loading a checkpoint for inference
     "serve": 6,  # the serving engine and HTTP API

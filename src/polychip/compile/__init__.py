@@ -5,6 +5,6 @@ use and the compiler's cost figures. GPU / Trainium targets: an analytic rooflin
 Entry points: `polychip.compile.run.compile_report(...)`, the `polychip compile` CLI (cli.py).
 
 Owns: deviceless TPU compile of the real steps, the HLO walk, compile reports, the compile cache.
-May import: files, yamlpos, config, hardware, data, kernels, parallel, model, train, plan, infer, serve (layer 7;
+May import: files, yamlpos, config, hardware, data, kernels, parallel, model, train, estimate, plan, infer, serve (layer 7;
 tests/test_layers.py).
 """

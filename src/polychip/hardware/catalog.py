@@ -59,6 +59,9 @@ class Chip:
     hbm_bandwidth: float | None
     #: bytes/s per chip over the chip-to-chip interconnect; None where no figure is published.
     link_bandwidth: float | None
+    #: bytes/s per chip over the scale-out network between slices / nodes (TPU DCN, InfiniBand, EFA);
+    #: None where no figure is published.
+    scaleout_bandwidth: float | None
     power_w: float | None
     chips_per_host: int
     #: USD per chip-hour (on-demand list); None where none is published.
@@ -118,7 +121,7 @@ class Chip:
 # ----------------------------------------------------------------------------------------------
 _REQUIRED = ("vendor", "family", "peak", "hbm", "hbm_bandwidth", "chips_per_host", "sources")
 _KNOWN = set(_REQUIRED) | {
-    "display", "aliases", "link_bandwidth", "power_w", "price_per_hour", "price_date", "device_kinds",
+    "display", "aliases", "link_bandwidth", "scaleout_bandwidth", "power_w", "price_per_hour", "price_date", "device_kinds",
     "topology_prefix", "devices_per_chip", "topology_devices_per_chip", "notes", "uncertain",
 }
 _MEM_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -194,6 +197,7 @@ def _parse_chip(ctx: _Ctx, name: str, e: dict) -> Chip:
     if not sources:
         raise ctx.err(base + ("sources",), "must list at least one source")
     link = ctx.number(e.get("link_bandwidth"), base + ("link_bandwidth",), allow_none=True)
+    scaleout = ctx.number(e.get("scaleout_bandwidth"), base + ("scaleout_bandwidth",), allow_none=True)
     hbm_bw = ctx.number(e["hbm_bandwidth"], base + ("hbm_bandwidth",))
     price = ctx.number(e.get("price_per_hour"), base + ("price_per_hour",), allow_none=True)
     cph = ctx.number(e["chips_per_host"], base + ("chips_per_host",))
@@ -211,6 +215,7 @@ def _parse_chip(ctx: _Ctx, name: str, e: dict) -> Chip:
         hbm_bytes=_parse_mem(ctx, e["hbm"], base + ("hbm",)),
         hbm_bandwidth=hbm_bw * 1e12,
         link_bandwidth=None if link is None else link * 1e9,
+        scaleout_bandwidth=None if scaleout is None else scaleout * 1e9,
         power_w=ctx.number(e.get("power_w"), base + ("power_w",), allow_none=True),
         chips_per_host=int(cph),
         price_per_hour=price,

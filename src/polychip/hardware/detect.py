@@ -115,7 +115,7 @@ def cpu_chip(dtype: str = "float32") -> Chip:
         peaks["bfloat16"] = flops
     return Chip(
         name="cpu", vendor="host", family="cpu", peak_flops=peaks, hbm_bytes=None, hbm_bandwidth=None,
-        link_bandwidth=None, power_w=None, chips_per_host=1, price_per_hour=None, price_date=None,
+        link_bandwidth=None, scaleout_bandwidth=None, power_w=None, chips_per_host=1, price_per_hour=None, price_date=None,
         sources=(f"measured: best of {REPEATS} jitted {MATMUL_N}x{MATMUL_N} {dt} matmuls ({cpu_cache_key()})",),
         uncertain=("power_w", "hbm_bandwidth"),
         uncertain_why={"power_w": "not measured", "hbm_bandwidth": "not measured"},
@@ -126,7 +126,7 @@ def cpu_chip(dtype: str = "float32") -> Chip:
 def unknown_chip(kind: str) -> Chip:
     return Chip(
         name=f"unknown:{kind}", vendor="unknown", family="unknown", peak_flops={}, hbm_bytes=None,
-        hbm_bandwidth=None, link_bandwidth=None, power_w=None, chips_per_host=1, price_per_hour=None,
+        hbm_bandwidth=None, link_bandwidth=None, scaleout_bandwidth=None, power_w=None, chips_per_host=1, price_per_hour=None,
         price_date=None, sources=(f"not in catalog: device_kind {kind!r}",),
         uncertain=("peak",), uncertain_why={"peak": "device kind not in the catalog"},
         device_kinds=(kind,), display=kind,

@@ -1,7 +1,7 @@
 """Fleet planner: workloads x chip pools -> performance model -> MILP -> plan, cost, energy, launch specs.
 
 Owns: fleet files, the performance model and benchmark records, the MILP, plan reports and launch specs.
-May import: files, yamlpos, config, hardware, data, kernels, parallel, model, train (layer 5; tests/test_layers.py).
+May import: files, yamlpos, config, hardware, data, kernels, parallel, model, train, estimate (layer 5; tests/test_layers.py).
 """
 from polychip.plan.errors import PlanError
 from polychip.plan.fleet import Fleet, Pool, ServeWorkload, TrainWorkload, load_fleet, parse_fleet

@@ -6,6 +6,6 @@ strings), logprobs and metrics (Prometheus, vLLM-like names) are the OpenAI-comp
 captures jax.profiler traces of engine steps on request (/admin/profile); cli is `polychip serve`.
 
 Owns: the scheduler, the paged KV cache (block manager), the runner, the engine, the OpenAI-compatible HTTP API.
-May import: files, yamlpos, config, hardware, data, kernels, parallel, model, train, plan, infer (layer 6;
+May import: files, yamlpos, config, hardware, data, kernels, parallel, model, train, estimate, plan, infer (layer 6;
 tests/test_layers.py).
 """

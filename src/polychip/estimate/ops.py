@@ -1,0 +1,134 @@
+"""The operation record both front ends produce, and the one cost function that turns ops into a step time.
+
+Front ends: `compile` walks the compiled HLO (a fusion, custom call or Pallas kernel is one Op, loop trip
+counts in `count`); `plan` builds the same records analytically from the model config and the parallel
+layout. Both call `estimate_step` with the same `Machine` and `Calibration`, so one program on one target
+gets one step time whichever front end produced it.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+#: Link names: within a slice / node (TPU ICI, NVLink, NeuronLink) and across slices / nodes
+#: (TPU DCN, InfiniBand, EFA).
+INTRA, INTER = "intra", "inter"
+
+
+@dataclass(frozen=True)
+class Op:
+    """One operation of a step, per device.
+
+    kind "compute": `flops` and `bytes` (HBM read + written) for one execution.
+    kind "collective": `bytes` one device sends for one execution, over `link` (INTRA or INTER);
+    `collective` names it (all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute).
+    `count` is executions per step (loop trip counts multiplied). `source` says where the figures come
+    from: "hlo" (the compiled program's shapes), "declared" (a Pallas kernel's CostEstimate),
+    "analytic" (the planner's op list).
+    """
+
+    name: str
+    kind: str = "compute"
+    flops: float = 0.0
+    bytes: float = 0.0
+    count: float = 1.0
+    link: str = ""
+    collective: str = ""
+    source: str = "hlo"
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What the estimator needs of one device: FLOP/s and bytes/s."""
+
+    peak_flops: float
+    hbm_bandwidth: float
+    #: bytes/s one device sends within a slice / node; None: unknown (collectives then cannot be costed).
+    intra_bandwidth: float | None
+    #: bytes/s one device sends across slices / nodes; None: unknown.
+    inter_bandwidth: float | None
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Achieved fractions of the peaks, fitted on programs with published measured step times.
+
+    The defaults (all 1.0, no overlap) are the uncalibrated roofline; `band` is the validated relative
+    error (leave-one-out median |error|) of the fit that produced these numbers, None when uncalibrated.
+    """
+
+    compute_efficiency: float = 1.0
+    memory_efficiency: float = 1.0
+    link_efficiency: float = 1.0
+    #: Fraction of collective time hidden under compute (async collectives overlap the layer's matmuls).
+    overlap: float = 0.0
+    band: float | None = None
+    source: str = "uncalibrated roofline"
+
+
+@dataclass
+class StepEstimate:
+    """A step time and its parts (seconds per step, per device)."""
+
+    t_step: float
+    t_compute: float  # sum over compute ops of max(compute time, memory time)
+    t_flops: float  # the compute-bound part of t_compute's terms
+    t_memory: float  # the memory-bound part of t_compute's terms
+    t_collectives: float  # all collective time before overlap
+    t_exposed_collectives: float  # what overlap leaves on the critical path
+    by_link: dict = field(default_factory=dict)
+    #: The largest contributors: [(op name, seconds per step)].
+    top_ops: list = field(default_factory=list)
+    band: float | None = None
+    label: str = "estimate"
+
+    @property
+    def bound(self) -> str:
+        parts = {"compute": self.t_flops, "HBM": self.t_memory, "collectives": self.t_exposed_collectives}
+        return max(parts.items(), key=lambda kv: kv[1])[0]
+
+
+def machine_for(chip, dtype: str = "bfloat16") -> Machine:
+    """A catalog Chip as the estimator's per-device Machine (chip figures divided among its devices)."""
+    d = chip.devices_per_chip
+    peak = chip.peak(dtype)
+    if peak is None or chip.hbm_bandwidth is None:
+        raise ValueError(f"{chip.name}: no {dtype} peak or HBM bandwidth in the catalog; cannot estimate")
+    return Machine(
+        peak_flops=peak / d, hbm_bandwidth=chip.hbm_bandwidth / d,
+        intra_bandwidth=None if chip.link_bandwidth is None else chip.link_bandwidth / d,
+        inter_bandwidth=None if chip.scaleout_bandwidth is None else chip.scaleout_bandwidth / d,
+        name=chip.name)
+
+
+def estimate_step(ops: list[Op], m: Machine, cal: Calibration = Calibration(), top: int = 8) -> StepEstimate:
+    """Sum over ops: compute ops cost max(flops / (peak x eff), bytes / (HBM bw x eff)); collectives cost
+    bytes / (link bw x eff). Overlap rule: up to `cal.overlap` x the compute time hides collectives; the
+    rest is exposed and adds to the step."""
+    peak, bw = m.peak_flops * cal.compute_efficiency, m.hbm_bandwidth * cal.memory_efficiency
+    t_fl = t_mem = t_coll = 0.0
+    by_link: dict = defaultdict(float)
+    per_op: dict = defaultdict(float)
+    for op in ops:
+        if op.kind == "collective":
+            link_bw = m.inter_bandwidth if op.link == INTER else m.intra_bandwidth
+            if not link_bw:
+                raise ValueError(f"{m.name}: no {op.link or INTRA} link bandwidth; cannot cost {op.name}")
+            t = op.count * op.bytes / (link_bw * cal.link_efficiency)
+            t_coll += t
+            by_link[op.link or INTRA] += t
+        else:
+            tf, tm = op.flops / peak, op.bytes / bw
+            t = op.count * max(tf, tm)
+            if tf >= tm:
+                t_fl += t
+            else:
+                t_mem += t
+        per_op[op.name] += t
+    t_compute = t_fl + t_mem
+    exposed = max(t_coll - cal.overlap * t_compute, 0.0)
+    tops = sorted(per_op.items(), key=lambda kv: -kv[1])[:top]
+    return StepEstimate(t_step=t_compute + exposed, t_compute=t_compute, t_flops=t_fl, t_memory=t_mem,
+                        t_collectives=t_coll, t_exposed_collectives=exposed, by_link=dict(by_link),
+                        top_ops=tops, band=cal.band)
