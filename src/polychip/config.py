@@ -146,6 +146,43 @@ class DataConfig:
     seed: int = 0
 
 
+#: Per-layer activations the model tags with `jax.ad_checkpoint.checkpoint_name` (model/transformer.py);
+#: a remat policy names which of them the backward pass keeps in HBM and which it keeps on the host.
+#: Sizes per token, for the planner: layer_input, out_proj, mlp_out: d_model; query_proj, context:
+#: n_heads x head_dim; key_proj, value_proj: n_kv_heads x head_dim; mlp_gate, mlp_up: d_ff.
+REMAT_TENSORS = ("layer_input", "query_proj", "key_proj", "value_proj", "context", "out_proj",
+                 "mlp_gate", "mlp_up", "mlp_out")
+
+
+@dataclass(frozen=True)
+class RematPolicy:
+    """What one remat policy saves for the backward pass; everything else in the layer is recomputed."""
+
+    #: Tagged activations kept in HBM (REMAT_TENSORS names); "*" keeps every intermediate (no remat).
+    saved: tuple = ()
+    #: Tagged activations moved to host memory in the forward pass and brought back for the backward.
+    offloaded: tuple = ()
+    doc: str = ""
+
+
+#: The one list of remat policies: config validation, the model, `compile --search` and the planner read it.
+#: Names follow MaxText's where one exists (save_qkv_proj, save_dot_except_mlp, offloaded layer input).
+REMAT_POLICIES = {
+    "none": RematPolicy(saved=("*",), doc="keep every activation (no recompute)"),
+    "dots": RematPolicy(saved=REMAT_TENSORS[1:], doc="keep every matmul output, recompute elementwise work"),
+    "save_dot_except_mlp": RematPolicy(
+        saved=("query_proj", "key_proj", "value_proj", "context", "out_proj"),
+        doc="keep the attention matmul outputs, recompute the MLP"),
+    "save_qkvo_proj": RematPolicy(saved=("query_proj", "key_proj", "value_proj", "out_proj"),
+                                  doc="keep the q/k/v and output projections"),
+    "save_qkv_proj": RematPolicy(saved=("query_proj", "key_proj", "value_proj"),
+                                 doc="keep the q/k/v projections"),
+    "full": RematPolicy(doc="keep only each layer's input; recompute the whole layer in the backward pass"),
+    "offload_layer_input": RematPolicy(offloaded=("layer_input",),
+                                       doc="as full, with each layer's input kept in host memory, not HBM"),
+}
+
+
 @dataclass
 class TrainConfig:
     """Optimiser, schedule and loop."""
@@ -178,7 +215,8 @@ class TrainConfig:
     param_dtype: str = "float32"
     #: Dtype of matmuls/activations: float32 or bfloat16.
     compute_dtype: str = "float32"
-    #: Rematerialisation: none, full (recompute each block in backward), dots (save matmul outputs only).
+    #: Rematerialisation policy, one of REMAT_POLICIES: none, dots, save_dot_except_mlp, save_qkvo_proj,
+    #: save_qkv_proj, full, offload_layer_input (`polychip train --help-config` lists what each keeps).
     remat: str = "none"
     #: Layer loop: scan (compile time independent of depth), unroll, or auto (unroll up to 4 layers).
     layer_loop: str = "auto"
@@ -291,8 +329,8 @@ class Config:
         for name in ("param_dtype", "compute_dtype"):
             if getattr(t, name) not in ("float32", "bfloat16"):
                 raise ConfigError(f"train.{name} must be float32 or bfloat16, got {getattr(t, name)!r}")
-        if t.remat not in ("none", "full", "dots"):
-            raise ConfigError(f"train.remat must be none, full or dots, got {t.remat!r}")
+        if t.remat not in REMAT_POLICIES:
+            raise ConfigError(f"train.remat must be one of {', '.join(REMAT_POLICIES)}, got {t.remat!r}")
         if t.layer_loop not in ("auto", "scan", "unroll"):
             raise ConfigError(f"train.layer_loop must be auto, scan or unroll, got {t.layer_loop!r}")
         t.profile_range()  # raises on a malformed range
