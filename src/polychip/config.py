@@ -255,14 +255,26 @@ class TrainConfig:
 
 @dataclass
 class MeshConfig:
-    """Device mesh: axes (data, fsdp, tensor). -1 on one axis means "all remaining devices"."""
+    """Device mesh: axes (data, stage, fsdp, context, expert, tensor). -1 on one axis means "all remaining
+    devices"."""
 
     #: Pure data-parallel replicas.
     data: int = 1
+    #: Pipeline stages: the layer stack split into this many consecutive groups.
+    stage: int = 1
     #: Fully-sharded data parallel (parameters and optimiser state sharded, batch split).
     fsdp: int = -1
+    #: Context (sequence) parallel: each sequence split into this many chunks for attention.
+    context: int = 1
+    #: Expert parallel: mixture-of-experts experts split over this many devices.
+    expert: int = 1
     #: Tensor (model) parallel: heads and MLP hidden split.
     tensor: int = 1
+    #: Slices (TPU) or nodes (GPU) joined by the slow data-centre network: data (and stage, see
+    #: dcn_axes) is split across them first, so only those axes' collectives cross it.
+    slices: int = 1
+    #: Mesh axes that span slices, outermost first; their product over slices must be `slices`.
+    dcn_axes: tuple = ("data",)
     #: Overrides of the logical->mesh rule table, e.g. {"mlp": "tensor", "vocab": null}.
     rules: dict = field(default_factory=dict)
     #: Use only the first N devices (0 = all devices of all processes).
@@ -382,7 +394,7 @@ RANGES: dict[str, Range] = {
 }
 
 #: Mesh axes: a positive size, or -1 for "all remaining devices".
-_MESH_AXES = ("data", "fsdp", "tensor")
+_MESH_AXES = ("data", "stage", "fsdp", "context", "expert", "tensor")
 
 
 def check_ranges(obj: Any, where: str = "") -> None:

@@ -12,7 +12,7 @@ from polychip.cli import main
     (["--model", "tiny", "--target", "v5e:2x2", "--batch", "6"], "valid batches: 4, 8, 12, 16"),
     (["--model", "tiny", "--target", "v5e:2x2", "--mesh", "data=2,fsdp=2", "--batch", "2", "train.grad_accum=2"],
      "micro-batch 1 with grad_accum=2"),
-    (["--model", "tiny", "--target", "h100:8", "train.remat=sometimes"], "train.remat must be none, full or dots"),
+    (["--model", "tiny", "--target", "h100:8", "train.remat=sometimes"], "train.remat must be one of none, dots"),
     (["--model", "tiny", "--target", "v5e:2x2", "--mode", "serve", "--seq", "100", "--output-tokens", "64"],
      "must fit the model's context"),
 ])

@@ -85,6 +85,7 @@ def test_mesh_errors():
     cfg = build_config("tiny", overrides=["mesh.data=3", "mesh.fsdp=1"])
     with pytest.raises(ShardingError, match="has 3 devices but 8 are available"):
         make_mesh(cfg.mesh)
-    assert resolve_shape(build_config("tiny", overrides=["mesh.tensor=2"]).mesh, 8) == {"data": 1, "fsdp": 4, "tensor": 2}
+    assert resolve_shape(build_config("tiny", overrides=["mesh.tensor=2"]).mesh, 8) == {
+        "data": 1, "stage": 1, "fsdp": 4, "context": 1, "expert": 1, "tensor": 2}
     with pytest.raises(ShardingError, match="not divisible"):
         resolve_shape(build_config("tiny", overrides=["mesh.tensor=3"]).mesh, 8)

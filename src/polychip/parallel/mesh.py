@@ -1,4 +1,4 @@
-"""Build the (data, fsdp, tensor) device mesh from MeshConfig and a device list."""
+"""Build the device mesh (axes MESH_AXES) from MeshConfig and a device list."""
 from __future__ import annotations
 
 import math
@@ -12,8 +12,8 @@ from polychip.parallel.sharding import MESH_AXES, ShardingError
 
 
 def resolve_shape(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
-    """Fill the one -1 axis so that data * fsdp * tensor == n_devices; clear errors otherwise."""
-    sizes = {"data": cfg.data, "fsdp": cfg.fsdp, "tensor": cfg.tensor}
+    """Fill the one -1 axis so that the product of the axes == n_devices; clear errors otherwise."""
+    sizes = {a: getattr(cfg, a) for a in MESH_AXES}
     free = [k for k, v in sizes.items() if v == -1]
     if len(free) > 1:
         raise ShardingError(f"only one mesh axis may be -1 (got {', '.join(free)})")
@@ -37,7 +37,7 @@ def _fmt(sizes: dict) -> str:
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence | None = None) -> Mesh:
-    """A Mesh over `devices` (default: all devices of all processes) with axes (data, fsdp, tensor).
+    """A Mesh over `devices` (default: all devices of all processes) with axes MESH_AXES.
 
     The tensor axis is innermost so that tensor-parallel groups sit on neighbouring devices (same host,
     fastest links); data is outermost (across hosts / slices).

@@ -18,7 +18,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+#: Outermost to innermost: data (and stage) cross slices / hosts; tensor sits on neighbouring devices.
+#: stage: pipeline stages over the layer stack; context: the sequence of attention split (long context);
+#: expert: mixture-of-experts experts split. Axes of size 1 cost nothing.
+MESH_AXES = ("data", "stage", "fsdp", "context", "expert", "tensor")
 
 DEFAULT_RULES: dict[str, Any] = {
     "batch": ("data", "fsdp"),

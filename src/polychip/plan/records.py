@@ -130,7 +130,7 @@ def parse_record(d: Any, where: str = "<record>") -> Record:
             step = batch * seq / tps
         remat = d.get("remat", "none")
         if remat not in ("none", "full", "dots"):
-            raise PlanError(f"{where}: field remat must be none, full or dots, got {remat!r}")
+            raise PlanError(f"{where}: field remat must be one of the train.remat policies, got {remat!r}")
         return Record(chip, model, mname, mode, chips, d["source"], batch=batch, seq=seq, step_time_s=step,
                       remat=remat, dtype=str(d.get("dtype", "bfloat16")), ref=str(d.get("ref", "")),
                       notes=str(d.get("notes", "")))
