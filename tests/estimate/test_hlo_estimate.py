@@ -247,3 +247,31 @@ def test_pallas_kernel_declared_cost_in_a_real_tpu_compile():
     # rms_norm_fwd declares flops 4 N D and bytes (2 N + 1) D x 2 (bf16)
     assert [(o.flops, o.bytes) for o in declared] == [(4 * N * D, (2 * N + 1) * D * 2)]
     assert sum(o.flops * o.count for o in ops_from_hlo(text, 1)) >= 4 * N * D
+
+
+def test_dot_written_as_a_padded_convolution():
+    """XLA TPU writes some batched dots as convolutions with a window padded past a size-1 dimension: here
+    window 4 over an input of size 1 (padding 3 each side), so one kernel position meets data. Output
+    2*64*4*16 = 8,192 elements, each 64 input features x 1 position: 2 * 8,192 * 64 = 1,048,576 FLOPs (the
+    kernel's full 4 positions would say 4,194,304)."""
+    text = """HloModule conv
+%fc (p0: f32[2,64,64,1], p1: bf16[4,16,64,1]) -> f32[2,64,4,16] {
+  %p0 = f32[2,64,64,1]{3,2,1,0} parameter(0)
+  %p1 = bf16[4,16,64,1]{3,2,1,0} parameter(1)
+  ROOT %c = f32[2,64,4,16]{3,2,1,0} convolution(%p0, %p1), window={size=1x4 pad=0_0x3_3 rhs_reversal=0x1}, dim_labels=0bf1_1oi0->0b1f
+}
+ENTRY %main (a: f32[2,64,64,1], b: bf16[4,16,64,1]) -> f32[2,64,4,16] {
+  %a = f32[2,64,64,1]{3,2,1,0} parameter(0)
+  %b = bf16[4,16,64,1]{3,2,1,0} parameter(1)
+  ROOT %f = f32[2,64,4,16]{3,2,1,0} fusion(%a, %b), kind=kOutput, calls=%fc
+}
+"""
+    (op,) = ops_from_hlo(text, 1)
+    assert op.flops == 1_048_576
+    # 3x3 kernel over a 32x32 image (same padding), 8 -> 16 features: 2 * (1*32*32*16) * 8 * 9 = 2,359,296
+    conv = text.replace("f32[2,64,64,1]", "f32[1,32,32,8]").replace("bf16[4,16,64,1]", "bf16[3,3,8,16]") \
+        .replace("f32[2,64,4,16]", "f32[1,32,32,16]").replace("window={size=1x4 pad=0_0x3_3 rhs_reversal=0x1}",
+                                                              "window={size=3x3 pad=1_1x1_1}") \
+        .replace("dim_labels=0bf1_1oi0->0b1f", "dim_labels=b01f_01io->b01f")
+    (op,) = ops_from_hlo(conv, 1)
+    assert op.flops == 2_359_296

@@ -23,9 +23,12 @@ _LABELS = [
     ("compiler_optimal_seconds", "compiler optimal_seconds"),
     ("hbm_traffic_per_device", "HBM traffic / device"),
     ("collective_bytes_per_device", "collective bytes / device"),
-    ("t_compute", "time: compute"),
-    ("t_hbm", "time: HBM"),
-    ("t_collectives", "time: collectives"),
+    ("estimate_flops_per_device", "est. FLOPs / device (HLO ops)"),
+    ("t_ops", "est. time: ops"),
+    ("t_compute", "  compute-bound"),
+    ("t_hbm", "  HBM-bound"),
+    ("t_collectives", "est. time: collectives"),
+    ("t_exposed_collectives", "  exposed"),
     ("step_time", "est. step time"),
     ("tokens_per_s_per_chip", "est. tokens/s per chip"),
     ("mfu", "est. MFU"),
@@ -57,6 +60,20 @@ def fmt_value(v, unit: str) -> str:
     return f"{v} {unit}"
 
 
+def fmt_mfu(f: dict) -> str:
+    """An MFU figure as reports may print it: a range when calibrated, an upper bound when not."""
+    if f.get("range"):
+        lo, hi = f["range"]
+        return f"{100 * lo:.1f}-{100 * hi:.1f}% (est. {100 * f['value']:.1f}%)"
+    if f.get("upper_bound"):
+        return f"<= {100 * f['value']:.1f}% (upper bound)"
+    return fmt_value(f["value"], f["unit"])
+
+
+def _cell(key: str, f: dict) -> str:
+    return fmt_mfu(f) if key == "mfu" else fmt_value(f["value"], f["unit"])
+
+
 def _console():
     import sys
 
@@ -86,8 +103,13 @@ def print_report(rep: dict, console=None) -> None:
             f = s["figures"].get(key)
             if f is None:
                 continue
-            tab.add_row(label, fmt_value(f["value"], f["unit"]), f["source"], f.get("note", ""))
+            tab.add_row(label, _cell(key, f), f["source"], f.get("note", ""))
         console.print(tab)
+        top = s["figures"].get("top_ops")
+        if top and top["value"]:
+            total = s["figures"]["step_time"]["value"]
+            console.print("  top ops (estimate, per step): " + "; ".join(
+                f"{n} {fmt_value(t, 's')} ({100 * t / total:.0f}%)" for n, t in top["value"][:5]), highlight=False)
         if s["fits"] is not None:
             figs = s["figures"]
             margin = figs.get("hbm_margin_per_device") or figs.get("hbm_margin_per_chip")
@@ -120,6 +142,6 @@ def print_search(rows: list[dict], console=None) -> None:
             continue
         tab.add_row(str(i), r["mesh"], str(r["grad_accum"]), r["remat"], r["param_dtype"],
                     "yes" if r["fits"] else "[red]no[/]", fmt_value(r["hbm_used_per_chip"], "B"),
-                    fmt_value(r["step_time"], "s"), fmt_value(r["mfu"], ""),
+                    fmt_value(r["step_time"], "s"), fmt_mfu(r["mfu_figure"]) if r.get("mfu_figure") else "",
                     r["source"] + (" (cached)" if r.get("cached") else ""))
     console.print(tab)

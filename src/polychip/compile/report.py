@@ -5,24 +5,30 @@ Sources:
 - "compiler-estimate": XLA's own cost_analysis (per device; it counts each while-loop body once).
 - "program":           matmul FLOPs of the traced step (jaxpr), scan trip counts included (program_flops.py).
 - "model":             our formulas and the chip catalog (polychip.model.flops, hardware/catalog.yaml).
-- "estimate":          a roofline over the compiled program's counts: max(program FLOPs / peak,
-                       HBM traffic / HBM bandwidth, collective bytes / link bandwidth), per device.
-                       Perfect overlap, no kernel inefficiency: an optimistic step time, so MFU from it
-                       is an upper bound.
+- "estimate":          polychip.estimate over the compiled program's ops (estimate/hlo.py): per fusion /
+                       custom call max(FLOPs / peak, bytes / HBM bandwidth), Pallas kernels at their
+                       declared cost, collectives over the link they cross, loop trips applied, summed
+                       under the calibration's overlap rule. Printed with the calibration's validated
+                       error band; uncalibrated (no band), the MFU is printed only as an upper bound.
 - "modelled":          GPU / Trainium targets: polychip.plan.roofline from published specs only.
 
-Step time: XLA's `optimal_seconds` is shown raw but cannot be the step time for these programs: it
-covers each loop body once (one layer of a scanned model) and comes back negative for large modules
-(seen for llama3-8b on v6e:16x16). The "estimate" row is used for tokens/s and MFU instead.
+Step time: XLA's `optimal_seconds` is shown raw, as its own row, but cannot be the step time for these
+programs: it covers each loop body once (one layer of a scanned model) and comes back negative for large
+modules (seen for llama3-8b on v6e:16x16). The "estimate" rows are used for tokens/s and MFU instead.
 """
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from polychip.compile import hlo as hlo_mod
 from polychip.compile.lower import CompiledStep
 from polychip.compile.target import TargetSpec, fmt_mesh
 from polychip.config import Config
+from polychip.estimate import INTER, INTRA, estimate_step, machine_for
+from polychip.estimate.calibration import calibration_for
+from polychip.estimate.hlo import opaque_ops
 from polychip.model import flops as F
 
 SCHEMA = "polychip.compile/1"
@@ -73,7 +79,7 @@ def step_report(c: CompiledStep, cfg: Config, spec: TargetSpec, batch: int, seq:
     if c.oom:
         r.figures["compile_time"] = fig(c.lower_s + c.compile_s, "s", "compiled", "until the compiler refused")
         return r
-    _roofline_figures(r, c, spec, mf, tokens_per_step(c.name, batch, seq), dtype)
+    _estimate_figures(r, c, spec, mf, tokens_per_step(c.name, batch, seq), dtype)
     r.figures["compile_time"] = fig(c.lower_s + c.compile_s, "s", "compiled",
                                     f"lower {c.lower_s:.1f} s + compile {c.compile_s:.1f} s")
     _compile_notes(r, c)
@@ -113,7 +119,7 @@ def _flops_figures(r: StepReport, c: CompiledStep, mf: float, n_dev: int) -> Non
     f = r.figures
     f["model_flops"] = fig(mf, "FLOP", "model", "polychip.model.flops, all devices")
     f["program_flops"] = fig(c.program_flops, "FLOP", "program", "matmuls of the traced step incl. remat and "
-                             "masked attention work, all devices")
+                             "masked attention work, + Pallas kernels' declared cost, all devices")
     f["program_flops_per_device"] = fig(c.program_flops / n_dev, "FLOP", "program")
     if c.opaque_kernel_calls:
         r.notes.append(f"program FLOPs leave out {c.opaque_kernel_calls} Pallas kernel call site(s) (custom calls; "
@@ -133,30 +139,113 @@ def _flops_figures(r: StepReport, c: CompiledStep, mf: float, n_dev: int) -> Non
                                                       "each loop body counted once")
 
 
-def _roofline_figures(r: StepReport, c: CompiledStep, spec: TargetSpec, mf: float, tokens: int, dtype: str) -> None:
-    """Traffic and collectives from the compiled HLO; with a catalog peak, the "estimate" step time and MFU."""
-    chip, n_dev, dpc = spec.chip, spec.n_devices, spec.devices_per_chip
-    f, h = r.figures, c.hlo
-    f["hbm_traffic_per_device"] = fig(h["hbm_traffic_bytes"], "B", "compiled", "HLO walk, loop trips included")
-    coll = sum(h["collective_bytes"].values())
-    f["collective_bytes_per_device"] = fig(coll, "B", "compiled",
-                                           ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in sorted(h["collective_bytes"].items())))
-    peak = chip.peak(dtype)
-    if not peak:
+#: How reports name the estimator's links.
+LINK_NAMES = {INTRA: "within a slice (ICI)", INTER: "across slices (DCN)"}
+
+
+def band_text(band: float | None) -> str:
+    return "uncalibrated: no error band" if band is None else f"validated error band +/-{band:.0%}"
+
+
+def mfu_figure(mf: float, t_step: float, t_optimistic: float, chips: int, peak: float, band: float | None,
+               source: str = "estimate") -> tuple[dict, str]:
+    """The MFU figure a report may print, and a note when a figure had to be clamped to 100%.
+
+    Calibrated: the estimate with the range its band allows, mfu x (1 -/+ band) (the band is the fit's
+    relative MFU error). Uncalibrated: only an upper bound, from `t_optimistic` (every op at peak, every
+    collective hidden), with the word "upper bound"; `value` is that bound. No printed figure exceeds 100%.
+    """
+    est = F.mfu(mf, t_step, chips, peak)
+    note = ""
+    if band is None:
+        ub = F.mfu(mf, t_optimistic, chips, peak)
+        exposed = "" if t_optimistic == t_step else \
+            f" (collectives hidden; {100 * min(est, 1.0):.1f}% with them exposed)"
+        f = fig(min(ub, 1.0), "", source, "uncalibrated: no error band; upper bound" + exposed)
+        f["upper_bound"] = True
+        top = ub
+    else:
+        lo, hi = est * (1 - band), est * (1 + band)
+        f = fig(min(est, 1.0), "", source, band_text(band))
+        f["range"] = [min(lo, 1.0), min(hi, 1.0)]
+        top = hi
+    if top > 1.0:
+        note = (f"MFU clamped to 100% (computed {100 * top:.0f}%): the model FLOPs exceed what the program's ops "
+                "were costed at, so some work is invisible to the walk")
+    return f, note
+
+
+def _costable(ops: list, m) -> tuple[list, dict]:
+    """Ops the machine can cost, and bytes per link of collectives left out for want of a catalog bandwidth."""
+    bw = {INTRA: m.intra_bandwidth, INTER: m.inter_bandwidth}
+    keep, dropped = [], defaultdict(float)
+    for o in ops:
+        if o.kind == "collective" and not bw.get(o.link or INTRA):
+            dropped[o.link or INTRA] += o.bytes * o.count
+        else:
+            keep.append(o)
+    return keep, dict(dropped)
+
+
+def _traffic_figures(r: StepReport, h: dict) -> None:
+    f = r.figures
+    f["hbm_traffic_per_device"] = fig(h["hbm_traffic_bytes"], "B", "compiled", "HLO walk, loop trips included; "
+                                      "dynamic-(update-)slices charged for the slice, Pallas kernels as declared")
+    f["collective_bytes_per_device"] = fig(sum(h["collective_bytes"].values()), "B", "compiled", ", ".join(
+        f"{k} {v / 1e9:.2f} GB" for k, v in sorted(h["collective_bytes"].items())))
+
+
+def _estimate_figures(r: StepReport, c: CompiledStep, spec: TargetSpec, mf: float, tokens: int, dtype: str) -> None:
+    """Traffic and collectives from the compiled HLO, and the estimator's step time over its ops."""
+    _traffic_figures(r, c.hlo)
+    ops = hlo_mod.ops_of(c.hlo)
+    if not ops:
         return
-    t_c = c.program_flops / n_dev / (peak / dpc)
-    t_m = h["hbm_traffic_bytes"] / (chip.hbm_bandwidth / dpc) if chip.hbm_bandwidth else 0.0
-    t_n = coll / (chip.link_bandwidth / dpc) if chip.link_bandwidth else 0.0
-    t = max(t_c, t_m, t_n)
-    bound = max({"compute": t_c, "HBM": t_m, "collectives": t_n}.items(), key=lambda kv: kv[1])[0]
-    f["t_compute"] = fig(t_c, "s", "estimate", f"program FLOPs / {chip.peak_basis(dtype)}")
-    f["t_hbm"] = fig(t_m, "s", "estimate", "HBM traffic / catalog bandwidth")
-    f["t_collectives"] = fig(t_n, "s", "estimate", "collective bytes / catalog link bandwidth"
-                             if chip.link_bandwidth else "no link bandwidth in the catalog: not counted")
-    f["step_time"] = fig(t, "s", "estimate", f"{bound}-bound roofline over the compiled program (optimistic)")
-    f["tokens_per_s_per_chip"] = fig(tokens / t / spec.n_chips, "tok/s", "estimate")
-    f["mfu"] = fig(F.mfu(mf, t, spec.n_chips, peak), "", "estimate",
-                   "model FLOPs / (step time x chips x peak): upper bound")
+    try:
+        m = machine_for(spec.chip, dtype)
+    except ValueError as e:
+        r.notes.append(f"no step-time estimate: {e}")
+        return
+    ops, dropped = _costable(ops, m)
+    for link, b in dropped.items():
+        r.notes.append(f"{b / 1e9:.2f} GB of collectives {LINK_NAMES[link]} not costed: the catalog has no "
+                       f"{'link' if link == INTRA else 'scale-out'} bandwidth for {spec.chip.name}")
+    opaque = opaque_ops(ops)
+    if opaque:
+        names = sorted({o.name for o in opaque})
+        r.notes.append(f"{len(names)} custom call(s) with no declared cost, charged for their HBM bytes only: "
+                       + ", ".join(names[:4]) + (" ..." if len(names) > 4 else ""))
+    cal = calibration_for(spec.chip.family)
+    est = estimate_step(ops, m, cal)
+    _estimate_rows(r, est, ops, spec, mf, tokens, dtype, cal)
+
+
+def _estimate_rows(r: StepReport, est, ops: list, spec: TargetSpec, mf: float, tokens: int, dtype: str, cal) -> None:
+    f, chip, t = r.figures, spec.chip, est.t_step
+    declared = sum(o.flops * o.count for o in ops if o.source == "declared")
+    f["estimate_flops_per_device"] = fig(sum(o.flops * o.count for o in ops), "FLOP", "estimate",
+                                         f"dots of the compiled HLO + Pallas kernels' declared cost "
+                                         f"({declared / 1e12:.3g} TFLOP of it)")
+    f["t_ops"] = fig(est.t_compute, "s", "estimate", f"sum over {sum(o.kind == 'compute' for o in ops)} ops of "
+                     f"max(FLOPs / {chip.peak_basis(dtype)}, bytes / HBM bandwidth)")
+    f["t_compute"] = fig(est.t_flops, "s", "estimate", "of which compute-bound ops")
+    f["t_hbm"] = fig(est.t_memory, "s", "estimate", "of which HBM-bound ops")
+    f["t_collectives"] = fig(est.t_collectives, "s", "estimate", ", ".join(
+        f"{LINK_NAMES[k]} {v * 1e3:.3g} ms" for k, v in sorted(est.by_link.items())) or "none")
+    share = est.t_exposed_collectives / est.t_collectives if est.t_collectives else 0.0
+    exposed = {k: v * share for k, v in est.by_link.items()}
+    f["t_exposed_collectives"] = fig(est.t_exposed_collectives, "s", "estimate",
+                                     f"after {cal.overlap:.0%} of op time hides collectives (shared pro rata): "
+                                     + (", ".join(f"{LINK_NAMES[k]} {v * 1e3:.3g} ms" for k, v in sorted(exposed.items()))
+                                        or "none"))
+    f["exposed_collectives_by_link"] = fig(exposed, "s", "estimate")
+    f["step_time"] = fig(t, "s", "estimate", f"{est.bound}-bound, sum over ops ({band_text(est.band)})")
+    f["tokens_per_s_per_chip"] = fig(tokens / t / spec.n_chips, "tok/s", "estimate", band_text(est.band))
+    mfu, note = mfu_figure(mf, t, max(est.t_compute, est.t_collectives), spec.n_chips, chip.peak(dtype), est.band)
+    f["mfu"] = mfu
+    if note:
+        r.notes.append(note)
+    f["top_ops"] = fig([[n, s] for n, s in est.top_ops], "ops", "estimate", "largest contributors, s per step")
 
 
 def _compile_notes(r: StepReport, c: CompiledStep) -> None:
@@ -194,7 +283,8 @@ def modelled_reports(cfg: Config, spec: TargetSpec, mode: str, batch: int, seq: 
         f["t_collectives"] = fig(tb.t_comm, "s", "modelled", f"dp={tb.dp} tp={tb.tp}")
         f["step_time"] = fig(tb.t_step, "s", "modelled", f"{tb.bound}-bound roofline (optimistic)")
         f["tokens_per_s_per_chip"] = fig(batch * seq / tb.t_step / n, "tok/s", "modelled")
-        f["mfu"] = fig(F.mfu(tb.model_flops, tb.t_step, n, chip.peak(dtype)), "", "modelled", "upper bound")
+        f["mfu"], note = mfu_figure(tb.model_flops, tb.t_step, tb.t_step, n, chip.peak(dtype), None, "modelled")
+        r.notes += [note] if note else []
         if cfg.train.remat == "dots":
             r.notes.append("the roofline knows remat none|full; dots was modelled as none")
         out.append(r)
@@ -209,7 +299,8 @@ def modelled_reports(cfg: Config, spec: TargetSpec, mode: str, batch: int, seq: 
             f["model_flops"] = fig(mf, "FLOP", "model")
             f["step_time"] = fig(t, "s", "modelled", "roofline (optimistic); prefill = batch x one prompt")
             f["tokens_per_s_per_chip"] = fig(tokens_per_step(name, batch, seq) / t / n, "tok/s", "modelled")
-            f["mfu"] = fig(F.mfu(mf, t, n, chip.peak(dtype)), "", "modelled", "upper bound")
+            f["mfu"], note = mfu_figure(mf, t, t, n, chip.peak(dtype), None, "modelled")
+            r.notes += [note] if note else []
             out.append(r)
     for r in out:
         r.notes.append(f"modelled: no compiler for {chip.name} is reachable here; figures come from published specs")
@@ -253,7 +344,7 @@ def planner_record(rep: dict) -> dict | None:
         return None
     base = {"chip": rep["target"]["chip"], "model": rep["model"], "mode": rep["mode"], "chips": rep["target"]["chips"],
             "dtype": rep["compute_dtype"], "source": src, "mesh": rep["mesh"],
-            "ref": f"polychip compile --target {rep['target']['text']} (roofline over the compiled program)"}
+            "ref": f"polychip compile --target {rep['target']['text']} (estimate over the compiled program's ops)"}
     if rep["mode"] == "train":
         if rep["remat"] not in ("none", "full"):
             return None  # the planner's records know remat none|full only

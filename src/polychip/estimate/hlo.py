@@ -238,11 +238,24 @@ def dot_flops(ins: Instr, shapes: dict[str, str]) -> float:
         m = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", ins.attrs)
         k = math.prod(lhs[int(d)] for d in m.group(1).split(",") if d) if m and lhs else 1
         return 2.0 * out * k
+    return 2.0 * out * _conv_macs_per_output(ins, shapes)
+
+
+def _conv_macs_per_output(ins: Instr, shapes: dict[str, str]) -> float:
+    """Input features x kernel positions that can meet real input. XLA writes some dots as convolutions whose
+    window is padded far past a size-1 input dimension (window 4, padding 3 each side): only one of the 4
+    kernel positions touches data, so each spatial dimension counts min(window, input size)."""
+    lhs = _dims(shapes.get(ins.operands[0], "")) if ins.operands else []
     rhs = _dims(shapes.get(ins.operands[1], "")) if len(ins.operands) > 1 else []
-    labels = re.search(r"dim_labels=\w+_(\w+)->", ins.attrs)
-    if not rhs or not labels or "o" not in labels.group(1):
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->", ins.attrs)
+    if not lhs or not rhs or not labels or "i" not in labels.group(2):
         return 0.0
-    return 2.0 * out * math.prod(rhs) / rhs[labels.group(1).index("o")]
+    lhs_l, rhs_l = labels.group(1), labels.group(2)
+    macs = float(rhs[rhs_l.index("i")])
+    for pos, ch in enumerate(rhs_l):
+        if ch.isdigit():
+            macs *= min(rhs[pos], lhs[lhs_l.index(ch)]) if ch in lhs_l else rhs[pos]
+    return macs
 
 
 def cost_estimate(attrs: str) -> dict | None:
