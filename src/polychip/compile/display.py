@@ -138,10 +138,13 @@ def print_search(rows: list[dict], console=None) -> None:
     for i, r in enumerate(rows, 1):
         if r.get("error"):
             tab.add_row(str(i), r["mesh"], str(r["grad_accum"]), r["remat"], r["param_dtype"], "error", "", "", "",
-                        r["error"][:60])
+                        r["error"][:90])
             continue
         tab.add_row(str(i), r["mesh"], str(r["grad_accum"]), r["remat"], r["param_dtype"],
                     "yes" if r["fits"] else "[red]no[/]", fmt_value(r["hbm_used_per_chip"], "B"),
                     fmt_value(r["step_time"], "s"), fmt_mfu(r["mfu_figure"]) if r.get("mfu_figure") else "",
                     r["source"] + (" (cached)" if r.get("cached") else ""))
     console.print(tab)
+    from polychip.compile.search import why  # search imports this module for its formatting
+
+    console.print(why(rows), highlight=False)

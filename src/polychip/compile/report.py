@@ -285,8 +285,8 @@ def modelled_reports(cfg: Config, spec: TargetSpec, mode: str, batch: int, seq: 
         f["tokens_per_s_per_chip"] = fig(batch * seq / tb.t_step / n, "tok/s", "modelled")
         f["mfu"], note = mfu_figure(tb.model_flops, tb.t_step, tb.t_step, n, chip.peak(dtype), None, "modelled")
         r.notes += [note] if note else []
-        if cfg.train.remat == "dots":
-            r.notes.append("the roofline knows remat none|full; dots was modelled as none")
+        if cfg.train.remat not in ("none", "full"):
+            r.notes.append(f"the roofline knows remat none|full; {cfg.train.remat} was modelled as none")
         out.append(r)
     else:
         sb = R.serve_bound(m, chip, n, batch, seq, output_tokens, dtype=dtype)
