@@ -275,3 +275,27 @@ ENTRY %main (a: f32[2,64,64,1], b: bf16[4,16,64,1]) -> f32[2,64,4,16] {
         .replace("dim_labels=0bf1_1oi0->0b1f", "dim_labels=b01f_01io->b01f")
     (op,) = ops_from_hlo(conv, 1)
     assert op.flops == 2_359_296
+
+
+def test_reducer_computations_are_not_walked_and_gathers_read_rows():
+    """A top-level reduce's `to_apply` is its scalar combiner (no traffic of its own); an unfused gather reads
+    the rows it returns: embedding [1000,64] f32, 8 rows -> 8*64*4 = 2,048 B read + 2,048 B written + 32 B
+    of s32[8,1] indices = 4,128 B (not the table's 256,000 B)."""
+    text = """HloModule misc
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+ENTRY %main (t: f32[1000,64], i: s32[8,1]) -> f32[] {
+  %t = f32[1000,64]{1,0} parameter(0)
+  %i = s32[8,1]{1,0} parameter(1)
+  %g = f32[8,64]{1,0} gather(%t, %i), offset_dims={1}, collapsed_slice_dims={0}, start_index_map={0}, index_vector_dim=1, slice_sizes={1,64}
+  %z = f32[] constant(0)
+  ROOT %r = f32[] reduce(%g, %z), dimensions={0,1}, to_apply=%add
+}
+"""
+    by = _by_name(ops_from_hlo(text, 1))
+    assert set(by) == {"g", "r"}
+    assert by["g"].bytes == 4_128
+    assert by["r"].bytes == 2_048 + 4 + 4  # reads the gathered rows and the init value, writes one f32

@@ -9,9 +9,9 @@ Per top-level instruction of a control-flow computation (entry, loop bodies, cal
   elements x contracted size), bytes = operand + result bytes in HBM (buffers the compiler placed in
   on-chip memory, layout `S(n)` with n != 0, move nothing). Fusion internals stay on chip.
 - In-place dynamic-update-slice (alone or as a fusion's root) reads and writes the update, not the
-  buffer it updates; a fused dynamic-slice of a parameter reads the slice. The scanned layer loop
-  updates / reads one layer of stacked `[L, ...]` buffers per trip: charging the whole stack there
-  overcounted HBM traffic by 26-72% on llama3-8b.
+  buffer it updates; a fusion parameter read only through (dynamic-)slices or gathers costs what those
+  return. The scanned layer loop updates / reads one layer of stacked `[L, ...]` buffers per trip:
+  charging the whole stack there overcounted HBM traffic by 26-72% on llama3-8b (issue 14).
 - A custom call with a declared cost (Pallas/Mosaic TPU kernels carry their `pl.CostEstimate` in
   backend_config: custom_call_config.cost_estimate, int64s as JSON strings) costs what it declares,
   source "declared". Without one (Triton: jax drops cost_estimate when lowering) it is an "opaque" op
@@ -47,6 +47,8 @@ _NO_TRAFFIC = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast",
                "after-all", "partition-id", "replica-id", "opt-barrier", "iota", "async-start", "async-update",
                "async-done", "add-dependency", "domain"}
 
+#: Ops that read only the part of their first operand they return.
+_SLICING = ("dynamic-slice", "slice", "gather")
 #: Custom calls that mark, allocate or annotate and move no data of their own.
 _BOOKKEEPING_CALLS = {"AllocateBuffer", "AsyncCollectiveStart", "AsyncCollectiveDone", "AssumeGatherIndicesInBound",
                       "Sharding", "SPMDFullToShardShape", "SPMDShardToFullShape", "LayoutConstraint"}
@@ -159,8 +161,16 @@ def loop_trip(ins: Instr, comps: dict[str, list[Instr]]) -> int | None:
 
 
 def _callees(ins: Instr) -> list[str]:
-    """Computations a non-loop, non-fusion instruction runs (call, conditional branches, async wrappers)."""
-    out = re.findall(r"(?:calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)", ins.attrs)
+    """Control-flow computations a non-loop, non-fusion instruction runs: a call's body, an async wrapper's
+    computation, a conditional's branches (all of them: an overcount where branches differ). A reduce's
+    or scatter's `to_apply` is its scalar combiner, run inside the op, and is not walked."""
+    if ins.opcode == "call":
+        return re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", ins.attrs)
+    if ins.opcode == "async-start":
+        return re.findall(r"calls=%?([\w.\-]+)", ins.attrs)
+    if ins.opcode != "conditional":
+        return []
+    out = re.findall(r"(?:true_computation|false_computation)=%?([\w.\-]+)", ins.attrs)
     for group in re.findall(r"branch_computations=\{([^}]*)\}", ins.attrs):
         out += re.findall(r"%?([\w.\-]+)", group)
     return out
@@ -340,11 +350,11 @@ class _Walker:
 
     def _plain_bytes(self, ins: Instr, shapes: dict) -> float:
         """HBM bytes of an unfused instruction; an in-place dynamic-update-slice moves the update twice,
-        a dynamic-slice its result twice (read + write)."""
+        a (dynamic-)slice or gather its result twice (read + write) plus its indices."""
         ops_b = [shape_bytes(shapes.get(o, ""), hbm_only=True) for o in ins.operands]
         if ins.opcode == "dynamic-update-slice" and len(ops_b) >= 2:
             return 2 * ops_b[1] + sum(ops_b[2:])
-        if ins.opcode == "dynamic-slice":
+        if ins.opcode in _SLICING:
             return 2 * shape_bytes(ins.type_text, hbm_only=True) + sum(ops_b[1:])
         return shape_bytes(ins.type_text, hbm_only=True) + sum(ops_b)
 
@@ -379,7 +389,7 @@ class _Walker:
 
 def fusion_bytes(ins: Instr, shapes: dict[str, str], body: list[Instr]) -> float:
     """Operand + result HBM bytes of a fusion, with in-place dynamic-update-slice roots charged for the
-    update and parameters read only through dynamic-slices charged for the slices."""
+    update and parameters read only through (dynamic-)slices or gathers charged for what those return."""
     operands = [shape_bytes(shapes.get(o, ""), hbm_only=True) for o in ins.operands]
     result = shape_bytes(ins.type_text, hbm_only=True)
     if not body:
@@ -409,7 +419,7 @@ def fusion_bytes(ins: Instr, shapes: dict[str, str], body: list[Instr]) -> float
             users[o].append(i)
     for p, idx in param_index.items():
         readers = _readers(p, users)
-        if readers and idx < len(operands) and all(r.opcode == "dynamic-slice" and r.operands[0] == via
+        if readers and idx < len(operands) and all(r.opcode in _SLICING and r.operands[0] == via
                                                    for r, via in readers):
             operands[idx] = min(operands[idx], sum(shape_bytes(r.type_text) for r, _ in readers))
     return max(result, 0.0) + sum(operands)

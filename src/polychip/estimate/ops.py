@@ -24,6 +24,7 @@ class Op:
     `collective` names it (all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute).
     `count` is executions per step (loop trip counts multiplied). `source` says where the figures come
     from: "hlo" (the compiled program's shapes), "declared" (a Pallas kernel's CostEstimate),
+    "opaque" (a custom call that declares no cost: its HBM bytes only, no FLOPs; reports list these),
     "analytic" (the planner's op list).
     """
 
