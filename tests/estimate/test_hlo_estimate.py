@@ -147,6 +147,7 @@ def test_replica_group_forms():
 def test_kernels_and_collectives_per_op():
     by = _by_name(ops_from_hlo(KERNELS, n_devices=8, devices_per_slice=4))
     assert set(by) == {"mm", "k", "o", "ag_intra", "ag_inter", "ar"}  # AllocateBuffer moves nothing
+    assert by["o"].name == "o (mystery_kernel)"  # no JAX op in its metadata: named by its target
     # dot fusion: 2 * 256 * 512 * 1024 = 268,435,456 FLOPs; 524,288 + 1,048,576 in + 262,144 out = 1,835,008 B
     assert (by["mm"].flops, by["mm"].bytes, by["mm"].source) == (268_435_456, 1_835_008, "hlo")
     # Pallas kernel: what it declares, not its operand shapes
@@ -154,7 +155,7 @@ def test_kernels_and_collectives_per_op():
     assert by["k"].name == "k (flash_fwd/pallas_call)"
     # no declared cost: counted with its HBM bytes (262,144 in + out) and listed as opaque
     assert (by["o"].flops, by["o"].bytes, by["o"].source) == (0, 524_288, "opaque")
-    assert [o.name for o in opaque_ops(list(by.values()))] == ["o"]
+    assert [o.name for o in opaque_ops(list(by.values()))] == ["o (mystery_kernel)"]
     # all-gather within a slice, groups of 4: 3/4 of the 1,048,576 B result = 786,432 B over ICI
     assert (by["ag_intra"].bytes, by["ag_intra"].link, by["ag_intra"].collective) == (786_432, INTRA, "all-gather")
     # groups {0,4}, {1,5}...: each spans both slices: 1/2 of 524,288 B = 262,144 B across slices

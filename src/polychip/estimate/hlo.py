@@ -346,7 +346,8 @@ class _Walker:
         if cost is not None:
             self._compute(ins, cost.get("flops", 0.0), cost.get("bytes_accessed", 0.0), mult, "declared")
         else:
-            self._compute(ins, 0.0, self._plain_bytes(ins, shapes), mult, "opaque")
+            name = op_label(ins) + ("" if "op_name=" in ins.attrs or not target else f" ({target.group(1)})")
+            self.ops.append(Op(name=name, count=mult, bytes=self._plain_bytes(ins, shapes), source="opaque"))
 
     def _plain_bytes(self, ins: Instr, shapes: dict) -> float:
         """HBM bytes of an unfused instruction; an in-place dynamic-update-slice moves the update twice,
