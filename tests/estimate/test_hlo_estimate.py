@@ -300,3 +300,25 @@ ENTRY %main (t: f32[1000,64], i: s32[8,1]) -> f32[] {
     assert set(by) == {"g", "r"}
     assert by["g"].bytes == 4_128
     assert by["r"].bytes == 2_048 + 4 + 4  # reads the gathered rows and the init value, writes one f32
+
+
+def test_async_slices_and_copies_move_their_data_once():
+    """TPU DMAs: slice-start returns ((source), slice, context) and copies 4 of a 16 MB HBM buffer into on-chip
+    memory S(1): 4,194,304 B read, nothing written to HBM. copy-start returns (destination, source, context)
+    and copies 1 MB from S(1) to HBM: 1,048,576 B written. The done halves move nothing more (a walk that
+    charged operands + results would have said 16 + 16 MB for the slice-start and 16 MB again for its done)."""
+    text = """HloModule dma
+ENTRY %main (b: s8[16777216], v: bf16[512,1024]) -> (s8[4194304], bf16[512,1024]) {
+  %b = s8[16777216]{0} parameter(0)
+  %v = bf16[512,1024]{1,0:S(1)} parameter(1)
+  %ss = ((s8[16777216]{0}), s8[4194304]{0:S(1)}, s32[]{:S(2)}) slice-start(%b), slice={[12582912:16777216]}
+  %sd = s8[4194304]{0:S(1)} slice-done(%ss)
+  %cs = (bf16[512,1024]{1,0}, bf16[512,1024]{1,0:S(1)}, u32[]{:S(2)}) copy-start(%v)
+  %cd = bf16[512,1024]{1,0} copy-done(%cs)
+  ROOT %t = (s8[4194304]{0:S(1)}, bf16[512,1024]{1,0}) tuple(%sd, %cd)
+}
+"""
+    by = _by_name(ops_from_hlo(text, 1))
+    assert set(by) == {"ss", "cs"}
+    assert by["ss"].bytes == 4_194_304
+    assert by["cs"].bytes == 1_048_576

@@ -50,8 +50,9 @@ _NO_TRAFFIC = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast",
 #: Ops that read only the part of their first operand they return.
 _SLICING = ("dynamic-slice", "slice", "gather")
 #: Custom calls that mark, allocate or annotate and move no data of their own.
+#: ConcatBitcast joins buffers the compiler already placed side by side (a bitcast, no copy).
 _BOOKKEEPING_CALLS = {"AllocateBuffer", "AsyncCollectiveStart", "AsyncCollectiveDone", "AssumeGatherIndicesInBound",
-                      "Sharding", "SPMDFullToShardShape", "SPMDShardToFullShape", "LayoutConstraint"}
+                      "Sharding", "SPMDFullToShardShape", "SPMDShardToFullShape", "LayoutConstraint", "ConcatBitcast"}
 
 
 def _channel(ins: "Instr") -> str | None:
@@ -97,6 +98,23 @@ def shape_bytes(type_text: str, hbm_only: bool = False) -> float:
         n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
         total += n * _DTYPE_BYTES[dt]
     return total
+
+
+def tuple_elements(type_text: str) -> list[str]:
+    """'(a, (b, c), d)' -> ['a', '(b, c)', 'd']; a non-tuple type -> [itself]."""
+    t = re.sub(r"/\*[^*]*\*/", "", type_text.strip())
+    if not t.startswith("("):
+        return [t]
+    out, depth, cur = [], 0, ""
+    for ch in t[1:-1]:
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+            continue
+        depth += ch in "({["
+        depth -= ch in ")}]"
+        cur += ch
+    return out + ([cur.strip()] if cur.strip() else [])
 
 
 def _dims(type_text: str) -> list[int]:
@@ -319,8 +337,10 @@ class _Walker:
                 self._fusion(ins, shapes, mult, stack)
             elif ins.opcode == "custom-call":
                 self._custom_call(ins, shapes, mult)
+            elif ins.opcode in ("slice-start", "copy-start"):
+                self._compute(ins, 0.0, self._async_bytes(ins, shapes), mult)
             else:
-                if ins.opcode not in _NO_TRAFFIC:
+                if ins.opcode not in _NO_TRAFFIC and not ins.opcode.endswith("-done"):
                     self._compute(ins, dot_flops(ins, shapes) if ins.opcode in ("dot", "convolution") else 0.0,
                                   self._plain_bytes(ins, shapes), mult)
                 for callee in _callees(ins):
@@ -348,6 +368,16 @@ class _Walker:
         else:
             name = op_label(ins) + ("" if "op_name=" in ins.attrs or not target else f" ({target.group(1)})")
             self.ops.append(Op(name=name, count=mult, bytes=self._plain_bytes(ins, shapes), source="opaque"))
+
+    def _async_bytes(self, ins: Instr, shapes: dict) -> float:
+        """An async copy / slice (TPU DMA) moves its data once, counted at the start: the source read where it
+        lies in HBM and the destination written where it lies in HBM. slice-start returns ((source), slice,
+        context), copy-start (destination, source, context); the done half moves nothing more."""
+        src = shapes.get(ins.operands[0], "") if ins.operands else ""
+        parts = tuple_elements(ins.type_text)
+        dest = parts[1] if ins.opcode == "slice-start" and len(parts) > 1 else parts[0] if parts else ""
+        moved = shape_bytes(dest)
+        return (moved if shape_bytes(src, hbm_only=True) else 0.0) + shape_bytes(dest, hbm_only=True)
 
     def _plain_bytes(self, ins: Instr, shapes: dict) -> float:
         """HBM bytes of an unfused instruction; an in-place dynamic-update-slice moves the update twice,
