@@ -57,7 +57,7 @@ class QArray:
     so one QArray serves the lookup (rows of q) and the output projection."""
 
     q: Any
-    #: float32 [*lead, N], or None for weight-only bfloat16 (q is then the bfloat16 weight itself).
+    #: float32 [*lead, N], or None for weight-only bfloat16 (q then holds the bfloat16 bits as uint16).
     scale: Any
     in_shape: tuple[int, ...] = field(metadata=dict(static=True))
     out_shape: tuple[int, ...] = field(metadata=dict(static=True))
@@ -72,10 +72,24 @@ class QArray:
 
     def astype(self, dtype):
         """The dequantised weight in `dtype`, logical shape (for callers that need the whole matrix)."""
-        w = self.q.astype(dtype)
+        w = upcast(self.q, dtype)
         if self.scale is not None:
             w = w * self.scale[..., None].astype(dtype)
         return jnp.swapaxes(w, -1, -2).reshape(self.shape)
+
+
+def bf16_bits(w):
+    """float weights -> their bfloat16 roundings' bit patterns as uint16 (see `upcast`)."""
+    return jax.lax.bitcast_convert_type(jnp.asarray(w, jnp.float32).astype(jnp.bfloat16), jnp.uint16)
+
+
+def upcast(q, dtype):
+    """A QArray's stored values in `dtype`. bfloat16 bits (uint16) widen by a 16-bit shift into float32: an
+    integer op XLA CPU fuses into the consuming matmul like the int8 conversion, whereas a bfloat16 convert
+    there is rewritten into a bfloat16 dot that the CPU emulates (SmolLM2 decode: 1.3 tok/s vs 15 for int8)."""
+    if q.dtype == jnp.uint16:
+        return jax.lax.bitcast_convert_type(q.astype(jnp.uint32) << 16, jnp.float32).astype(dtype)
+    return q.astype(dtype)
 
 
 def quantize(w, n_in: int, n_lead: int = 0, mode: str = "int8") -> QArray:
@@ -86,7 +100,7 @@ def quantize(w, n_in: int, n_lead: int = 0, mode: str = "int8") -> QArray:
     lead, ins, outs = w.shape[:n_lead], w.shape[n_lead:n_lead + n_in], w.shape[n_lead + n_in:]
     wf = xp.swapaxes(w.astype(xp.float32).reshape(*lead, math.prod(ins), math.prod(outs)), -1, -2)
     if mode == "bf16":
-        return QArray(jnp.asarray(wf, jnp.bfloat16), None, tuple(ins), tuple(outs))
+        return QArray(bf16_bits(wf), None, tuple(ins), tuple(outs))
     amax = xp.max(xp.abs(wf), axis=-1)
     scale = xp.where(amax > 0, amax / 127.0, 1.0).astype(xp.float32)
     q = xp.clip(xp.round(wf / scale[..., None]), -127, 127).astype(xp.int8)
@@ -109,7 +123,7 @@ def quantize_params(params: dict, mode: str = "int8") -> dict:
     if "lm_head" in params:
         out["lm_head"] = quantize(params["lm_head"], 1, mode=mode)  # [D, V]
         if mode == "bf16":
-            out["embed"] = params["embed"].astype(jnp.bfloat16)
+            out["embed"] = quantize(params["embed"].T, 1, mode=mode)  # lookup rows: the tied layout
     else:
         out["embed"] = quantize(params["embed"].T, 1, mode=mode)  # [V, D] -> logical [D, V], stored [V, D]
     return out
