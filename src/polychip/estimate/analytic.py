@@ -1,0 +1,372 @@
+"""The planner's front end to the estimator: a training step as an analytic list of `Op`s.
+
+Where `compile` walks a compiled HLO module, this builds the same records from the model config and a
+parallel `Layout` (plain degrees; no jax Mesh is built), so `estimate_step` prices both the same way.
+
+Per device, per micro-batch, per layer (T tokens on the device, tensor degree t, causal attention):
+- matmuls q/k/v/o and MLP gate/up/down: 2 x T x in x out / t FLOPs, HBM bytes = input + weight + output;
+  the backward pass does the two matmuls dX and dW (2x the FLOPs and the bytes);
+- attention (flash: scores never reach HBM): 4 x T x context x head_dim x heads / t FLOPs with the causal
+  mean context (seq + 1) / 2, bytes = q, k, v, o; its backward re-forms the scores (2.5x the forward);
+- norms, rotary, SwiGLU and residual adds: memory-bound elementwise ops (bytes only);
+- remat: the forward ops whose outputs the policy (config.REMAT_POLICIES) neither saves nor offloads are
+  run again in the backward pass; offloaded tensors cross the host link (PCIe) out and back;
+- collectives from the layout: FSDP all-gathers each layer's weights in the forward and again in the
+  backward and reduce-scatters its gradients; tensor parallelism all-reduces activations twice per layer
+  forward and twice backward (plus once per recomputed half-layer); the data axis all-reduces the gradient
+  shard once per step; pipeline stages send activations forward and gradients back per micro-batch, and
+  the schedule's bubble ((stages - 1) / (micro-batches x virtual stages) of the stage's work) is idle time;
+  context parallelism gathers K and V. Each collective is costed over INTRA (ICI / NVLink / NeuronLink)
+  when its group sits inside one node or slice, else INTER (DCN / InfiniBand / EFA) for the share that
+  crosses (hierarchical: bytes / members-per-node go across).
+Once per step: the embedding gather, the logits matmul and its cross-entropy (fp32 logits), and the AdamW
+update over the device's parameter shard.
+
+`count` on each op is its executions per step (layers on the device x micro-batches). Everything here is a
+model: no figure is measured, and results carry the calibration's band (plan/perf.py).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from polychip.config import REMAT_POLICIES, REMAT_TENSORS, ModelConfig, RematPolicy
+from polychip.estimate.ops import INTER, INTRA, Op
+
+#: Bytes per activation / weight element in the compute dtype (bf16).
+ACT_BYTES = 2
+#: Host link (PCIe) per device, bytes/s, for offloaded activations, by chip family. GPU: PCIe Gen5 x16,
+#: 64 GB/s per direction (PCI-SIG Gen5 rate; H100 SXM, H200, B200 hosts). TPU: 15 GB/s, the JAX scaling
+#: book's (part 2) v6e host-to-chip PCIe figure 1.5e10 B/s (uncertain: Google publishes no per-chip host
+#: bandwidth; taken for every TPU). Trainium / Inferentia: PCIe Gen5 x16 assumed (uncertain).
+HOST_LINK = {"gpu": 64e9, "tpu": 15e9, "trainium": 64e9, "inferentia": 64e9}
+#: Fraction of HBM usable for state (runtime, compiler scratch and fragmentation take the rest).
+HBM_USABLE = 0.9
+
+
+class LayoutError(ValueError):
+    """A layout the model cannot run (a degree that does not divide heads, layers or the batch)."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Parallel degrees of one run. Devices = data x fsdp x tensor x stage x context.
+
+    `nodes`: scale-out groups the devices are split across (TPU slices, GPU or Trainium hosts); axes are
+    laid out innermost-first tensor, context, fsdp, stage, data, so the outer axes cross nodes first.
+    `virtual`: interleaved pipeline chunks per stage. `zero1`: optimizer state and fp32 master weights
+    also sharded over `data` (Megatron distributed optimizer, NxD ZeRO-1).
+    """
+
+    data: int = 1
+    fsdp: int = 1
+    tensor: int = 1
+    stage: int = 1
+    context: int = 1
+    nodes: int = 1
+    virtual: int = 1
+    zero1: bool = False
+
+    @property
+    def devices(self) -> int:
+        return self.data * self.fsdp * self.tensor * self.stage * self.context
+
+    @property
+    def replicas(self) -> int:
+        """Ways the batch is split (data x fsdp)."""
+        return self.data * self.fsdp
+
+    def text(self) -> str:
+        parts = [f"{k}={getattr(self, k)}" for k in ("data", "fsdp", "tensor", "stage", "context", "nodes")
+                 if getattr(self, k) > 1]
+        return " ".join(parts) or "1 device"
+
+    def group(self, axis: str) -> tuple[int, int]:
+        """(members per node g, nodes spanned k) of one collective group along `axis` (g x k = degree)."""
+        order = ("tensor", "context", "fsdp", "stage", "data")
+        a = getattr(self, axis)
+        stride = math.prod(getattr(self, x) for x in order[:order.index(axis)])
+        per_node = max(1, self.devices // max(1, self.nodes))
+        if stride * a <= per_node:
+            return a, 1
+        g = max(1, min(a, per_node // stride))
+        return g, max(1, a // g)
+
+
+def kv_heads_per_device(cfg: ModelConfig, tensor: int) -> float:
+    """KV heads each tensor shard holds: n_kv / t when t divides them, 1 (replicated) when t is a multiple
+    of n_kv; any other degree is refused."""
+    k = cfg.n_kv_heads
+    if cfg.n_heads % tensor:
+        raise LayoutError(f"tensor degree {tensor} does not divide {cfg.n_heads} query heads")
+    if k % tensor == 0:
+        return k / tensor
+    if tensor % k == 0:
+        return 1.0
+    raise LayoutError(f"tensor degree {tensor} neither divides nor is a multiple of {k} KV heads")
+
+
+def check_layout(cfg: ModelConfig, lay: Layout, batch: int, seq: int, grad_accum: int) -> None:
+    """Raise LayoutError when the layout cannot run this model and batch."""
+    kv_heads_per_device(cfg, lay.tensor)
+    if cfg.n_layers % (lay.stage * lay.virtual):
+        raise LayoutError(f"{lay.stage} stages x {lay.virtual} virtual do not divide {cfg.n_layers} layers")
+    if batch % (lay.replicas * grad_accum):
+        raise LayoutError(f"batch {batch} does not split into {lay.replicas} replicas x {grad_accum} micro-batches")
+    if seq % lay.context:
+        raise LayoutError(f"context degree {lay.context} does not divide sequence {seq}")
+    if lay.devices % max(1, lay.nodes):
+        raise LayoutError(f"{lay.devices} devices do not split evenly over {lay.nodes} nodes")
+
+
+def resolve_remat(remat: str | RematPolicy) -> RematPolicy:
+    if isinstance(remat, RematPolicy):
+        return remat
+    if remat not in REMAT_POLICIES:
+        raise LayoutError(f"unknown remat policy {remat!r}; one of {', '.join(REMAT_POLICIES)}")
+    return REMAT_POLICIES[remat]
+
+
+def _kept(pol: RematPolicy) -> set:
+    return set(REMAT_TENSORS) if "*" in pol.saved else set(pol.saved) | set(pol.offloaded)
+
+
+@dataclass(frozen=True)
+class _Dims:
+    """Per-device sizes of one micro-batch on one layer."""
+
+    T: float  # tokens on the device (micro-batch x seq / context)
+    d: int
+    q: float  # query width per device (heads x head_dim / t)
+    kv: float  # key (= value) width per device
+    f: float  # MLP width per device
+    ctx: float  # mean keys a query attends to (causal)
+    t: int
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, lay: Layout, micro: float, seq: int) -> "_Dims":
+        t = lay.tensor
+        return cls(T=micro * seq / lay.context, d=cfg.d_model, q=cfg.n_heads * cfg.head_dim / t,
+                   kv=kv_heads_per_device(cfg, t) * cfg.head_dim, f=cfg.d_ff / t, ctx=(seq + 1) / 2, t=t)
+
+
+def _matmuls(x: _Dims) -> dict:
+    """name -> (input width, output width, weight elements on the device, output tensor name)."""
+    return {
+        "q_proj": (x.d, x.q, x.d * x.q, "query_proj"), "k_proj": (x.d, x.kv, x.d * x.kv, "key_proj"),
+        "v_proj": (x.d, x.kv, x.d * x.kv, "value_proj"), "o_proj": (x.q, x.d, x.q * x.d, "out_proj"),
+        "mlp_gate": (x.d, x.f, x.d * x.f, "mlp_gate"), "mlp_up": (x.d, x.f, x.d * x.f, "mlp_up"),
+        "mlp_down": (x.f, x.d, x.f * x.d, "mlp_out"),
+    }
+
+
+def _layer_forward(x: _Dims) -> list[tuple[str, float, float, str]]:
+    """(name, flops, bytes, tagged output) of one layer's forward on one micro-batch."""
+    B, T = ACT_BYTES, x.T
+    out = []
+    for name, (i, o, w, tag) in _matmuls(x).items():
+        out.append((name, 2 * T * i * o, B * (T * i + w + T * o), tag))
+    out.append(("attention", 4 * T * x.ctx * x.q, B * T * (2 * x.q + 2 * x.kv), "context"))
+    # Elementwise (memory-bound): 2 RMSNorms (sequence-sharded), rotary on q/k, SwiGLU, 2 residual adds.
+    d_sh = x.d / x.t
+    out.append(("norms", 0.0, B * T * 4 * d_sh, "norm"))
+    out.append(("rotary", 0.0, B * T * 2 * (x.q + x.kv), "rotary"))
+    out.append(("swiglu", 0.0, B * T * 3 * x.f, "swiglu"))
+    out.append(("residual", 0.0, B * T * 6 * d_sh, "residual"))
+    return out
+
+
+#: Forward ops a backward pass needs recomputed when their output is not kept, and what they depend on.
+_NEEDS = {"q_proj": ("query_proj",), "k_proj": ("key_proj",), "v_proj": ("value_proj",),
+          "attention": ("context",), "o_proj": ("out_proj",), "mlp_gate": ("mlp_gate",),
+          "mlp_up": ("mlp_up",), "norms": (), "rotary": (), "swiglu": (), "residual": ()}
+
+
+def recomputed(pol: RematPolicy) -> list[str]:
+    """Forward ops re-run in the backward pass under `pol`. mlp_down's output feeds nothing the backward
+    needs, so it is never recomputed; elementwise ops are recomputed unless the policy keeps everything."""
+    if "*" in pol.saved:
+        return []
+    kept = _kept(pol)
+    out = [op for op, tags in _NEEDS.items() if tags and not set(tags) <= kept]
+    # Attention's inputs: recomputing it needs q, k, v (kept or recomputed: already listed).
+    return out + ["norms", "rotary", "swiglu", "residual"]
+
+
+def saved_bytes_per_token_layer(cfg: ModelConfig, lay: Layout, pol: RematPolicy) -> tuple[float, float]:
+    """(HBM, host) bytes one token's activations take per layer under `pol` (per device, sharded)."""
+    t = lay.tensor
+    x = _Dims.of(cfg, lay, 1, 1)
+    width = {"layer_input": cfg.d_model / t, "query_proj": x.q, "key_proj": x.kv, "value_proj": x.kv,
+             "context": x.q, "out_proj": cfg.d_model / t, "mlp_gate": x.f, "mlp_up": x.f,
+             "mlp_out": cfg.d_model / t}
+    if "*" in pol.saved:  # everything, plus norm outputs, rotary q/k, SwiGLU output and attention stats
+        hbm = sum(width.values()) + 2 * cfg.d_model / t + x.q + x.kv + x.f
+        return ACT_BYTES * hbm, 0.0
+    hbm = sum(width[n] for n in set(pol.saved) | {"layer_input"} if n in width and n not in pol.offloaded)
+    host = sum(width[n] for n in pol.offloaded if n in width)
+    return ACT_BYTES * hbm, ACT_BYTES * host
+
+
+def _op(name: str, flops: float, nbytes: float, count: float) -> Op:
+    return Op(name, "compute", flops=flops, bytes=nbytes, count=count, source="analytic")
+
+
+def _collective(name: str, kind: str, size: float, lay: Layout, axis: str, count: float) -> list[Op]:
+    """One collective of `size` bytes (the gathered / reduced tensor) over `axis`: the in-node share over
+    INTRA, the across-node share (bytes / members per node) over INTER."""
+    g, k = lay.group(axis)
+    if g * k <= 1 or size <= 0 or count <= 0:
+        return []
+
+    def fac(n):
+        return (2 if kind == "all-reduce" else 1) * (n - 1) / n
+
+    out = []
+    if g > 1:
+        out.append(Op(f"{name} ({axis})", "collective", bytes=fac(g) * size, count=count, link=INTRA,
+                      collective=kind, source="analytic"))
+    if k > 1:
+        out.append(Op(f"{name} ({axis}, across nodes)", "collective", bytes=fac(k) * size / g, count=count,
+                      link=INTER, collective=kind, source="analytic"))
+    return out
+
+
+def layer_params(cfg: ModelConfig) -> float:
+    """Weights of one transformer layer (matmuls; norms are negligible)."""
+    return cfg.d_model * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * cfg.d_model * cfg.d_ff
+
+
+def _layer_ops(x: _Dims, pol: RematPolicy, count: float) -> list[Op]:
+    """Forward, backward and remat recompute of one layer (per micro-batch, `count` executions)."""
+    fwd = _layer_forward(x)
+    redo = set(recomputed(pol))
+    ops = [_op(f"fwd {n}", fl, by, count) for n, fl, by, _ in fwd]
+    for n, fl, by, _ in fwd:
+        bwd_flops = fl * (2.5 if n == "attention" else 2.0)
+        ops.append(_op(f"bwd {n}", bwd_flops, 2 * by, count))
+        if n in redo:
+            ops.append(_op(f"remat {n}", fl, by, count))
+    return ops
+
+
+def _head_ops(cfg: ModelConfig, x: _Dims, count: float) -> list[Op]:
+    """Embedding gather, logits matmul (vocab-parallel over tensor) and cross-entropy in fp32."""
+    V = cfg.vocab_size / x.t
+    T, d, B = x.T, x.d, ACT_BYTES
+    return [
+        _op("embedding", 0.0, 2 * B * T * d, count),
+        _op("fwd logits", 2 * T * d * V, B * (T * d + V * d) + 4 * T * V, count),
+        _op("bwd logits", 4 * T * d * V, 2 * B * (T * d + V * d) + 4 * T * V, count),
+        _op("cross-entropy", 0.0, 3 * 4 * T * V, count),
+    ]
+
+
+def _param_bytes(param_dtype: str) -> int:
+    return {"bfloat16": 2, "float32": 4}[param_dtype]
+
+
+def shard_params(cfg: ModelConfig, lay: Layout) -> float:
+    """Parameters whose weights one device holds (sharded over fsdp, tensor and stage)."""
+    return cfg.n_params / (lay.fsdp * lay.tensor * lay.stage)
+
+
+def _collective_ops(cfg: ModelConfig, lay: Layout, x: _Dims, pol: RematPolicy, A: int, L: int,
+                    param_dtype: str) -> list[Op]:
+    B = ACT_BYTES
+    grad_b = 4 if param_dtype == "float32" or lay.zero1 else 2
+    lw = layer_params(cfg) / lay.tensor
+    head_w = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2) / lay.tensor / lay.stage
+    ops: list[Op] = []
+    for name, w, n in (("layer weights", lw, L * A), ("embedding weights", head_w, A)):
+        ops += _collective(f"fsdp all-gather fwd {name}", "all-gather", B * w, lay, "fsdp", n)
+        ops += _collective(f"fsdp all-gather bwd {name}", "all-gather", B * w, lay, "fsdp", n)
+        ops += _collective(f"fsdp reduce-scatter {name}", "reduce-scatter", grad_b * w, lay, "fsdp", n)
+    redo = recomputed(pol)
+    n_ar = 4 + ("o_proj" in redo) + ("mlp_gate" in redo)
+    ops += _collective("tensor all-reduce activations", "all-reduce", B * x.T * x.d, lay, "tensor", n_ar * L * A)
+    kv = lay.context * x.T * 2 * x.kv * B
+    ops += _collective("context all-gather k/v", "all-gather", kv, lay, "context", 2 * L * A)
+    ops += _collective("context reduce-scatter dk/dv", "reduce-scatter", kv, lay, "context", L * A)
+    ops += _collective("data all-reduce gradients", "all-reduce", grad_b * shard_params(cfg, lay), lay, "data", 1)
+    if lay.stage > 1:
+        g, k = lay.group("stage")
+        ops.append(Op("pipeline send activations/gradients", "collective", bytes=B * x.T * x.d / x.t,
+                      count=2 * A * lay.virtual, link=INTER if k > 1 else INTRA, collective="collective-permute",
+                      source="analytic"))
+    return ops
+
+
+def _offload_ops(cfg: ModelConfig, lay: Layout, x: _Dims, pol: RematPolicy, count: float,
+                 host_scale: float | None) -> list[Op]:
+    """Offloaded activations out (forward) and back (backward) over the host link.
+
+    estimate_step knows INTRA and INTER links only; the transfer is given as an INTRA op whose bytes are
+    scaled by intra bandwidth / host bandwidth so that it costs its PCIe time (and overlaps like a
+    collective, as XLA's host offload does)."""
+    _, host = saved_bytes_per_token_layer(cfg, lay, pol)
+    if not host or host_scale is None:
+        return []
+    return [Op("host offload activations (PCIe)", "collective", bytes=2 * host * x.T * host_scale, count=count,
+               link=INTRA, collective="host-transfer", source="analytic")]
+
+
+def host_scale_for(chip) -> float | None:
+    """intra-link bandwidth / host-link bandwidth for a catalog chip (None when either is unknown)."""
+    host = HOST_LINK.get(chip.family)
+    if host is None or not chip.link_bandwidth:
+        return None
+    return chip.link_bandwidth / chip.devices_per_chip / host
+
+
+def train_ops(cfg: ModelConfig, lay: Layout, batch: int, seq: int, remat: str | RematPolicy = "none",
+              grad_accum: int = 1, dtype: str = "bfloat16", param_dtype: str = "float32",
+              chip=None) -> list[Op]:
+    """The ops of one training step on one device (the busiest: every stage is assumed equal).
+
+    batch: global sequences per optimiser step; grad_accum: micro-batches (also the pipeline's); chip: a
+    catalog Chip, needed only to cost host offload. dtype: compute dtype (bf16 activations either way)."""
+    check_layout(cfg, lay, batch, seq, grad_accum)
+    pol = resolve_remat(remat)
+    A = grad_accum
+    L = cfg.n_layers // lay.stage
+    x = _Dims.of(cfg, lay, batch / lay.replicas / A, seq)
+    ops = _layer_ops(x, pol, L * A) + _head_ops(cfg, x, A)
+    if lay.stage > 1:
+        frac = (lay.stage - 1) / (A * lay.virtual)
+        ops += [_op("pipeline bubble (idle)", o.flops * frac, o.bytes * frac, o.count) for o in ops]
+    ops += _offload_ops(cfg, lay, x, pol, L * A, None if chip is None else host_scale_for(chip))
+    P = shard_params(cfg, lay) / (lay.data if lay.zero1 else 1)
+    w = _param_bytes(param_dtype)
+    ops.append(_op("optimizer update (AdamW)", 10 * P, P * (2 * w + 2 * 8 + w + (2 if w == 4 else 0)), 1))
+    return ops + _collective_ops(cfg, lay, x, pol, A, L, param_dtype)
+
+
+def train_memory(cfg: ModelConfig, lay: Layout, batch: int, seq: int, remat: str | RematPolicy = "none",
+                 grad_accum: int = 1, param_dtype: str = "float32") -> float:
+    """HBM bytes one device needs: weights, gradients and AdamW state (sharded per the layout), the
+    activations the remat policy saves for every micro-batch in flight, one gathered layer (double
+    buffered under FSDP) and the fp32 logits of one micro-batch."""
+    check_layout(cfg, lay, batch, seq, grad_accum)
+    pol = resolve_remat(remat)
+    P = shard_params(cfg, lay)
+    if lay.zero1:
+        state = P * (2 + 4 + 12 / lay.data)
+    else:
+        w = _param_bytes(param_dtype)
+        state = P * (2 * w + 8)
+    x = _Dims.of(cfg, lay, batch / lay.replicas / grad_accum, seq)
+    hbm_tok, _ = saved_bytes_per_token_layer(cfg, lay, pol)
+    in_flight = min(lay.stage, grad_accum) if lay.stage > 1 else 1
+    acts = hbm_tok * x.T * (cfg.n_layers // lay.stage) * in_flight
+    gathered = 2 * ACT_BYTES * layer_params(cfg) / lay.tensor if lay.fsdp > 1 else 0.0
+    working = ACT_BYTES * x.T * (4 * x.d / x.t + 3 * x.f + 2 * x.q)  # one layer's live tensors in backward
+    logits = 2 * 4 * x.T * cfg.vocab_size / lay.tensor
+    return state + acts + gathered + working + logits
+
+
+def train_model_flops(cfg: ModelConfig, batch: int, seq: int) -> float:
+    """Model FLOPs of one step, all devices (polychip.model.flops: causal attention): the MFU numerator."""
+    from polychip.model import flops as F
+
+    return F.train_flops_per_step(cfg, batch, seq)
