@@ -2,11 +2,12 @@
 
 Each measured or published training record is priced with the configuration it actually ran (its
 `layout`, `remat` and `grad_accum`; the planner's best fitting configuration where the record gives none)
-as an analytic op list. The fit picks compute / memory / link efficiencies and the overlap fraction that
-minimise the median relative error over the family's records (grid search; ties go to the grid's middle
-so a parameter the records cannot see stays neutral). `band` is the leave-one-out median |error|: each
-record predicted by a fit that did not see it. A family with fewer than two records borrows the fit over
-every record (and its band), and says so.
+as an analytic op list. The fit is in two stages, each minimising the median relative error (grid search;
+ties go to the grid's middle so a parameter the records cannot see stays neutral): memory and link
+efficiencies and the overlap fraction over every record, then each family's compute efficiency over its
+own records (a family has too few records to pin four parameters). `band` is the leave-one-out median
+|error| of the family: each record predicted by a fit that did not see it (a family's only record is
+predicted with the other families' compute efficiency).
 """
 from __future__ import annotations
 
@@ -79,15 +80,25 @@ def _grid_times(p: Priced) -> np.ndarray:
     return tcomp[:, :, None, None] + exposed
 
 
-def _fit(priced: list[Priced]) -> Calibration:
-    errs = np.stack([np.abs(_grid_times(p) / p.record.step_time_s - 1) for p in priced])
-    med = np.median(errs, axis=0)
-    # Ties (parameters the records cannot see) go to the middle of the grid.
-    mid = (np.abs(np.arange(len(ME)) - 2)[None, :, None, None] + np.abs(np.arange(len(LE)) - 2)[None, None, :, None]
-           + np.abs(np.arange(len(OV)) - 2)[None, None, None, :])
-    i = np.unravel_index(np.argmin(med + 1e-6 * mid), med.shape)
-    return Calibration(compute_efficiency=float(CE[i[0]]), memory_efficiency=ME[i[1]], link_efficiency=LE[i[2]],
-                       overlap=OV[i[3]], band=None, source="")
+def _objective(errs: np.ndarray) -> np.ndarray:
+    """Median |error| over records (axis 0); the mean breaks its near-ties (a median over few records
+    ignores all but the middle ones)."""
+    return np.median(errs, axis=0) + 0.1 * errs.mean(axis=0)
+
+
+def fit_families(groups: dict[str, list[Priced]]) -> dict[str, Calibration]:
+    """Memory and link efficiencies and overlap shared by every record, compute efficiency per family,
+    fitted jointly: for each shared triple the family's best compute efficiency, then the triple whose
+    median |error| over all records is lowest (ties to the grid's middle)."""
+    fams = [f for f in groups if groups[f]]
+    errs = {f: np.stack([np.abs(_grid_times(p) / p.record.step_time_s - 1) for p in groups[f]]) for f in fams}
+    best_ce = {f: np.argmin(_objective(errs[f]), axis=0) for f in fams}  # [ME, LE, OV] -> CE index
+    picked = np.concatenate([np.take_along_axis(errs[f], best_ce[f][None, None], axis=1)[:, 0] for f in fams])
+    mid = (np.abs(np.arange(len(ME)) - 2)[:, None, None] + np.abs(np.arange(len(LE)) - 2)[None, :, None]
+           + np.abs(np.arange(len(OV)) - 2)[None, None, :])
+    j = np.unravel_index(np.argmin(_objective(picked) + 1e-6 * mid), mid.shape)
+    return {f: Calibration(compute_efficiency=float(CE[best_ce[f][j]]), memory_efficiency=ME[j[0]],
+                           link_efficiency=LE[j[1]], overlap=OV[j[2]]) for f in fams}
 
 
 @dataclass
@@ -132,19 +143,26 @@ def fit(records: list[Record], chips: dict[str, Chip]) -> TrainFit:
     if not priced:
         return out
     everything = [p for _, p in priced]
-    for fam in sorted({f for f, _ in priced}):
-        mine = [p for f, p in priced if f == fam]
-        pool = mine if len(mine) >= 2 else everything
+    groups = {f: [p for g, p in priced if g == f] for f in sorted({f for f, _ in priced})}
+    fitted = fit_families(groups)
+    for fam, mine in groups.items():
         for p in mine:
-            rest = [q for q in pool if q is not p] or [q for q in everything if q is not p]
-            if rest:
-                t = predict(p, _fit(rest))
-                out.loo.append(LooRow(p.record, t, t / p.record.step_time_s - 1, p.config))
-        fam_rows = [abs(x.error) for x in out.loo if chips[x.record.chip].family == fam]
-        band = statistics.median(fam_rows) if fam_rows else None
-        how = f"{len(mine)} {fam} record(s)" if pool is mine else f"all {len(everything)} records ({len(mine)} on {fam})"
-        out.by_family[fam] = replace(_fit(pool), band=band, source=f"fitted on {how}")
+            held = {f: [q for q in ps if q is not p] for f, ps in groups.items()}
+            if not any(held.values()):
+                continue
+            cals = fit_families(held)
+            # A family's only record is predicted with the mean compute efficiency of the others.
+            cal = cals.get(fam) or replace(next(iter(cals.values())), compute_efficiency=float(
+                np.mean([c.compute_efficiency for c in cals.values()])))
+            t = predict(p, cal)
+            out.loo.append(LooRow(p.record, t, t / p.record.step_time_s - 1, p.config))
+        rows = [abs(x.error) for x in out.loo if chips[x.record.chip].family == fam]
+        out.by_family[fam] = replace(fitted[fam], band=statistics.median(rows) if rows else None,
+                                     source=f"compute efficiency fitted on {len(mine)} {fam} record(s); memory, "
+                                            f"link and overlap on all {len(everything)}")
     allrows = [abs(x.error) for x in out.loo]
-    out.pooled = replace(_fit(everything), band=statistics.median(allrows) if allrows else None,
-                         source=f"fitted on all {len(everything)} records (no record of this chip family)")
+    mean_ce = float(np.mean([c.compute_efficiency for c in fitted.values()]))
+    out.pooled = replace(next(iter(fitted.values())), compute_efficiency=mean_ce,
+                         band=statistics.median(allrows) if allrows else None,
+                         source=f"mean compute efficiency of {len(fitted)} fitted families (none of this family)")
     return out
