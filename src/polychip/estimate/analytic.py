@@ -346,7 +346,7 @@ def train_memory(cfg: ModelConfig, lay: Layout, batch: int, seq: int, remat: str
                  grad_accum: int = 1, param_dtype: str = "float32") -> float:
     """HBM bytes one device needs: weights, gradients and AdamW state (sharded per the layout), the
     activations the remat policy saves for every micro-batch in flight, one gathered layer (double
-    buffered under FSDP) and the fp32 logits of one micro-batch."""
+    buffered under FSDP), one layer's backward working set and the logits of one micro-batch."""
     check_layout(cfg, lay, batch, seq, grad_accum)
     pol = resolve_remat(remat)
     P = shard_params(cfg, lay)
@@ -360,8 +360,10 @@ def train_memory(cfg: ModelConfig, lay: Layout, batch: int, seq: int, remat: str
     in_flight = min(lay.stage, grad_accum) if lay.stage > 1 else 1
     acts = hbm_tok * x.T * (cfg.n_layers // lay.stage) * in_flight
     gathered = 2 * ACT_BYTES * layer_params(cfg) / lay.tensor if lay.fsdp > 1 else 0.0
-    working = ACT_BYTES * x.T * (4 * x.d / x.t + 3 * x.f + 2 * x.q)  # one layer's live tensors in backward
-    logits = 2 * 4 * x.T * cfg.vocab_size / lay.tensor
+    # One layer's live tensors in its backward: the residual and its gradient, plus the larger of the MLP's
+    # (gate, up, SwiGLU) and attention's (q, output, its gradient, k, v) intermediates.
+    working = ACT_BYTES * x.T * (2 * x.d / x.t + max(3 * x.f, 3 * x.q + 2 * x.kv))
+    logits = ACT_BYTES * x.T * cfg.vocab_size / lay.tensor  # one bf16 copy; the loss is fused over it
     return state + acts + gathered + working + logits
 
 
