@@ -92,7 +92,7 @@ def test_any_divisor_accumulation_and_tensor_refusal():
         A.kv_heads_per_device(l405, 3)
     assert A.kv_heads_per_device(l405, 16) == 1.0  # KV heads replicated (16 is a multiple of 8)
     assert 3 not in S.tensor_degrees(l405, 192, 8) and 6 not in S.tensor_degrees(l405, 192, 8)
-    with pytest.raises(A.LayoutError, match="do not divide 2 layers"):
+    with pytest.raises(A.LayoutError, match="exceed 2 layers"):
         A.train_ops(CFG, A.Layout(fsdp=2, stage=4), 8, 32)
     with pytest.raises(A.LayoutError, match="micro-batches"):
         A.train_ops(CFG, LAY, 8, 32, grad_accum=3)

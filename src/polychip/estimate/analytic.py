@@ -109,8 +109,8 @@ def kv_heads_per_device(cfg: ModelConfig, tensor: int) -> float:
 def check_layout(cfg: ModelConfig, lay: Layout, batch: int, seq: int, grad_accum: int) -> None:
     """Raise LayoutError when the layout cannot run this model and batch."""
     kv_heads_per_device(cfg, lay.tensor)
-    if cfg.n_layers % (lay.stage * lay.virtual):
-        raise LayoutError(f"{lay.stage} stages x {lay.virtual} virtual do not divide {cfg.n_layers} layers")
+    if lay.stage * lay.virtual > cfg.n_layers:
+        raise LayoutError(f"{lay.stage} stages x {lay.virtual} virtual exceed {cfg.n_layers} layers")
     if batch % (lay.replicas * grad_accum):
         raise LayoutError(f"batch {batch} does not split into {lay.replicas} replicas x {grad_accum} micro-batches")
     if seq % lay.context:
@@ -329,7 +329,7 @@ def train_ops(cfg: ModelConfig, lay: Layout, batch: int, seq: int, remat: str | 
     check_layout(cfg, lay, batch, seq, grad_accum)
     pol = resolve_remat(remat)
     A = grad_accum
-    L = cfg.n_layers // lay.stage
+    L = -(-cfg.n_layers // lay.stage)  # the busiest stage (Megatron splits 126 layers over 8 stages unevenly)
     x = _Dims.of(cfg, lay, batch / lay.replicas / A, seq)
     ops = _layer_ops(x, pol, L * A) + _head_ops(cfg, x, A)
     if lay.stage > 1:
@@ -358,7 +358,7 @@ def train_memory(cfg: ModelConfig, lay: Layout, batch: int, seq: int, remat: str
     x = _Dims.of(cfg, lay, batch / lay.replicas / grad_accum, seq)
     hbm_tok, _ = saved_bytes_per_token_layer(cfg, lay, pol)
     in_flight = min(lay.stage, grad_accum) if lay.stage > 1 else 1
-    acts = hbm_tok * x.T * (cfg.n_layers // lay.stage) * in_flight
+    acts = hbm_tok * x.T * -(-cfg.n_layers // lay.stage) * in_flight
     gathered = 2 * ACT_BYTES * layer_params(cfg) / lay.tensor if lay.fsdp > 1 else 0.0
     # One layer's live tensors in its backward: the residual and its gradient, plus the larger of the MLP's
     # (gate, up, SwiGLU) and attention's (q, output, its gradient, k, v) intermediates.
