@@ -126,8 +126,23 @@ def predict(p: Priced, cal: Calibration) -> float:
     return tcomp + max(p.tc / cal.link_efficiency - cal.overlap * tcomp, 0.0)
 
 
+_FITS: dict = {}
+
+
 def fit(records: list[Record], chips: dict[str, Chip]) -> TrainFit:
-    """Fit per family on measured and published training records; uncalibrated where there are none."""
+    """Fit per family on measured and published training records; uncalibrated where there are none.
+    Fits are remembered per (records, catalog): a planner builds one per run, tests build many."""
+    try:
+        key = (tuple(records), tuple(sorted(chips.items())))
+        hash(key)
+    except TypeError:
+        return _fit_records(records, chips)
+    if key not in _FITS:
+        _FITS[key] = _fit_records(records, chips)
+    return _FITS[key]
+
+
+def _fit_records(records: list[Record], chips: dict[str, Chip]) -> TrainFit:
     priced = []
     for r in records:
         chip = chips.get(r.chip)
