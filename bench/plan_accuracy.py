@@ -71,8 +71,8 @@ def main() -> None:
     cat = load_catalog()
     fit = C.fit(published_train_records(), cat)
     print("calibration (estimate; fitted on published records):")
-    for fam, cal in fit.by_family.items():
-        print(f"  {fam:9s} compute {cal.compute_efficiency:.2f} memory {cal.memory_efficiency:.2f} "
+    for name, cal in [*fit.by_family.items(), *fit.by_chip.items()]:
+        print(f"  {name:11s} compute {cal.compute_efficiency:.2f} memory {cal.memory_efficiency:.2f} "
               f"link {cal.link_efficiency:.2f} overlap {cal.overlap:.2f}  band {cal.band:.1%}")
     print("\n1. leave-one-out over the calibration records (tokens/s/chip: estimate vs published)")
     for x in fit.loo:

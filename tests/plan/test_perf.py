@@ -60,13 +60,17 @@ def test_record_of_another_size_is_scaled_by_the_estimators_ratio():
     assert pm.train(W, CAT["h200"], 64).source == "estimate"  # another chip's record is not used directly
 
 
-def test_calibration_is_per_family_with_a_leave_one_out_band():
+def test_calibration_is_per_chip_and_family_with_a_leave_one_out_band():
     fit = C.fit(published_train_records(), CAT)
     assert set(fit.by_family) == {"gpu", "tpu", "trainium"}
     for fam, cal in fit.by_family.items():
         assert 0.1 < cal.compute_efficiency <= 1.0 and cal.band is not None, (fam, cal)
     assert len(fit.loo) == len(published_train_records())
-    # b200 has no record of its own: a family fit (gpu) applies; a family with none gets the pooled one.
+    # A chip with a record of its own gets its own compute efficiency (and, with one record, its family's
+    # band); b200 has none: the gpu family's applies; a family with none gets the pooled one.
+    own = fit.for_chip(CAT["h100-hbm2e"])
+    assert own is fit.by_chip["h100-hbm2e"] and own.band == fit.by_family["gpu"].band
+    assert own.compute_efficiency < fit.by_chip["h100"].compute_efficiency  # the 500 W part runs slower
     assert fit.for_chip(CAT["b200"]) is fit.by_family["gpu"]
     assert "mean compute efficiency" in fit.for_chip(CAT["inf2"]).source
 

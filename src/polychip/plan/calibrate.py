@@ -2,12 +2,14 @@
 
 Each measured or published training record is priced with the configuration it actually ran (its
 `layout`, `remat` and `grad_accum`; the planner's best fitting configuration where the record gives none)
-as an analytic op list. The fit is in two stages, each minimising the median relative error (grid search;
-ties go to the grid's middle so a parameter the records cannot see stays neutral): memory and link
-efficiencies and the overlap fraction over every record, then each family's compute efficiency over its
-own records (a family has too few records to pin four parameters). `band` is the leave-one-out median
-|error| of the family: each record predicted by a fit that did not see it (a family's only record is
-predicted with the other families' compute efficiency).
+as an analytic op list. Memory and link efficiencies and the overlap fraction are shared by every record
+(a chip family has too few records to pin four parameters); the compute efficiency is fitted per chip
+that has records (a power-limited H100 is not an H100 at 700 W), jointly with the shared figures, and per
+family on the family's records for chips without any. Each fit minimises the median relative error (the
+mean breaks ties; grid search, remaining ties to the grid's middle so a parameter the records cannot see
+stays neutral). `band` is the leave-one-out median |error|: each record predicted by a fit that did not
+see it (so a chip's only record is predicted with its family's efficiency, a family's only record with
+the mean of the others); a chip with one record carries its family's band.
 """
 from __future__ import annotations
 
@@ -111,14 +113,16 @@ class LooRow:
 
 @dataclass
 class TrainFit:
-    """family -> Calibration (band = leave-one-out median |error|), with the leave-one-out rows."""
+    """Calibrations by chip (chips with records of their own), by family and pooled (band = leave-one-out
+    median |error|), with the leave-one-out rows."""
 
+    by_chip: dict = field(default_factory=dict)
     by_family: dict = field(default_factory=dict)
     loo: list = field(default_factory=list)
     pooled: Calibration = field(default_factory=Calibration)
 
     def for_chip(self, chip: Chip) -> Calibration:
-        return self.by_family.get(chip.family, self.pooled)
+        return self.by_chip.get(chip.name) or self.by_family.get(chip.family) or self.pooled
 
 
 def predict(p: Priced, cal: Calibration) -> float:
@@ -126,11 +130,30 @@ def predict(p: Priced, cal: Calibration) -> float:
     return tcomp + max(p.tc / cal.link_efficiency - cal.overlap * tcomp, 0.0)
 
 
+def _compute_only(shared: Calibration, mine: list[Priced]) -> Calibration:
+    """The compute efficiency that fits `mine` best with the shared memory / link / overlap figures."""
+    errs = np.stack([np.abs(np.array([predict(p, replace(shared, compute_efficiency=float(c))) for c in CE])
+                            / p.record.step_time_s - 1) for p in mine])
+    return replace(shared, compute_efficiency=float(CE[int(np.argmin(_objective(errs)))]))
+
+
+def _calibrations(priced: list) -> tuple[dict, dict, Calibration]:
+    """(by chip, by family, pooled) from (chip, Priced) pairs: memory / link / overlap shared by all, compute
+    efficiency per chip (jointly fitted), then per family on the family's records with the shared rest."""
+    names = sorted({c.name for c, _ in priced})
+    by_chip = fit_families({n: [p for c, p in priced if c.name == n] for n in names})
+    shared = next(iter(by_chip.values()))
+    fams = sorted({c.family for c, _ in priced})
+    by_fam = {f: _compute_only(shared, [p for c, p in priced if c.family == f]) for f in fams}
+    pooled = replace(shared, compute_efficiency=float(np.mean([c.compute_efficiency for c in by_fam.values()])))
+    return by_chip, by_fam, pooled
+
+
 _FITS: dict = {}
 
 
 def fit(records: list[Record], chips: dict[str, Chip]) -> TrainFit:
-    """Fit per family on measured and published training records; uncalibrated where there are none.
+    """Fit on measured and published training records; uncalibrated where there are none.
     Fits are remembered per (records, catalog): a planner builds one per run, tests build many."""
     try:
         key = (tuple(records), tuple(sorted(chips.items())))
@@ -142,8 +165,8 @@ def fit(records: list[Record], chips: dict[str, Chip]) -> TrainFit:
     return _FITS[key]
 
 
-def _fit_records(records: list[Record], chips: dict[str, Chip]) -> TrainFit:
-    priced = []
+def _priced(records: list[Record], chips: dict[str, Chip]) -> list:
+    out = []
     for r in records:
         chip = chips.get(r.chip)
         if r.mode != "train" or r.source not in ("measured", "published") or chip is None:
@@ -153,31 +176,41 @@ def _fit_records(records: list[Record], chips: dict[str, Chip]) -> TrainFit:
         except (ValueError, A.LayoutError):
             p = None
         if p is not None:
-            priced.append((chip.family, p))
+            out.append((chip, p))
+    return out
+
+
+def _median(xs: list) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def _fit_records(records: list[Record], chips: dict[str, Chip]) -> TrainFit:
+    priced = _priced(records, chips)
     out = TrainFit()
     if not priced:
         return out
-    everything = [p for _, p in priced]
-    groups = {f: [p for g, p in priced if g == f] for f in sorted({f for f, _ in priced})}
-    fitted = fit_families(groups)
-    for fam, mine in groups.items():
-        for p in mine:
-            held = {f: [q for q in ps if q is not p] for f, ps in groups.items()}
-            if not any(held.values()):
-                continue
-            cals = fit_families(held)
-            # A family's only record is predicted with the mean compute efficiency of the others.
-            cal = cals.get(fam) or replace(next(iter(cals.values())), compute_efficiency=float(
-                np.mean([c.compute_efficiency for c in cals.values()])))
-            t = predict(p, cal)
-            out.loo.append(LooRow(p.record, t, t / p.record.step_time_s - 1, p.config))
-        rows = [abs(x.error) for x in out.loo if chips[x.record.chip].family == fam]
-        out.by_family[fam] = replace(fitted[fam], band=statistics.median(rows) if rows else None,
+    for chip, p in priced:
+        rest = [(c, q) for c, q in priced if q is not p]
+        if not rest:
+            continue
+        held = TrainFit(*_calibrations(rest))
+        t = predict(p, held.for_chip(chip))
+        out.loo.append(LooRow(p.record, t, t / p.record.step_time_s - 1, p.config))
+    by_chip, by_fam, pooled = _calibrations(priced)
+    n = len(priced)
+    err = {id(x.record): abs(x.error) for x in out.loo}
+    for fam, cal in by_fam.items():
+        mine = [p for c, p in priced if c.family == fam]
+        out.by_family[fam] = replace(cal, band=_median([err[id(p.record)] for p in mine if id(p.record) in err]),
                                      source=f"compute efficiency fitted on {len(mine)} {fam} record(s); memory, "
-                                            f"link and overlap on all {len(everything)}")
-    allrows = [abs(x.error) for x in out.loo]
-    mean_ce = float(np.mean([c.compute_efficiency for c in fitted.values()]))
-    out.pooled = replace(next(iter(fitted.values())), compute_efficiency=mean_ce,
-                         band=statistics.median(allrows) if allrows else None,
-                         source=f"mean compute efficiency of {len(fitted)} fitted families (none of this family)")
+                                            f"link and overlap on all {n}")
+    for name, cal in by_chip.items():
+        mine = [p for c, p in priced if c.name == name]
+        fam = next(c.family for c, _ in priced if c.name == name)
+        band = _median([err[id(p.record)] for p in mine]) if len(mine) >= 2 else out.by_family[fam].band
+        out.by_chip[name] = replace(cal, band=band, source=f"compute efficiency fitted on {len(mine)} {name} "
+                                    f"record(s) (band: {'its own' if len(mine) >= 2 else fam + ' family'} leave-one-out); "
+                                    f"memory, link and overlap on all {n}")
+    out.pooled = replace(pooled, band=_median(list(err.values())),
+                         source=f"mean compute efficiency of {len(by_fam)} families (no record of this family)")
     return out
