@@ -107,12 +107,14 @@ def published_train_records() -> list[Record]:
             "global batch 128 and remat full assumed (not in the quoted table); layout: the planner's choice",
             None, None),
         train_record(
-            "trn1", "llama3-8b", 512, 1024, 8192, 767, "dots",
-            "aws-neuron-sdk trn1 training performance table: NxD Llama-3.1-8B, 512 chips (32 trn1.32xlarge), "
-            "seq 8192, global batch 1024, '~767' tokens/s/chip",
-            "NxD selective checkpointing (attention core recomputed) modelled as remat dots; tensor parallel + "
-            "ZeRO-1 per the NxD Llama tutorial, degree 8 and micro-batch 1 (16 micro-batches) assumed",
-            Layout(data=64, tensor=8, nodes=32, zero1=True), 16),
+            "trn1", "llama3-8b", 512, 1024, 8192, 41.99 * 8192 / 512, "dots",
+            "https://awsdocs-neuron.readthedocs-hosted.com/en/latest/general/benchmarks/trn1/trn1-training-performance.html "
+            "(update of May 20th, 2025): 'Llama-3.1-8B pre-training | trn1.32xlarge/trn1n.32xlarge | "
+            "Autocast:BF16+FP32Optimizer | 32 | TP=32 DP=32 PP=1 ZeRO-1 | 1 | 1024 | AdamW | 8192 | 41.99' "
+            "(nodes, topology in NeuronCores, microbatch, global batch, optimizer, sequence, seq/sec)",
+            "TP=32 NeuronCores = the 16 chips of one node (2 cores per chip): tensor 16 x data 32 in chips; "
+            "NxD selective checkpointing (attention core recomputed) modelled as remat dots",
+            Layout(data=32, tensor=16, nodes=32, zero1=True), 32),
     ]
 
 
