@@ -33,7 +33,7 @@ def test_estimate_is_the_shared_estimator_over_the_chosen_configuration():
     e = pm.train(W, h100, 64)
     assert e.source == "estimate" and "band n/a (uncalibrated)" in e.detail
     # The same configuration priced directly by estimate.estimate_step gives the same step time.
-    ops = A.train_ops(L8, e.layout, 256, 8192, "full", e.grad_accum, chip=h100)
+    ops = A.train_ops(L8, e.layout, 256, 8192, "full", e.grad_accum, chip=h100, param_dtype="bfloat16")
     assert e.step_time_s == pytest.approx(estimate_step(ops, machine_for(h100), EstCal()).t_step, rel=1e-12)
     assert e.layout.devices == 64 and e.layout.nodes == 8  # 64 H100s are 8 hosts
 
@@ -53,8 +53,8 @@ def test_record_of_another_size_is_scaled_by_the_estimators_ratio():
     e = pm.train(W, h100, 128)
     cal = pm.train_fit.for_chip(h100)
     ref = estimate_step(A.train_ops(L8, lay, 256, 8192, "full", 1, chip=h100), machine_for(h100), cal).t_step
-    new = estimate_step(A.train_ops(L8, e.layout, 256, 8192, "full", e.grad_accum, chip=h100), machine_for(h100),
-                        cal).t_step
+    new = estimate_step(A.train_ops(L8, e.layout, 256, 8192, "full", e.grad_accum, chip=h100, param_dtype="bfloat16"),
+                        machine_for(h100), cal).t_step
     assert e.source == "measured" and "scaled" in e.detail
     assert e.step_time_s == pytest.approx(2.0 * new / ref)
     assert pm.train(W, CAT["h200"], 64).source == "estimate"  # another chip's record is not used directly

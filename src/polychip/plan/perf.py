@@ -203,7 +203,9 @@ class PerfModel:
         remats = S.REMAT_ORDER if w.remat == "auto" else (w.remat,)
         cal = self.train_fit.for_chip(chip)
         try:
-            choice = S.best(w.model, chip, n, w.batch, w.seq_len, remats, cal, max_tensor=w.max_tensor)
+            # bf16 weights: the configuration launch.py writes (train.param_dtype=bfloat16).
+            choice = S.best(w.model, chip, n, w.batch, w.seq_len, remats, cal, max_tensor=w.max_tensor,
+                            param_dtype="bfloat16")
         except ValueError:  # the chip has no link figure for a collective every layout needs
             choice = None
         r = self._direct(w, chip, n, remats)
@@ -220,7 +222,7 @@ class PerfModel:
         else:
             lay, a, remat, need = choice.layout, choice.grad_accum, choice.remat, choice.hbm_bytes
             t, src, bound = choice.est.t_step, "estimate", choice.est.bound
-            detail = (f"estimate: {lay.text()}, remat {remat}, {a} micro-batches, {bound}-bound; "
+            detail = (f"{lay.text()}, remat {remat}, {a} micro-batches, {bound}-bound; "
                       f"calibration {cal.source}, {_band(cal)}")
             ref = self._record_estimate(r, chip, cal) if r is not None else None
             if ref:
