@@ -67,6 +67,9 @@ def published_tps(row: dict) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--oos", default=str(Path(__file__).with_name("plan_oos.yaml")))
+    ap.add_argument("--loo-only", action="store_true",
+                    help="print the calibration and leave-one-out table only (while changing the model, so that "
+                         "no decision sees the out-of-sample rows)")
     args = ap.parse_args()
     cat = load_catalog()
     fit = C.fit(published_train_records(), cat)
@@ -81,6 +84,8 @@ def main() -> None:
         print(f"  {r.chip:11s} {r.model_name:11s} {r.chips:5d} chips  est {real / (1 + x.error):8.0f}  "
               f"pub {real:8.0f}  {x.error:+6.1%}  [{x.config}]")
     print(f"  median |error| {statistics.median(abs(x.error) for x in fit.loo):.1%} over {len(fit.loo)} records")
+    if args.loo_only:
+        return
     rows = yaml.safe_load(Path(args.oos).read_text())["rows"]
     print("\n2. out of sample (tokens/s/chip: estimate vs published)")
     errs = {"bf16": [], "fp8": []}

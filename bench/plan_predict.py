@@ -28,7 +28,7 @@ from polychip.config import build_config
 from polychip.hardware.detect import cpu_chip, current_chip
 from polychip.estimate import Calibration as EstCal
 from polychip.estimate import analytic as A
-from polychip.estimate import estimate_step, machine_for
+from polychip.estimate import estimate_step
 from polychip.plan import calibrate as C
 from polychip.plan.records import parse_record, write_record
 from polychip.train.step import StepSpec
@@ -102,7 +102,7 @@ def main() -> None:
     for i, r in enumerate(rows):
         c = chips[r.chip]
         lay = A.Layout(fsdp=r.chips)
-        raw = estimate_step(A.train_ops(r.model, lay, r.batch, r.seq, r.remat, 1), machine_for(c), EstCal())
+        raw = estimate_step(A.train_ops(r.model, lay, r.batch, r.seq, r.remat, 1), A.machine(c), EstCal())
         pred = C.fit(rows[:i] + rows[i + 1:], chips).for_chip(c)
         p = C.price_record(dataclasses.replace(r, layout=lay, grad_accum=1), c)
         t = C.predict(p, pred)

@@ -7,7 +7,8 @@ T = 64 tokens; per device the query width is 4 x 16 / 2 = 32, the KV width 2 / 2
 import pytest
 
 from polychip.config import MODEL_PRESETS, ModelConfig
-from polychip.estimate import INTER, INTRA
+from polychip.estimate import INTER, INTRA, Calibration, Machine, Op, estimate_step
+from polychip.estimate.ops import HOST
 from polychip.estimate import analytic as A
 from polychip.hardware import load_catalog
 from polychip.plan import search as S
@@ -67,9 +68,23 @@ def test_remat_policies_recompute_what_they_do_not_keep():
     hbm_full, host_full = A.saved_bytes_per_token_layer(CFG, LAY, A.resolve_remat("full"))
     hbm_off, host_off = A.saved_bytes_per_token_layer(CFG, LAY, A.resolve_remat("offload_layer_input"))
     assert (hbm_full, host_full) == (2 * 32, 0) and (hbm_off, host_off) == (0, 2 * 32)  # d / t = 32 bf16 values
-    off = ops("offload_layer_input", chip=load_catalog()["h100"])["host offload activations (PCIe)"]
-    # out and back: 2 x 64 B x T, scaled so that the intra link (900 GB/s) takes the PCIe time (64 GB/s).
-    assert off.bytes == pytest.approx(2 * 64 * 64 * 900 / 64)
+    off = ops("offload_layer_input")["host offload activations (PCIe)"]
+    assert (off.bytes, off.link) == (2 * 64 * 64, HOST)  # out and back: 2 x 64 B x T, over the host link
+
+
+def test_host_transfers_run_beside_the_network():
+    """Host (PCIe) and network collectives are separate resources: the step exposes the larger remainder.
+    Machine: 1 TFLOP/s, links 1 GB/s each. Compute 1 s; network 1.5 s; host 2 s; overlap 0.5 hides 0.5 s
+    of each: exposed max(1.0, 1.5) = 1.5 s, step 2.5 s (a single pool would have exposed 3.0 s)."""
+    m = Machine(peak_flops=1e12, hbm_bandwidth=1e12, intra_bandwidth=1e9, inter_bandwidth=1e9, host_bandwidth=1e9)
+    step = [Op("mm", flops=1e12), Op("ag", "collective", bytes=1.5e9, link=INTRA),
+            Op("offload", "collective", bytes=2e9, link=HOST)]
+    est = estimate_step(step, m, Calibration(overlap=0.5))
+    assert (est.t_step, est.t_exposed_collectives, est.by_link[HOST]) == (2.5, 1.5, 2.0)
+    with pytest.raises(ValueError, match="no host link"):
+        estimate_step(step, Machine(1e12, 1e12, 1e9, 1e9))
+    v6e = load_catalog()["tpu-v6e"]
+    assert A.machine(v6e).host_bandwidth == A.HOST_LINK["tpu"]
 
 
 def test_pipeline_adds_sends_and_its_bubble():

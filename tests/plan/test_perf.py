@@ -7,7 +7,7 @@ import pytest
 
 from polychip.config import MODEL_PRESETS
 from polychip.estimate import Calibration as EstCal
-from polychip.estimate import estimate_step, machine_for
+from polychip.estimate import estimate_step
 from polychip.estimate import analytic as A
 from polychip.hardware import load_catalog
 from polychip.plan import PlanError, TrainWorkload, load_records, parse_record
@@ -34,7 +34,7 @@ def test_estimate_is_the_shared_estimator_over_the_chosen_configuration():
     assert e.source == "estimate" and "band n/a (uncalibrated)" in e.detail
     # The same configuration priced directly by estimate.estimate_step gives the same step time.
     ops = A.train_ops(L8, e.layout, 256, 8192, "full", e.grad_accum, chip=h100, param_dtype="bfloat16")
-    assert e.step_time_s == pytest.approx(estimate_step(ops, machine_for(h100), EstCal()).t_step, rel=1e-12)
+    assert e.step_time_s == pytest.approx(estimate_step(ops, A.machine(h100), EstCal()).t_step, rel=1e-12)
     assert e.layout.devices == 64 and e.layout.nodes == 8  # 64 H100s are 8 hosts
 
 
@@ -52,9 +52,9 @@ def test_record_of_another_size_is_scaled_by_the_estimators_ratio():
     pm = PerfModel([rec(chips=64, step=2.0, layout={"fsdp": 64, "nodes": 8}, grad_accum=1)], CAT)
     e = pm.train(W, h100, 128)
     cal = pm.train_fit.for_chip(h100)
-    ref = estimate_step(A.train_ops(L8, lay, 256, 8192, "full", 1, chip=h100), machine_for(h100), cal).t_step
+    ref = estimate_step(A.train_ops(L8, lay, 256, 8192, "full", 1, chip=h100), A.machine(h100), cal).t_step
     new = estimate_step(A.train_ops(L8, e.layout, 256, 8192, "full", e.grad_accum, chip=h100, param_dtype="bfloat16"),
-                        machine_for(h100), cal).t_step
+                        A.machine(h100), cal).t_step
     assert e.source == "measured" and "scaled" in e.detail
     assert e.step_time_s == pytest.approx(2.0 * new / ref)
     assert pm.train(W, CAT["h200"], 64).source == "estimate"  # another chip's record is not used directly
@@ -89,7 +89,7 @@ def test_calibration_recovers_hidden_efficiencies():
             n = rng.choice([8, 16, 32, 64])
             lay = A.Layout(fsdp=n, nodes=S.nodes_for(CAT[chip], n))
             ops = A.train_ops(MODEL_PRESETS[m], lay, 256, 4096, "full", 1, chip=CAT[chip])
-            t = estimate_step(ops, machine_for(CAT[chip]), EstCal(eff, 0.85, 0.7, 0.75)).t_step
+            t = estimate_step(ops, A.machine(CAT[chip]), EstCal(eff, 0.85, 0.7, 0.75)).t_step
             records.append(rec(chip=chip, chips=n, step=t * math.exp(rng.gauss(0, 0.03)), batch=256, seq=4096, model=m,
                                layout={"fsdp": n, "nodes": lay.nodes}, grad_accum=1, source="published"))
     fit = C.fit(records, CAT)

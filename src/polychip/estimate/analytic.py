@@ -28,14 +28,14 @@ model: no figure is measured, and results carry the calibration's band (plan/per
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from polychip.config import REMAT_POLICIES, REMAT_TENSORS, ModelConfig, RematPolicy
-from polychip.estimate.ops import INTER, INTRA, Op
+from polychip.estimate.ops import HOST, INTER, INTRA, Machine, Op, machine_for
 
 #: Bytes per activation / weight element in the compute dtype (bf16).
 ACT_BYTES = 2
-#: Host link (PCIe) per device, bytes/s, for offloaded activations, by chip family. GPU: PCIe Gen5 x16,
+#: Host link (PCIe) per chip, bytes/s one direction, for offloaded activations, by chip family. GPU: PCIe Gen5 x16,
 #: 64 GB/s per direction (PCI-SIG Gen5 rate; H100 SXM, H200, B200 hosts). TPU: 15 GB/s, the JAX scaling
 #: book's (part 2) v6e host-to-chip PCIe figure 1.5e10 B/s (uncertain: Google publishes no per-chip host
 #: bandwidth; taken for every TPU). Trainium / Inferentia: PCIe Gen5 x16 assumed (uncertain).
@@ -297,26 +297,19 @@ def _collective_ops(cfg: ModelConfig, lay: Layout, x: _Dims, pol: RematPolicy, A
     return ops
 
 
-def _offload_ops(cfg: ModelConfig, lay: Layout, x: _Dims, pol: RematPolicy, count: float,
-                 host_scale: float | None) -> list[Op]:
-    """Offloaded activations out (forward) and back (backward) over the host link.
-
-    estimate_step knows INTRA and INTER links only; the transfer is given as an INTRA op whose bytes are
-    scaled by intra bandwidth / host bandwidth so that it costs its PCIe time (and overlaps like a
-    collective, as XLA's host offload does)."""
+def _offload_ops(cfg: ModelConfig, lay: Layout, x: _Dims, pol: RematPolicy, count: float) -> list[Op]:
+    """Offloaded activations out (forward) and back (backward) over the host link (PCIe)."""
     _, host = saved_bytes_per_token_layer(cfg, lay, pol)
-    if not host or host_scale is None:
+    if not host:
         return []
-    return [Op("host offload activations (PCIe)", "collective", bytes=2 * host * x.T * host_scale, count=count,
-               link=INTRA, collective="host-transfer", source="analytic")]
+    return [Op("host offload activations (PCIe)", "collective", bytes=2 * host * x.T, count=count,
+               link=HOST, collective="host-transfer", source="analytic")]
 
 
-def host_scale_for(chip) -> float | None:
-    """intra-link bandwidth / host-link bandwidth for a catalog chip (None when either is unknown)."""
+def machine(chip, dtype: str = "bfloat16") -> Machine:
+    """estimate.machine_for with the host link filled in from HOST_LINK (per device)."""
     host = HOST_LINK.get(chip.family)
-    if host is None or not chip.link_bandwidth:
-        return None
-    return chip.link_bandwidth / chip.devices_per_chip / host
+    return replace(machine_for(chip, dtype), host_bandwidth=None if host is None else host / chip.devices_per_chip)
 
 
 def train_ops(cfg: ModelConfig, lay: Layout, batch: int, seq: int, remat: str | RematPolicy = "none",
@@ -324,8 +317,9 @@ def train_ops(cfg: ModelConfig, lay: Layout, batch: int, seq: int, remat: str | 
               chip=None) -> list[Op]:
     """The ops of one training step on one device (the busiest: every stage is assumed equal).
 
-    batch: global sequences per optimiser step; grad_accum: micro-batches (also the pipeline's); chip: a
-    catalog Chip, needed only to cost host offload. dtype: compute dtype (bf16 activations either way)."""
+    batch: global sequences per optimiser step; grad_accum: micro-batches (also the pipeline's).
+    dtype: compute dtype (bf16 activations either way). Offloaded activations are HOST ops (price them
+    with `machine(chip)`, which knows the host link)."""
     check_layout(cfg, lay, batch, seq, grad_accum)
     pol = resolve_remat(remat)
     A = grad_accum
@@ -335,7 +329,7 @@ def train_ops(cfg: ModelConfig, lay: Layout, batch: int, seq: int, remat: str | 
     if lay.stage > 1:
         frac = (lay.stage - 1) / (A * lay.virtual)
         ops += [_op("pipeline bubble (idle)", o.flops * frac, o.bytes * frac, o.count) for o in ops]
-    ops += _offload_ops(cfg, lay, x, pol, L * A, None if chip is None else host_scale_for(chip))
+    ops += _offload_ops(cfg, lay, x, pol, L * A)
     P = shard_params(cfg, lay) / (lay.data if lay.zero1 else 1)
     w = _param_bytes(param_dtype)
     ops.append(_op("optimizer update (AdamW)", 10 * P, P * (2 * w + 2 * 8 + w + (2 if w == 4 else 0)), 1))

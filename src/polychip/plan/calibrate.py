@@ -18,7 +18,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from polychip.estimate import Calibration, machine_for
+from polychip.estimate import Calibration, estimate_step
+from polychip.estimate.ops import exposed_time
 from polychip.estimate import analytic as A
 from polychip.hardware import Chip
 from polychip.plan import search as S
@@ -37,7 +38,8 @@ class Priced:
     record: Record
     tf: np.ndarray
     tm: np.ndarray
-    tc: float
+    tc: float  # network collectives (INTRA + INTER)
+    th: float  # host transfers (HOST: concurrent with the network)
     config: str
 
 
@@ -59,27 +61,22 @@ def price_record(r: Record, chip: Chip) -> Priced | None:
     ops, text = record_ops(r, chip)
     if ops is None:
         return None
-    m = machine_for(chip)
+    m = A.machine(chip)
     comp = [o for o in ops if o.kind != "collective"]
     tf = np.array([o.count * o.flops / m.peak_flops for o in comp])
     tm = np.array([o.count * o.bytes / m.hbm_bandwidth for o in comp])
-    tc = 0.0
-    for o in ops:
-        if o.kind == "collective":
-            bw = m.inter_bandwidth if o.link == A.INTER else m.intra_bandwidth
-            if not bw:
-                return None
-            tc += o.count * o.bytes / bw
-    return Priced(r, tf, tm, tc, text)
+    # Collective seconds at link efficiency 1, split as estimate_step splits them.
+    by_link = estimate_step([o for o in ops if o.kind == "collective"], m).by_link
+    return Priced(r, tf, tm, sum(by_link.values()) - by_link.get(A.HOST, 0.0), by_link.get(A.HOST, 0.0), text)
 
 
 def _grid_times(p: Priced) -> np.ndarray:
     """Predicted step time over the whole grid [CE, ME, LE, OV] (same rule as estimate_step)."""
     tcomp = np.maximum(p.tf[None, None, :] / CE[:, None, None],
                        p.tm[None, None, :] / np.array(ME)[None, :, None]).sum(-1)  # [CE, ME]
-    coll = p.tc / np.array(LE)  # [LE]
-    exposed = np.maximum(coll[None, None, :, None] - np.array(OV)[None, None, None, :] * tcomp[:, :, None, None], 0)
-    return tcomp[:, :, None, None] + exposed
+    hidden = np.array(OV)[None, None, None, :] * tcomp[:, :, None, None]
+    net, host = (t / np.array(LE)[None, None, :, None] for t in (p.tc, p.th))  # [LE]
+    return tcomp[:, :, None, None] + np.maximum(np.maximum(net - hidden, host - hidden), 0)
 
 
 def _objective(errs: np.ndarray) -> np.ndarray:
@@ -127,7 +124,8 @@ class TrainFit:
 
 def predict(p: Priced, cal: Calibration) -> float:
     tcomp = float(np.maximum(p.tf / cal.compute_efficiency, p.tm / cal.memory_efficiency).sum())
-    return tcomp + max(p.tc / cal.link_efficiency - cal.overlap * tcomp, 0.0)
+    le = cal.link_efficiency
+    return tcomp + exposed_time(p.tc / le, p.th / le, tcomp, cal.overlap)
 
 
 def _compute_only(shared: Calibration, mine: list[Priced]) -> Calibration:

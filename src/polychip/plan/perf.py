@@ -237,13 +237,13 @@ class PerfModel:
 
     def _record_estimate(self, r: Record, chip: Chip, cal) -> float | None:
         """The estimator's step time for the configuration record r ran (same calibration)."""
-        from polychip.estimate import estimate_step, machine_for
+        from polychip.estimate import estimate_step
 
         try:
             ops, _ = C.record_ops(r, chip)
         except (ValueError, A.LayoutError):
             return None
-        return None if ops is None else estimate_step(ops, machine_for(chip), cal).t_step
+        return None if ops is None else estimate_step(ops, A.machine(chip), cal).t_step
 
     # -- serving ----------------------------------------------------------------------------------
     def serve_efficiency(self, s, chip: Chip) -> tuple[float, str, str]:

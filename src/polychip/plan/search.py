@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from polychip.config import REMAT_POLICIES, ModelConfig
-from polychip.estimate import Calibration, StepEstimate, estimate_step, machine_for
+from polychip.estimate import Calibration, StepEstimate, estimate_step
 from polychip.estimate import analytic as A
 from polychip.hardware import Chip
 
@@ -85,7 +85,7 @@ def price(cfg: ModelConfig, chip: Chip, lay: A.Layout, batch: int, seq: int, rem
           cal: Calibration, param_dtype: str = "float32") -> TrainChoice:
     """Estimate and memory of one configuration (raises analytic.LayoutError if it cannot run)."""
     ops = A.train_ops(cfg, lay, batch, seq, remat, grad_accum, param_dtype=param_dtype, chip=chip)
-    est = estimate_step(ops, machine_for(chip), cal)
+    est = estimate_step(ops, A.machine(chip), cal)
     need = A.train_memory(cfg, lay, batch, seq, remat, grad_accum, param_dtype=param_dtype)
     fits = chip.hbm_bytes is None or need <= A.HBM_USABLE * chip.hbm_bytes / chip.devices_per_chip
     name = remat if isinstance(remat, str) else "custom"
