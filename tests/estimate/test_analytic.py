@@ -119,4 +119,19 @@ def test_maxtext_v6e_70b_recipe_fits():
     l70 = MODEL_PRESETS["llama3-70b"]
     lay = A.Layout(fsdp=256)
     need = A.train_memory(l70, lay, 1280, 8192, "offload_layer_input", 1)
-    assert need <= A.HBM_USABLE * v6e.hbm_bytes
+    assert need <= A.usable_hbm(v6e)
+
+
+def test_maxtext_v6e_llama2_70b_full_remat_recipe_fits_and_one_more_sequence_does_not():
+    """MaxText llama2-70b-4096 on v6e-256: 4 sequences per chip, remat full, FSDP over 256 chips, within
+    XLA:TPU's 31.25 GiB. Per chip: state 16 B x 70e9 / 256 = 4.3 GB, saved layer inputs 2 B x 16384 tokens
+    x 8192 x 80 layers = 21.5 GB, a layer's backward (2 gathered bf16 layers 3.4 GB + working set 3.4 GB)
+    6.8 GB > the loss head's 2 B x 16384 x 32000 = 1.0 GB: 32.6 GB of 33.55. A fifth sequence adds 5.4 GB
+    of saved inputs alone."""
+    from polychip.plan.published import LLAMA2_70B
+
+    v6e = load_catalog()["tpu-v6e"]
+    lay = A.Layout(fsdp=256)
+    need = A.train_memory(LLAMA2_70B, lay, 1024, 4096, "full", 1)
+    assert need == pytest.approx(32.6e9, rel=0.01) and need <= A.usable_hbm(v6e) == 31.25 * 2**30
+    assert A.train_memory(LLAMA2_70B, lay, 1280, 4096, "full", 1) > A.usable_hbm(v6e)

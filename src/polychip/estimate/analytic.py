@@ -40,8 +40,14 @@ ACT_BYTES = 2
 #: book's (part 2) v6e host-to-chip PCIe figure 1.5e10 B/s (uncertain: Google publishes no per-chip host
 #: bandwidth; taken for every TPU). Trainium / Inferentia: PCIe Gen5 x16 assumed (uncertain).
 HOST_LINK = {"gpu": 64e9, "tpu": 15e9, "trainium": 64e9, "inferentia": 64e9}
-#: Fraction of HBM usable for state (runtime, compiler scratch and fragmentation take the rest).
+#: Fraction of HBM usable for state (runtime, compiler scratch and fragmentation take the rest) where the
+#: compiler's own limit is not known.
 HBM_USABLE = 0.9
+#: XLA:TPU's HBM limit per device, bytes, as its out-of-memory errors print it ("Used 33.07G of 31.25G
+#: hbm"; G = GiB): v6e 31.25 GiB, v5e 15.75 GiB, v5p 95.74 GiB. The catalog's v6e "32 GB" and v5e "16 GB"
+#: are binary 32 / 16 GiB parts, so 0.9 x the decimal figure left ~4.8 GB of a v6e unused and refused
+#: MaxText's own llama2-70b v6e-256 recipe (full remat, 4 sequences of 4096 per chip).
+XLA_TPU_HBM_LIMIT = {"tpu-v6e": 31.25 * 2**30, "tpu-v5e": 15.75 * 2**30, "tpu-v5p": 95.74 * 2**30}
 
 
 class LayoutError(ValueError):
@@ -306,6 +312,13 @@ def _offload_ops(cfg: ModelConfig, lay: Layout, x: _Dims, pol: RematPolicy, coun
                link=HOST, collective="host-transfer", source="analytic")]
 
 
+def usable_hbm(chip) -> float | None:
+    """HBM bytes one device can fill: the compiler's limit where known, else HBM_USABLE of the catalog's."""
+    if chip.hbm_bytes is None:
+        return None
+    return XLA_TPU_HBM_LIMIT.get(chip.name, HBM_USABLE * chip.hbm_bytes) / chip.devices_per_chip
+
+
 def machine(chip, dtype: str = "bfloat16") -> Machine:
     """estimate.machine_for with the host link filled in from HOST_LINK (per device)."""
     host = HOST_LINK.get(chip.family)
@@ -338,9 +351,11 @@ def train_ops(cfg: ModelConfig, lay: Layout, batch: int, seq: int, remat: str | 
 
 def train_memory(cfg: ModelConfig, lay: Layout, batch: int, seq: int, remat: str | RematPolicy = "none",
                  grad_accum: int = 1, param_dtype: str = "float32") -> float:
-    """HBM bytes one device needs: weights, gradients and AdamW state (sharded per the layout), the
-    activations the remat policy saves for every micro-batch in flight, one gathered layer (double
-    buffered under FSDP), one layer's backward working set and the logits of one micro-batch."""
+    """HBM bytes one device needs at its peak: weights, gradients and AdamW state (sharded per the layout),
+    the activations the remat policy saves for every micro-batch in flight, and the larger of two
+    transients that are never live together: a layer's backward (one gathered layer, double buffered
+    under FSDP, and its working set) and the loss head (one bf16 copy of one micro-batch's logits: the
+    loss's fp32 reductions are fused over it and the gradient overwrites it in place)."""
     check_layout(cfg, lay, batch, seq, grad_accum)
     pol = resolve_remat(remat)
     P = shard_params(cfg, lay)
@@ -357,8 +372,8 @@ def train_memory(cfg: ModelConfig, lay: Layout, batch: int, seq: int, remat: str
     # One layer's live tensors in its backward: the residual and its gradient, plus the larger of the MLP's
     # (gate, up, SwiGLU) and attention's (q, output, its gradient, k, v) intermediates.
     working = ACT_BYTES * x.T * (2 * x.d / x.t + max(3 * x.f, 3 * x.q + 2 * x.kv))
-    logits = ACT_BYTES * x.T * cfg.vocab_size / lay.tensor  # one bf16 copy; the loss is fused over it
-    return state + acts + gathered + working + logits
+    head = ACT_BYTES * x.T * cfg.vocab_size / lay.tensor
+    return state + acts + max(gathered + working, head)
 
 
 def train_model_flops(cfg: ModelConfig, batch: int, seq: int) -> float:

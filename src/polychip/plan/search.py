@@ -87,7 +87,8 @@ def price(cfg: ModelConfig, chip: Chip, lay: A.Layout, batch: int, seq: int, rem
     ops = A.train_ops(cfg, lay, batch, seq, remat, grad_accum, param_dtype=param_dtype, chip=chip)
     est = estimate_step(ops, A.machine(chip), cal)
     need = A.train_memory(cfg, lay, batch, seq, remat, grad_accum, param_dtype=param_dtype)
-    fits = chip.hbm_bytes is None or need <= A.HBM_USABLE * chip.hbm_bytes / chip.devices_per_chip
+    room = A.usable_hbm(chip)
+    fits = room is None or need <= room
     name = remat if isinstance(remat, str) else "custom"
     return TrainChoice(lay, name, grad_accum, est, need, fits)
 
