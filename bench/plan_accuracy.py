@@ -74,7 +74,7 @@ def main() -> None:
     cat = load_catalog()
     fit = C.fit(published_train_records(), cat)
     print("calibration (estimate; fitted on published records):")
-    for name, cal in [*fit.by_family.items(), *fit.by_chip.items()]:
+    for name, cal in fit.by_family.items():
         print(f"  {name:11s} compute {cal.compute_efficiency:.2f} memory {cal.memory_efficiency:.2f} "
               f"link {cal.link_efficiency:.2f} overlap {cal.overlap:.2f}  band {cal.band:.1%}")
     print("\n1. leave-one-out over the calibration records (tokens/s/chip: estimate vs published)")

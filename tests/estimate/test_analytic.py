@@ -69,7 +69,7 @@ def test_remat_policies_recompute_what_they_do_not_keep():
     hbm_off, host_off = A.saved_bytes_per_token_layer(CFG, LAY, A.resolve_remat("offload_layer_input"))
     assert (hbm_full, host_full) == (2 * 32, 0) and (hbm_off, host_off) == (0, 2 * 32)  # d / t = 32 bf16 values
     off = ops("offload_layer_input")["host offload activations (PCIe)"]
-    assert (off.bytes, off.link) == (2 * 64 * 64, HOST)  # out and back: 2 x 64 B x T, over the host link
+    assert (off.bytes, off.link) == (64 * 64, HOST)  # 64 B x T each way; full duplex: one direction's bytes
 
 
 def test_host_transfers_run_beside_the_network():

@@ -304,11 +304,15 @@ def _collective_ops(cfg: ModelConfig, lay: Layout, x: _Dims, pol: RematPolicy, A
 
 
 def _offload_ops(cfg: ModelConfig, lay: Layout, x: _Dims, pol: RematPolicy, count: float) -> list[Op]:
-    """Offloaded activations out (forward) and back (backward) over the host link (PCIe)."""
+    """Offloaded activations out (forward) and back (backward) over the host link (PCIe).
+
+    PCIe is full duplex and HOST_LINK is per direction: the copies out and the copies back travel on
+    separate lanes, each carrying the offloaded bytes once per step, so the link is busy for one
+    direction's bytes (charging both to one direction would serialise traffic the hardware overlaps)."""
     _, host = saved_bytes_per_token_layer(cfg, lay, pol)
     if not host:
         return []
-    return [Op("host offload activations (PCIe)", "collective", bytes=2 * host * x.T, count=count,
+    return [Op("host offload activations (PCIe)", "collective", bytes=host * x.T, count=count,
                link=HOST, collective="host-transfer", source="analytic")]
 
 

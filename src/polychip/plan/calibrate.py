@@ -2,14 +2,14 @@
 
 Each measured or published training record is priced with the configuration it actually ran (its
 `layout`, `remat` and `grad_accum`; the planner's best fitting configuration where the record gives none)
-as an analytic op list. Memory and link efficiencies and the overlap fraction are shared by every record
-(a chip family has too few records to pin four parameters); the compute efficiency is fitted per chip
-that has records (a power-limited H100 is not an H100 at 700 W), jointly with the shared figures, and per
-family on the family's records for chips without any. Each fit minimises the median relative error (the
-mean breaks ties; grid search, remaining ties to the grid's middle so a parameter the records cannot see
-stays neutral). `band` is the leave-one-out median |error|: each record predicted by a fit that did not
-see it (so a chip's only record is predicted with its family's efficiency, a family's only record with
-the mean of the others); a chip with one record carries its family's band.
+as an analytic op list. Four parameters in all per family, and three of them shared: memory and link
+efficiencies and the overlap fraction are fitted on every record (a family has too few records to pin
+them), the compute efficiency per chip family, jointly with the shared figures. Differences between
+chips of one family come from the catalog (peaks, bandwidths, matrix-unit tile) and the op shapes, not
+from a per-chip parameter fitted on one record. Each fit minimises the median relative error (the mean
+breaks ties; grid search, remaining ties to the grid's middle so a parameter the records cannot see stays
+neutral). `band` is the leave-one-out median |error|: each record predicted by a fit that did not see it
+(a family's only record with the mean compute efficiency of the others).
 """
 from __future__ import annotations
 
@@ -110,16 +110,15 @@ class LooRow:
 
 @dataclass
 class TrainFit:
-    """Calibrations by chip (chips with records of their own), by family and pooled (band = leave-one-out
-    median |error|), with the leave-one-out rows."""
+    """Calibrations by chip family and pooled (band = leave-one-out median |error|), with the
+    leave-one-out rows."""
 
-    by_chip: dict = field(default_factory=dict)
     by_family: dict = field(default_factory=dict)
     loo: list = field(default_factory=list)
     pooled: Calibration = field(default_factory=Calibration)
 
     def for_chip(self, chip: Chip) -> Calibration:
-        return self.by_chip.get(chip.name) or self.by_family.get(chip.family) or self.pooled
+        return self.by_family.get(chip.family) or self.pooled
 
 
 def predict(p: Priced, cal: Calibration) -> float:
@@ -128,23 +127,14 @@ def predict(p: Priced, cal: Calibration) -> float:
     return tcomp + exposed_time(p.tc / le, p.th / le, tcomp, cal.overlap)
 
 
-def _compute_only(shared: Calibration, mine: list[Priced]) -> Calibration:
-    """The compute efficiency that fits `mine` best with the shared memory / link / overlap figures."""
-    errs = np.stack([np.abs(np.array([predict(p, replace(shared, compute_efficiency=float(c))) for c in CE])
-                            / p.record.step_time_s - 1) for p in mine])
-    return replace(shared, compute_efficiency=float(CE[int(np.argmin(_objective(errs)))]))
-
-
-def _calibrations(priced: list) -> tuple[dict, dict, Calibration]:
-    """(by chip, by family, pooled) from (chip, Priced) pairs: memory / link / overlap shared by all, compute
-    efficiency per chip (jointly fitted), then per family on the family's records with the shared rest."""
-    names = sorted({c.name for c, _ in priced})
-    by_chip = fit_families({n: [p for c, p in priced if c.name == n] for n in names})
-    shared = next(iter(by_chip.values()))
+def _calibrations(priced: list) -> tuple[dict, Calibration]:
+    """(by family, pooled) from (chip, Priced) pairs: memory / link / overlap shared by all records,
+    compute efficiency per family (jointly fitted); pooled: the families' mean compute efficiency."""
     fams = sorted({c.family for c, _ in priced})
-    by_fam = {f: _compute_only(shared, [p for c, p in priced if c.family == f]) for f in fams}
-    pooled = replace(shared, compute_efficiency=float(np.mean([c.compute_efficiency for c in by_fam.values()])))
-    return by_chip, by_fam, pooled
+    by_fam = fit_families({f: [p for c, p in priced if c.family == f] for f in fams})
+    pooled = replace(next(iter(by_fam.values())),
+                     compute_efficiency=float(np.mean([c.compute_efficiency for c in by_fam.values()])))
+    return by_fam, pooled
 
 
 _FITS: dict = {}
@@ -194,7 +184,7 @@ def _fit_records(records: list[Record], chips: dict[str, Chip]) -> TrainFit:
         held = TrainFit(*_calibrations(rest))
         t = predict(p, held.for_chip(chip))
         out.loo.append(LooRow(p.record, t, t / p.record.step_time_s - 1, p.config))
-    by_chip, by_fam, pooled = _calibrations(priced)
+    by_fam, pooled = _calibrations(priced)
     n = len(priced)
     err = {id(x.record): abs(x.error) for x in out.loo}
     for fam, cal in by_fam.items():
@@ -202,13 +192,6 @@ def _fit_records(records: list[Record], chips: dict[str, Chip]) -> TrainFit:
         out.by_family[fam] = replace(cal, band=_median([err[id(p.record)] for p in mine if id(p.record) in err]),
                                      source=f"compute efficiency fitted on {len(mine)} {fam} record(s); memory, "
                                             f"link and overlap on all {n}")
-    for name, cal in by_chip.items():
-        mine = [p for c, p in priced if c.name == name]
-        fam = next(c.family for c, _ in priced if c.name == name)
-        band = _median([err[id(p.record)] for p in mine]) if len(mine) >= 2 else out.by_family[fam].band
-        out.by_chip[name] = replace(cal, band=band, source=f"compute efficiency fitted on {len(mine)} {name} "
-                                    f"record(s) (band: {'its own' if len(mine) >= 2 else fam + ' family'} leave-one-out); "
-                                    f"memory, link and overlap on all {n}")
     out.pooled = replace(pooled, band=_median(list(err.values())),
                          source=f"mean compute efficiency of {len(by_fam)} families (no record of this family)")
     return out

@@ -112,9 +112,9 @@ def published_train_records() -> list[Record]:
             "(update of May 20th, 2025): 'Llama-3.1-8B pre-training | trn1.32xlarge/trn1n.32xlarge | "
             "Autocast:BF16+FP32Optimizer | 32 | TP=32 DP=32 PP=1 ZeRO-1 | 1 | 1024 | AdamW | 8192 | 41.99' "
             "(nodes, topology in NeuronCores, microbatch, global batch, optimizer, sequence, seq/sec)",
-            "TP=32 NeuronCores = the 16 chips of one node (2 cores per chip): tensor 16 x data 32 in chips; "
+            "a device is a NeuronCore (2 per chip): TP=32 is the 16 chips of one node; "
             "NxD selective checkpointing (attention core recomputed) modelled as remat dots",
-            Layout(data=32, tensor=16, nodes=32, zero1=True), 32),
+            Layout(data=32, tensor=32, nodes=32, zero1=True), 32),
     ]
 
 
