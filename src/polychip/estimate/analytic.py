@@ -5,13 +5,16 @@ parallel `Layout` (plain degrees; no jax Mesh is built), so `estimate_step` pric
 
 Per device, per micro-batch, per layer (T tokens on the device, tensor degree t, causal attention):
 - matmuls q/k/v/o and MLP gate/up/down: 2 x T x in x out / t FLOPs, HBM bytes = input + weight + output;
-  the backward pass does the two matmuls dX and dW (2x the FLOPs and the bytes);
+  the backward pass does the two matmuls dX and dW (2x the FLOPs and the bytes); FLOPs are the matrix
+  unit's work, each width rounded up to its tile (MATRIX_TILE), so the per-device shard's shape sets its
+  efficiency;
 - attention (flash: scores never reach HBM): 4 x T x context x head_dim x heads / t FLOPs with the causal
   mean context (seq + 1) / 2, bytes = q, k, v, o; its backward re-forms the scores (2.5x the forward);
 - norms, rotary, SwiGLU and residual adds: memory-bound elementwise ops (bytes only);
 - remat: the forward ops whose outputs the policy (config.REMAT_POLICIES) neither saves nor offloads are
   run again in the backward pass; offloaded tensors cross the host link (PCIe) out and back;
-- collectives from the layout: FSDP all-gathers each layer's weights in the forward and again in the
+- collectives from the layout (tensor-parallel ones blocking: the next matmul waits on them; the rest
+  asynchronous, hidden under compute by the overlap rule): FSDP all-gathers each layer's weights in the forward and again in the
   backward and reduce-scatters its gradients; tensor parallelism all-reduces activations twice per layer
   forward and twice backward (plus once per recomputed half-layer); the data axis all-reduces the gradient
   shard once per step; pipeline stages send activations forward and gradients back per micro-batch, and
@@ -40,6 +43,14 @@ ACT_BYTES = 2
 #: book's (part 2) v6e host-to-chip PCIe figure 1.5e10 B/s (uncertain: Google publishes no per-chip host
 #: bandwidth; taken for every TPU). Trainium / Inferentia: PCIe Gen5 x16 assumed (uncertain).
 HOST_LINK = {"gpu": 64e9, "tpu": 15e9, "trainium": 64e9, "inferentia": 64e9}
+#: Edge of the matrix unit's tile, elements: a matmul's contraction and output widths are worked in whole
+#: tiles, so a width w costs ceil(w / tile) x tile / w of its FLOPs (a systolic array of 256 x 256 fed
+#: a contraction of 128 idles half its rows). TPU v4 / v5e / v5p: 128 x 128 MXUs; v6e and TPU7x: 256 x 256
+#: (JAX scaling book part 2; Google's Trillium announcement: larger MXUs). Trainium / Inferentia: 128 x 128
+#: systolic array per NeuronCore (Neuron architecture pages). NVIDIA Hopper / Blackwell tensor cores
+#: take k in steps of 16 and n in steps of 8: padding is negligible at transformer widths (16).
+MATRIX_TILE = {"tpu-v6e": 256, "tpu7x": 256}
+MATRIX_TILE_FAMILY = {"tpu": 128, "trainium": 128, "inferentia": 128, "gpu": 16}
 #: Fraction of HBM usable for state (runtime, compiler scratch and fragmentation take the rest) where the
 #: compiler's own limit is not known.
 HBM_USABLE = 0.9
@@ -148,12 +159,19 @@ class _Dims:
     f: float  # MLP width per device
     ctx: float  # mean keys a query attends to (causal)
     t: int
+    hd: int = 128  # head_dim
+    tile: int = 1  # the matrix unit's tile edge (matrix_tile)
 
     @classmethod
-    def of(cls, cfg: ModelConfig, lay: Layout, micro: float, seq: int) -> "_Dims":
+    def of(cls, cfg: ModelConfig, lay: Layout, micro: float, seq: int, tile: int = 1) -> "_Dims":
         t = lay.tensor
         return cls(T=micro * seq / lay.context, d=cfg.d_model, q=cfg.n_heads * cfg.head_dim / t,
-                   kv=kv_heads_per_device(cfg, t) * cfg.head_dim, f=cfg.d_ff / t, ctx=(seq + 1) / 2, t=t)
+                   kv=kv_heads_per_device(cfg, t) * cfg.head_dim, f=cfg.d_ff / t, ctx=(seq + 1) / 2, t=t,
+                   hd=cfg.head_dim, tile=tile)
+
+    def pad(self, *widths: float) -> float:
+        """Work the matrix unit does per useful FLOP: each width rounded up to a whole tile."""
+        return math.prod(self.tile * math.ceil(w / self.tile) / w for w in widths)
 
 
 def _matmuls(x: _Dims) -> dict:
@@ -171,8 +189,9 @@ def _layer_forward(x: _Dims) -> list[tuple[str, float, float, str]]:
     B, T = ACT_BYTES, x.T
     out = []
     for name, (i, o, w, tag) in _matmuls(x).items():
-        out.append((name, 2 * T * i * o, B * (T * i + w + T * o), tag))
-    out.append(("attention", 4 * T * x.ctx * x.q, B * T * (2 * x.q + 2 * x.kv), "context"))
+        out.append((name, 2 * T * i * o * x.pad(i, o), B * (T * i + w + T * o), tag))
+    # Q K^T contracts over head_dim and P V produces head_dim columns: both run at head_dim / tile.
+    out.append(("attention", 4 * T * x.ctx * x.q * x.pad(x.hd), B * T * (2 * x.q + 2 * x.kv), "context"))
     # Elementwise (memory-bound): 2 RMSNorms (sequence-sharded), rotary on q/k, SwiGLU, 2 residual adds.
     d_sh = x.d / x.t
     out.append(("norms", 0.0, B * T * 4 * d_sh, "norm"))
@@ -218,7 +237,8 @@ def _op(name: str, flops: float, nbytes: float, count: float) -> Op:
     return Op(name, "compute", flops=flops, bytes=nbytes, count=count, source="analytic")
 
 
-def _collective(name: str, kind: str, size: float, lay: Layout, axis: str, count: float) -> list[Op]:
+def _collective(name: str, kind: str, size: float, lay: Layout, axis: str, count: float,
+                blocking: bool = False) -> list[Op]:
     """One collective of `size` bytes (the gathered / reduced tensor) over `axis`: the in-node share over
     INTRA, the across-node share (bytes / members per node) over INTER."""
     g, k = lay.group(axis)
@@ -231,10 +251,10 @@ def _collective(name: str, kind: str, size: float, lay: Layout, axis: str, count
     out = []
     if g > 1:
         out.append(Op(f"{name} ({axis})", "collective", bytes=fac(g) * size, count=count, link=INTRA,
-                      collective=kind, source="analytic"))
+                      collective=kind, source="analytic", blocking=blocking))
     if k > 1:
         out.append(Op(f"{name} ({axis}, across nodes)", "collective", bytes=fac(k) * size / g, count=count,
-                      link=INTER, collective=kind, source="analytic"))
+                      link=INTER, collective=kind, source="analytic", blocking=blocking))
     return out
 
 
@@ -260,10 +280,11 @@ def _head_ops(cfg: ModelConfig, x: _Dims, count: float) -> list[Op]:
     """Embedding gather, logits matmul (vocab-parallel over tensor) and cross-entropy in fp32."""
     V = cfg.vocab_size / x.t
     T, d, B = x.T, x.d, ACT_BYTES
+    fl = 2 * T * d * V * x.pad(d, V)
     return [
         _op("embedding", 0.0, 2 * B * T * d, count),
-        _op("fwd logits", 2 * T * d * V, B * (T * d + V * d) + 4 * T * V, count),
-        _op("bwd logits", 4 * T * d * V, 2 * B * (T * d + V * d) + 4 * T * V, count),
+        _op("fwd logits", fl, B * (T * d + V * d) + 4 * T * V, count),
+        _op("bwd logits", 2 * fl, 2 * B * (T * d + V * d) + 4 * T * V, count),
         _op("cross-entropy", 0.0, 3 * 4 * T * V, count),
     ]
 
@@ -290,7 +311,9 @@ def _collective_ops(cfg: ModelConfig, lay: Layout, x: _Dims, pol: RematPolicy, A
         ops += _collective(f"fsdp reduce-scatter {name}", "reduce-scatter", grad_b * w, lay, "fsdp", n)
     redo = recomputed(pol)
     n_ar = 4 + ("o_proj" in redo) + ("mlp_gate" in redo)
-    ops += _collective("tensor all-reduce activations", "all-reduce", B * x.T * x.d, lay, "tensor", n_ar * L * A)
+    # Blocking: each sits between two dependent matmuls (Megatron-LM section 3: f / g operators).
+    ops += _collective("tensor all-reduce activations", "all-reduce", B * x.T * x.d, lay, "tensor", n_ar * L * A,
+                       blocking=True)
     kv = lay.context * x.T * 2 * x.kv * B
     ops += _collective("context all-gather k/v", "all-gather", kv, lay, "context", 2 * L * A)
     ops += _collective("context reduce-scatter dk/dv", "reduce-scatter", kv, lay, "context", L * A)
@@ -314,6 +337,10 @@ def _offload_ops(cfg: ModelConfig, lay: Layout, x: _Dims, pol: RematPolicy, coun
         return []
     return [Op("host offload activations (PCIe)", "collective", bytes=host * x.T, count=count,
                link=HOST, collective="host-transfer", source="analytic")]
+
+
+def matrix_tile(chip) -> int:
+    return MATRIX_TILE.get(chip.name, MATRIX_TILE_FAMILY.get(chip.family, 1))
 
 
 def usable_hbm(chip) -> float | None:
@@ -341,7 +368,7 @@ def train_ops(cfg: ModelConfig, lay: Layout, batch: int, seq: int, remat: str | 
     pol = resolve_remat(remat)
     A = grad_accum
     L = -(-cfg.n_layers // lay.stage)  # the busiest stage (Megatron splits 126 layers over 8 stages unevenly)
-    x = _Dims.of(cfg, lay, batch / lay.replicas / A, seq)
+    x = _Dims.of(cfg, lay, batch / lay.replicas / A, seq, 1 if chip is None else matrix_tile(chip))
     ops = _layer_ops(x, pol, L * A) + _head_ops(cfg, x, A)
     if lay.stage > 1:
         frac = (lay.stage - 1) / (A * lay.virtual)

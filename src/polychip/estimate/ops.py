@@ -38,6 +38,9 @@ class Op:
     link: str = ""
     collective: str = ""
     source: str = "hlo"
+    #: A collective the very next op waits on (tensor-parallel activations between dependent matmuls):
+    #: no compute runs beside it, so the overlap rule never hides it.
+    blocking: bool = False
 
 
 @dataclass(frozen=True)
@@ -119,9 +122,10 @@ def estimate_step(ops: list[Op], m: Machine, cal: Calibration = Calibration(), t
     """Sum over ops: compute ops cost max(flops / (peak x eff), bytes / (HBM bw x eff)); collectives cost
     bytes / (link bw x eff). Overlap rule: up to `cal.overlap` x the compute time hides collectives; the
     rest is exposed and adds to the step. Host transfers (link HOST) use the PCIe link, a resource of its
-    own that runs concurrently with the network: the step exposes the larger of the two remainders."""
+    own that runs concurrently with the network: the step exposes the larger of the two remainders.
+    Blocking collectives (`Op.blocking`) are exposed whole."""
     peak, bw = m.peak_flops * cal.compute_efficiency, m.hbm_bandwidth * cal.memory_efficiency
-    t_fl = t_mem = 0.0
+    t_fl = t_mem = t_block = 0.0
     by_link: dict = defaultdict(float)
     per_op: dict = defaultdict(float)
     for op in ops:
@@ -131,6 +135,7 @@ def estimate_step(ops: list[Op], m: Machine, cal: Calibration = Calibration(), t
                 raise ValueError(f"{m.name}: no {op.link or INTRA} link bandwidth; cannot cost {op.name}")
             t = op.count * op.bytes / (link_bw * cal.link_efficiency)
             by_link[op.link or INTRA] += t
+            t_block += t if op.blocking else 0.0
         else:
             tf, tm = op.flops / peak, op.bytes / bw
             t = op.count * max(tf, tm)
@@ -141,7 +146,8 @@ def estimate_step(ops: list[Op], m: Machine, cal: Calibration = Calibration(), t
         per_op[op.name] += t
     t_compute = t_fl + t_mem
     t_coll = sum(by_link.values())
-    exposed = exposed_time(t_coll - by_link.get(HOST, 0.0), by_link.get(HOST, 0.0), t_compute, cal.overlap)
+    host = by_link.get(HOST, 0.0)
+    exposed = t_block + exposed_time(t_coll - host - t_block, host, t_compute, cal.overlap)
     tops = sorted(per_op.items(), key=lambda kv: -kv[1])[:top]
     return StepEstimate(t_step=t_compute + exposed, t_compute=t_compute, t_flops=t_fl, t_memory=t_mem,
                         t_collectives=t_coll, t_exposed_collectives=exposed, by_link=dict(by_link),

@@ -38,8 +38,9 @@ class Priced:
     record: Record
     tf: np.ndarray
     tm: np.ndarray
-    tc: float  # network collectives (INTRA + INTER)
+    tc: float  # asynchronous network collectives (INTRA + INTER)
     th: float  # host transfers (HOST: concurrent with the network)
+    tb: float  # blocking collectives (never hidden)
     config: str
 
 
@@ -66,8 +67,11 @@ def price_record(r: Record, chip: Chip) -> Priced | None:
     tf = np.array([o.count * o.flops / m.peak_flops for o in comp])
     tm = np.array([o.count * o.bytes / m.hbm_bandwidth for o in comp])
     # Collective seconds at link efficiency 1, split as estimate_step splits them.
-    by_link = estimate_step([o for o in ops if o.kind == "collective"], m).by_link
-    return Priced(r, tf, tm, sum(by_link.values()) - by_link.get(A.HOST, 0.0), by_link.get(A.HOST, 0.0), text)
+    coll = [o for o in ops if o.kind == "collective"]
+    by_link = estimate_step(coll, m).by_link
+    tb = estimate_step([o for o in coll if o.blocking], m).t_collectives
+    host = by_link.get(A.HOST, 0.0)
+    return Priced(r, tf, tm, sum(by_link.values()) - host - tb, host, tb, text)
 
 
 def _grid_times(p: Priced) -> np.ndarray:
@@ -75,8 +79,8 @@ def _grid_times(p: Priced) -> np.ndarray:
     tcomp = np.maximum(p.tf[None, None, :] / CE[:, None, None],
                        p.tm[None, None, :] / np.array(ME)[None, :, None]).sum(-1)  # [CE, ME]
     hidden = np.array(OV)[None, None, None, :] * tcomp[:, :, None, None]
-    net, host = (t / np.array(LE)[None, None, :, None] for t in (p.tc, p.th))  # [LE]
-    return tcomp[:, :, None, None] + np.maximum(np.maximum(net - hidden, host - hidden), 0)
+    net, host, block = (t / np.array(LE)[None, None, :, None] for t in (p.tc, p.th, p.tb))  # [LE]
+    return tcomp[:, :, None, None] + block + np.maximum(np.maximum(net - hidden, host - hidden), 0)
 
 
 def _objective(errs: np.ndarray) -> np.ndarray:
@@ -124,7 +128,7 @@ class TrainFit:
 def predict(p: Priced, cal: Calibration) -> float:
     tcomp = float(np.maximum(p.tf / cal.compute_efficiency, p.tm / cal.memory_efficiency).sum())
     le = cal.link_efficiency
-    return tcomp + exposed_time(p.tc / le, p.th / le, tcomp, cal.overlap)
+    return tcomp + p.tb / le + exposed_time(p.tc / le, p.th / le, tcomp, cal.overlap)
 
 
 def _calibrations(priced: list) -> tuple[dict, Calibration]:
