@@ -60,43 +60,51 @@ def test_record_of_another_size_is_scaled_by_the_estimators_ratio():
     assert pm.train(W, CAT["h200"], 64).source == "estimate"  # another chip's record is not used directly
 
 
-def test_calibration_is_per_chip_and_family_with_a_leave_one_out_band():
+def test_calibration_is_per_family_with_a_leave_one_out_band():
     fit = C.fit(published_train_records(), CAT)
     assert set(fit.by_family) == {"gpu", "tpu", "trainium"}
     for fam, cal in fit.by_family.items():
         assert 0.1 < cal.compute_efficiency <= 1.0 and cal.band is not None, (fam, cal)
+        assert (cal.link_efficiency, cal.overlap) == (1.0, 1.0)  # fixed, not fitted (calibrate.LE, OV)
+    assert len({c.memory_efficiency for c in fit.by_family.values()}) == 1  # one shared memory efficiency
     assert len(fit.loo) == len(published_train_records())
-    # A chip with a record of its own gets its own compute efficiency (and, with one record, its family's
-    # band); b200 has none: the gpu family's applies; a family with none gets the pooled one.
-    own = fit.for_chip(CAT["h100-hbm2e"])
-    assert own is fit.by_chip["h100-hbm2e"] and own.band == fit.by_family["gpu"].band
-    assert own.compute_efficiency < fit.by_chip["h100"].compute_efficiency  # the 500 W part runs slower
-    assert fit.for_chip(CAT["b200"]) is fit.by_family["gpu"]
+    # One compute efficiency per family: chips differ through the catalog, not a per-chip parameter.
+    assert fit.for_chip(CAT["h100-hbm2e"]) is fit.for_chip(CAT["h100"]) is fit.for_chip(CAT["b200"]) \
+        is fit.by_family["gpu"]
     assert "mean compute efficiency" in fit.for_chip(CAT["inf2"]).source
+
+
+def _synthetic(chip, eff, m, n, seq=4096, batch=256):
+    lay = A.Layout(fsdp=n, nodes=S.nodes_for(CAT[chip], n))
+    ops = A.train_ops(MODEL_PRESETS[m], lay, batch, seq, "full", 1, chip=CAT[chip])
+    return lay, estimate_step(ops, A.machine(CAT[chip]), EstCal(eff, 0.85, 1.0, 1.0)).t_step
 
 
 def test_calibration_recovers_hidden_efficiencies():
     """Synthetic truth: each family runs at a hidden compute efficiency (x lognormal noise 3%) of the
-    estimator with shared memory/link/overlap, on compute-bound runs (16k+ tokens per device; on
-    memory-bound ones compute and memory efficiency trade off and cannot both be recovered). The fit
-    recovers the compute efficiencies and its leave-one-out band is small."""
+    estimator with a shared memory efficiency 0.85 (link and overlap at the fit's fixed values). Bytes-only
+    ops (norms, SwiGLU, residuals) are memory-bound at any size, so compute and memory efficiency trade off
+    unless the records' memory shares differ: global batches of 64 and 256 (weight traffic is a larger
+    share at fewer tokens per device) separate them. Over 5 noisy records a family the compute efficiency
+    comes back within ~10%, and the fitted model predicts a configuration it never saw (another sequence
+    length and chip count) within 5%."""
     rng = random.Random(0)
     hidden = {"h100": 0.42, "tpu-v6e": 0.61, "trn2": 0.3}
     records = []
     for chip, eff in hidden.items():
         for _ in range(5):
-            m = rng.choice(["1b", "llama3-8b"])
-            n = rng.choice([8, 16, 32, 64])
-            lay = A.Layout(fsdp=n, nodes=S.nodes_for(CAT[chip], n))
-            ops = A.train_ops(MODEL_PRESETS[m], lay, 256, 4096, "full", 1, chip=CAT[chip])
-            t = estimate_step(ops, A.machine(CAT[chip]), EstCal(eff, 0.85, 0.7, 0.75)).t_step
-            records.append(rec(chip=chip, chips=n, step=t * math.exp(rng.gauss(0, 0.03)), batch=256, seq=4096, model=m,
+            m, n, b = rng.choice(["1b", "llama3-8b"]), rng.choice([8, 16, 32, 64]), rng.choice([64, 256])
+            lay, t = _synthetic(chip, eff, m, n, batch=b)
+            records.append(rec(chip=chip, chips=n, step=t * math.exp(rng.gauss(0, 0.03)), batch=b, seq=4096, model=m,
                                layout={"fsdp": n, "nodes": lay.nodes}, grad_accum=1, source="published"))
     fit = C.fit(records, CAT)
     for chip, eff in hidden.items():
         cal = fit.for_chip(CAT[chip])
-        assert cal.compute_efficiency == pytest.approx(eff, abs=0.06), (chip, cal)
+        assert cal.compute_efficiency == pytest.approx(eff, rel=0.12), (chip, cal)
         assert cal.band < 0.1
+        lay, truth = _synthetic(chip, eff, "llama3-8b", 128, seq=8192)
+        ops = A.train_ops(L8, lay, 256, 8192, "full", 1, chip=CAT[chip])
+        assert estimate_step(ops, A.machine(CAT[chip]), cal).t_step == pytest.approx(truth, rel=0.05), chip
 
 
 def test_published_serving_record_is_close_to_its_roofline():
