@@ -135,3 +135,32 @@ def test_maxtext_v6e_llama2_70b_full_remat_recipe_fits_and_one_more_sequence_doe
     need = A.train_memory(LLAMA2_70B, lay, 1024, 4096, "full", 1)
     assert need == pytest.approx(32.6e9, rel=0.01) and need <= A.usable_hbm(v6e) == 31.25 * 2**30
     assert A.train_memory(LLAMA2_70B, lay, 1280, 4096, "full", 1) > A.usable_hbm(v6e)
+
+
+def test_serve_decode_ops_by_hand():
+    """Decode step, tensor=2, 4 sequences at context 10: T = 4 tokens; per device q 32, KV 16 wide."""
+    o = {x.name: x for x in A.serve_ops(CFG, 2, 4, 1, 10, 10)}
+    # q_proj: 2 x 4 x 64 x 32 FLOPs; bytes: bf16 activations in and out 2 x 4 x (64 + 32), weights 2 x 64 x 32.
+    assert (o["q_proj"].flops, o["q_proj"].bytes, o["q_proj"].count) == (16384, 768 + 4096, 2)
+    # attention: 4 x T x 10 x 32 FLOPs; q, o, new k, v (2 x 4 x 96) plus the cache: 2 B x 4 seqs x 10 x (K+V) 2 x 16.
+    assert (o["attention"].flops, o["attention"].bytes) == (5120, 768 + 2560)
+    ar = o["tensor all-reduce activations (tensor)"]  # 2 per layer, (2-1)/2 x 2 x bf16 T x d, blocking
+    assert (ar.bytes, ar.count, ar.blocking) == (512, 4, True)
+    # Logits for each sequence's last token only: 2 x 4 x 64 x 256/2; weights 2 x 128 x 64, fp32 logits.
+    assert (o["logits"].flops, o["logits"].bytes) == (65536, 16384 + 4 * 4 * 128)
+    assert o["q_proj"].bytes - A.serve_ops(CFG, 2, 4, 1, 10, 10, weight_bytes=1)[0].bytes == 2048  # fp8 weights
+
+
+def test_planner_serving_times_are_the_estimators():
+    from polychip.plan import perf
+
+    h100, l8 = load_catalog()["h100"], MODEL_PRESETS["llama3-8b"]
+    sb = perf.serve_bound(l8, h100, 2, 16, 1000, 200, "bfloat16")
+    dec = estimate_step(A.serve_ops(l8, 2, 16, 1, 1100, 1100, chip=h100), A.machine(h100))
+    assert sb.t_decode == dec.t_step and dec.t_exposed_collectives > 0  # blocking all-reduces add to the step
+    # Decode at batch 16 is memory-bound: weights (less the embedding table, of which decode reads 16 rows)
+    # plus the KV cache, over HBM bandwidth, within the all-reduces and elementwise traffic.
+    kv = 16 * 1100 * 2 * 2 * 8 * 128 * 32 / 2
+    weights = 2 * (l8.n_params - l8.vocab_size * l8.d_model) / 2
+    assert dec.t_memory == pytest.approx((weights + kv) / h100.hbm_bandwidth, rel=0.05)
+    assert perf.serve_bound(l8, h100, 3, 16, 1000, 200, "bfloat16") is None  # 3 divides no head count

@@ -407,6 +407,35 @@ def train_memory(cfg: ModelConfig, lay: Layout, batch: int, seq: int, remat: str
     return state + acts + max(gathered + working, head)
 
 
+def serve_ops(cfg: ModelConfig, tensor: int, batch: int, tokens: int, ctx: float, kv_read: float,
+              weight_bytes: int = ACT_BYTES, chip=None) -> list[Op]:
+    """One forward step of a serving replica, per device of its `tensor` devices (tensor parallel).
+
+    `batch` sequences each add `tokens` tokens (prefill: the prompt; decode: 1), each query attends to
+    `ctx` keys on average (prefill: (prompt + 1) / 2, causal; decode: the cached context) and each
+    sequence's attention reads `kv_read` cached tokens of K and V from HBM. Per layer: the seven matmuls
+    read their weights (`weight_bytes` per element: 1 for fp8) and the activations; attention writes the
+    new K / V and reads the cache; the elementwise ops as in training; two blocking all-reduces of the
+    activations (Megatron's f / g). Logits only for each sequence's last token (what a server samples)."""
+    lay = Layout(tensor=tensor)
+    x = _Dims.of(cfg, lay, batch * tokens, 1, 1 if chip is None else matrix_tile(chip))
+    x = replace(x, ctx=ctx)
+    B, T, L = ACT_BYTES, x.T, cfg.n_layers
+    ops = []
+    for name, (i, o, w, _) in _matmuls(x).items():
+        ops.append(_op(name, 2 * T * i * o * x.pad(i, o), B * T * (i + o) + weight_bytes * w, L))
+    cache = B * batch * kv_read * 2 * x.kv
+    for name, flops, nbytes, _ in _layer_forward(x):
+        if name == "attention":
+            ops.append(_op(name, flops, B * T * (2 * x.q + 2 * x.kv) + cache, L))
+        elif name not in _matmuls(x):
+            ops.append(_op(name, flops, nbytes, L))
+    V = cfg.vocab_size / tensor
+    ops.append(_op("logits", 2 * batch * x.d * V * x.pad(x.d, V), weight_bytes * V * x.d + 4 * batch * V, 1))
+    return ops + _collective("tensor all-reduce activations", "all-reduce", B * T * x.d, lay, "tensor", 2 * L,
+                             blocking=True)
+
+
 def train_model_flops(cfg: ModelConfig, batch: int, seq: int) -> float:
     """Model FLOPs of one step, all devices (polychip.model.flops: causal attention): the MFU numerator."""
     from polychip.model import flops as F

@@ -8,15 +8,18 @@ order: a measured record of this model, sequence, batch and chip count on this c
 of the same (`polychip compile`; used as is, so both report one step time) > such a record of another
 chip count or batch, scaled by the estimator's ratio > the calibrated estimate.
 
-Serving still uses the analytic roofline (plan/roofline.py) divided by an efficiency factor: the
+Serving: a prefill of one prompt and a decode step at batch B are analytic op lists too
+(analytic.serve_ops: weights and KV cache read, matmuls, blocking tensor-parallel all-reduces) priced by
+estimate_step at efficiency 1 (a per-op roofline), then divided by a serving efficiency factor: the
 geometric mean over matching serving records, else the chip's, its family's, every record's, else
-DEFAULT_EFFICIENCY, and the detail says which.
+DEFAULT_EFFICIENCY, and the detail says which. Memory fit and KV capacity: plan/roofline.py.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from polychip.estimate import estimate_step
 from polychip.estimate import analytic as A
 from polychip.hardware import Chip
 from polychip.model import flops as F
@@ -128,6 +131,21 @@ class ServeConfig:
     detail: str = ""
 
 
+def serve_bound(cfg, chip: Chip, k: int, batch: int, prompt: int, output: int, dtype: str) -> R.ServeBound | None:
+    """roofline.serve_bound's memory figures with step times from the shared estimator over
+    analytic.serve_ops (prefill: one prompt; decode: `batch` sequences at the mean context). None when
+    k chips' devices are not a tensor degree the heads allow, or a collective has no link figure."""
+    sb = R.serve_bound(cfg, chip, k, batch, prompt, output, dtype)
+    t, wb, ctx = k * chip.devices_per_chip, 1 if dtype == "float8" else 2, prompt + output / 2
+    try:
+        m = A.machine(chip, dtype if chip.peak(dtype) else "bfloat16")
+        pre = estimate_step(A.serve_ops(cfg, t, 1, prompt, (prompt + 1) / 2, prompt, wb, chip), m).t_step
+        dec = estimate_step(A.serve_ops(cfg, t, batch, 1, ctx, ctx, wb, chip), m).t_step
+    except ValueError:  # analytic.LayoutError included
+        return None
+    return replace(sb, t_prefill=pre, t_decode=dec)
+
+
 def best_serve_config(cfg, chip: Chip, prompt: int, output: int, dtype: str, eff: float,
                       ttft: float | None, tpot: float | None, ks: list[int] | None = None,
                       batch: int | None = None) -> ServeConfig | None:
@@ -144,7 +162,9 @@ def best_serve_config(cfg, chip: Chip, prompt: int, output: int, dtype: str, eff
         if not batch and fit < MAX_DECODE_BATCH and fit not in batches:
             batches.append(fit)
         for b in batches:
-            sb = R.serve_bound(cfg, chip, k, b, prompt, output, dtype)
+            sb = serve_bound(cfg, chip, k, b, prompt, output, dtype)
+            if sb is None:
+                break
             t1, t2, rps = sb.at_efficiency(eff, output)
             if (ttft is not None and t1 > ttft) or (tpot is not None and t2 > tpot):
                 continue
@@ -161,7 +181,10 @@ def fastest_serve_latency(cfg, chip: Chip, prompt: int, output: int, dtype: str,
     for k in R.pow2_upto(kmax):
         if R.max_fit_batch(cfg, chip, k, prompt, output, dtype) < 1:
             continue
-        t1, t2, _ = R.serve_bound(cfg, chip, k, 1, prompt, output, dtype).at_efficiency(eff, output)
+        sb = serve_bound(cfg, chip, k, 1, prompt, output, dtype)
+        if sb is None:
+            continue
+        t1, t2, _ = sb.at_efficiency(eff, output)
         best = (t1, t2) if best is None else (min(best[0], t1), min(best[1], t2))
     return best
 
