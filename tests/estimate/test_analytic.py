@@ -85,6 +85,22 @@ def test_host_transfers_run_beside_the_network():
         estimate_step(step, Machine(1e12, 1e12, 1e9, 1e9))
     v6e = load_catalog()["tpu-v6e"]
     assert A.machine(v6e).host_bandwidth == A.HOST_LINK["tpu"]
+    # A blocking collective (0.5 s) is exposed whole even under full overlap; the async one (1.5 s) only
+    # beyond the 1 s of compute: exposed 0.5 + 0.5, step 2 s.
+    tp = Op("tp all-reduce", "collective", bytes=0.5e9, link=INTRA, blocking=True)
+    est = estimate_step(step[:2] + [tp], m, Calibration(overlap=1.0))
+    assert (est.t_step, est.t_exposed_collectives) == (2.0, 1.0)
+
+
+def test_matmul_widths_round_up_to_the_matrix_unit_tile():
+    """v6e's 256 x 256 MXU: head_dim 16 attention costs 256 / 16 = 16x its FLOPs; q_proj (64 -> 32 wide)
+    costs (256 / 64) x (256 / 32) = 32x. Without a chip nothing is padded."""
+    v6e = load_catalog()["tpu-v6e"]
+    plain, padded = ops(), {o.name: o for o in A.train_ops(CFG, LAY, 8, 32, chip=v6e)}
+    assert padded["fwd attention"].flops == 16 * plain["fwd attention"].flops
+    assert padded["fwd q_proj"].flops == 32 * plain["fwd q_proj"].flops
+    assert padded["fwd q_proj"].bytes == plain["fwd q_proj"].bytes  # padding is work, not traffic
+    assert A.matrix_tile(load_catalog()["tpu-v5p"]) == 128 and A.matrix_tile(load_catalog()["h100"]) == 16
 
 
 def test_pipeline_adds_sends_and_its_bubble():

@@ -362,8 +362,9 @@ def train_ops(cfg: ModelConfig, lay: Layout, batch: int, seq: int, remat: str | 
     """The ops of one training step on one device (the busiest: every stage is assumed equal).
 
     batch: global sequences per optimiser step; grad_accum: micro-batches (also the pipeline's).
-    dtype: compute dtype (bf16 activations either way). Offloaded activations are HOST ops (price them
-    with `machine(chip)`, which knows the host link)."""
+    dtype: compute dtype (bf16 activations either way). chip: a catalog Chip, for its matrix unit's tile
+    (None: no padding). Offloaded activations are HOST ops (price them with `machine(chip)`, which knows
+    the host link)."""
     check_layout(cfg, lay, batch, seq, grad_accum)
     pol = resolve_remat(remat)
     A = grad_accum
