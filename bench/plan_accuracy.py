@@ -8,7 +8,9 @@ Two tables:
 Prints predicted vs published tokens/s per chip and the median |error| of each table (bf16 rows; fp8
 rows are printed apart: the estimator is calibrated on bf16 runs).
 
-    PYTHONPATH=src JAX_PLATFORMS=cpu .venv/bin/python bench/plan_accuracy.py [--oos bench/plan_oos.yaml]
+    PYTHONPATH=src JAX_PLATFORMS=cpu .venv/bin/python bench/plan_accuracy.py [--oos bench/plan_oos.yaml] [--loo-only]
+
+Change the model with --loo-only (calibration records only); run the out-of-sample table once, after.
 """
 from __future__ import annotations
 
