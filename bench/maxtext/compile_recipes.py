@@ -12,7 +12,8 @@ after-optimizations module and writes
     <cache>/maxtext/<recipe>/meta.json     (topology, devices, settings, versions, compile seconds, peak RSS)
 
 <cache> is $POLYCHIP_CACHE_DIR or ~/.cache/polychip. A recipe whose meta.json exists is skipped; a compile
-whose process tree passes --max-rss-gib is killed and recorded as such (status "aborted_rss") so the next
+is stopped once the optimised HLO is dumped (--full: run to the end); one whose process tree passes
+--max-rss-gib is killed and recorded as such (status "aborted_rss") so the next
 run does not retry it unless --retry-failed.
 
     /work/maxtext-venv/bin/python bench/maxtext/compile_recipes.py [--only NAME ...] [--list]
@@ -86,30 +87,51 @@ def compile_args(name: str, r: dict, groups: dict, out_dir: Path) -> tuple[list[
     if unknown:
         raise SystemExit(f"recipe {name}: unknown flag group(s) {unknown} (define them under flag_groups)")
     libtpu = " ".join(groups[g].strip() for g in r.get("xla_flag_groups", []))
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
+    # ALLOW_MULTIPLE_LIBTPU_LOAD: a deviceless compile needs no exclusive hold on a TPU, and a killed compile
+    # (or another engineer's) otherwise leaves /tmp/libtpu_lockfile that fails the next one.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1",
                LIBTPU_INIT_ARGS=(os.environ.get("LIBTPU_INIT_ARGS", "") + " " + libtpu).strip(),
                XLA_FLAGS=f"--xla_dump_to={out_dir / 'dump'} --xla_dump_hlo_as_text "
                          "--xla_dump_hlo_module_re=.*train_step.*")
     return argv, env
 
 
-def run_watched(argv: list[str], env: dict, log: Path, max_rss: int, timeout: float) -> dict:
-    """Run argv, polling its process tree's RSS; kill it past max_rss bytes or timeout seconds."""
-    t0, peak, status = time.monotonic(), 0, "ok"
+def _hlo_ready(dump: Path, seen: dict) -> bool:
+    """The train step's optimised module and its memory report are dumped and unchanged for 6 s."""
+    files = list(dump.glob("*train_step*after_optimizations.txt"))
+    files += list(dump.glob("*train_step*after_optimizations-memory-usage-report.txt"))
+    if len(files) < 2:
+        return False
+    sizes = tuple(sorted((str(p), p.stat().st_size) for p in files))
+    now = time.monotonic()
+    if seen.get("sizes") != sizes:
+        seen.update(sizes=sizes, since=now)
+    return now - seen["since"] >= 6
+
+
+def run_watched(argv: list[str], env: dict, log: Path, max_rss: int, timeout: float,
+                stop_at_hlo: Path | None = None) -> dict:
+    """Run argv, polling its process tree's RSS; kill it past max_rss bytes or timeout seconds, or (with
+    stop_at_hlo, the dump folder) once the optimised HLO is dumped: XLA:TPU dumps it after its HLO passes
+    and buffer assignment, then spends most of the compile on code generation this bench does not need."""
+    t0, peak, status, seen, extra = time.monotonic(), 0, "ok", {}, {}
     with open(log, "wb") as f:
         proc = subprocess.Popen(argv, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         while proc.poll() is None:
             peak = max(peak, _tree_rss(proc.pid))
-            if peak > max_rss or time.monotonic() - t0 > timeout:
-                status = "aborted_rss" if peak > max_rss else "timeout"
+            hlo_done = stop_at_hlo is not None and _hlo_ready(stop_at_hlo, seen)
+            if peak > max_rss or time.monotonic() - t0 > timeout or hlo_done:
+                status = "ok" if hlo_done and peak <= max_rss else "aborted_rss" if peak > max_rss else "timeout"
+                if hlo_done:
+                    extra["stopped"] = "after the optimised HLO was dumped; backend code generation not run"
                 os.killpg(proc.pid, 9)
                 proc.wait()
                 break
             time.sleep(2)
-    if status == "ok" and proc.returncode != 0:
+    if status == "ok" and proc.returncode not in (0, -9):
         status = f"failed rc={proc.returncode}"
     return {"status": status, "compile_seconds": round(time.monotonic() - t0, 1),
-            "peak_rss_gib": round(peak / 2**30, 2)}
+            "peak_rss_gib": round(peak / 2**30, 2), **extra}
 
 
 def _pick_hlo(dump: Path) -> Path | None:
@@ -118,15 +140,28 @@ def _pick_hlo(dump: Path) -> Path | None:
     return max(cands, key=lambda p: p.stat().st_size) if cands else None
 
 
-def maxtext_flops(argv: list[str]) -> dict:
+_FLOPS_SNIPPET = """
+import json, sys
+from maxtext.configs import pyconfig
+from maxtext.utils import maxtext_utils
+cfg = pyconfig.initialize(sys.argv)  # ["-c", base.yml, k=v ...]: argv[0] stands for the program
+total, weights, attn = maxtext_utils.calculate_tflops_training_per_device(cfg, log=False)
+print("FLOPS_JSON " + json.dumps({"total": total, "weights": weights, "attention_causal": attn,
+                                  "global_batch": cfg.global_batch_size_to_train_on}))
+"""
+
+
+def maxtext_flops(argv: list[str], env: dict) -> dict:
     """MaxText's own training FLOPs per device per step for this config (calculate_tflops_training_per_device,
-    the convention of the TFLOP/s/device its logs print; attention counted causally since PR #1988)."""
-    from maxtext.configs import pyconfig
-    from maxtext.utils import maxtext_utils
-    cfg = pyconfig.initialize(argv[2:])  # [program, base.yml, k=v ...]
-    total, weights, attn = maxtext_utils.calculate_tflops_training_per_device(cfg, log=False)
-    return {"total": total, "weights": weights, "attention_causal": attn,
-            "global_batch": cfg.global_batch_size_to_train_on, "convention": "maxtext 0.2.4, causal attention"}
+    the convention of the TFLOP/s/device its logs print; attention counted causally since PR #1988).
+
+    In a child process: pyconfig loads libtpu, and a parent holding libtpu would lock out the compiles."""
+    out = subprocess.run([sys.executable, "-c", _FLOPS_SNIPPET, *argv[3:]], env=env, capture_output=True,
+                         text=True, timeout=600)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("FLOPS_JSON ")), None)
+    if line is None:
+        return {"error": (out.stderr.strip().splitlines() or ["no output"])[-1]}
+    return {**json.loads(line[len("FLOPS_JSON "):]), "convention": "maxtext 0.2.4, causal attention"}
 
 
 def compile_one(name: str, r: dict, groups: dict, args) -> dict:
@@ -135,12 +170,16 @@ def compile_one(name: str, r: dict, groups: dict, args) -> dict:
     work = Path(tempfile.mkdtemp(prefix=f"maxtext-{name}-"))
     argv, env = compile_args(name, r, groups, work)
     print(f"[{name}] compiling for {r['topology']} x{r.get('num_slices', 1)} ...", flush=True)
-    res = run_watched(argv, env, dest / "compile.log", int(args.max_rss_gib * 2**30), args.timeout)
+    res = run_watched(argv, env, dest / "compile.log", int(args.max_rss_gib * 2**30), args.timeout,
+                      None if args.full else work / "dump")
     hlo = _pick_hlo(work / "dump") if res["status"] == "ok" else None
     if res["status"] == "ok" and hlo is None:
         res["status"] = "no after_optimizations dump"
     if hlo is not None:
         shutil.copyfile(hlo, dest / HLO_NAME)
+        report = hlo.with_name(hlo.name.replace(".txt", "-memory-usage-report.txt"))
+        if report.exists():  # the buffer assignment's peak: does the step fit in HBM
+            shutil.copyfile(report, dest / "memory-usage-report.txt")
         res["hlo_module_file"] = hlo.name
     shutil.rmtree(work, ignore_errors=True)
     meta = {"recipe": name, "model": r["model"], "chip": r["chip"], "topology": r["topology"],
@@ -149,7 +188,7 @@ def compile_one(name: str, r: dict, groups: dict, args) -> dict:
             "seq": r["overrides"].get("max_target_length", 2048),
             "remat_policy": r["overrides"].get("remat_policy", "full"),
             "overrides": r.get("overrides", {}), "xla_flag_groups": r.get("xla_flag_groups", []),
-            "maxtext_tflops_per_device": maxtext_flops(argv),
+            "maxtext_tflops_per_device": maxtext_flops(argv, env),
             "versions": _versions(), "compiled": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **res}
     _atomic_json(dest / "meta.json", meta)
     print(f"[{name}] {res['status']}: {res['compile_seconds']} s, peak RSS {res['peak_rss_gib']} GiB", flush=True)
@@ -163,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--retry-failed", action="store_true", help="recompile recipes recorded as failed")
     ap.add_argument("--max-rss-gib", type=float, default=10.0)
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per compile")
+    ap.add_argument("--full", action="store_true",
+                    help="let each compile run to the end (code generation) instead of stopping at the HLO")
     args = ap.parse_args(argv)
     recipes, groups = load_recipes()
     names = args.only or sorted(recipes, key=lambda n: recipes[n].get("compile_order", 99))
@@ -178,9 +219,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if meta and (meta["status"] == "ok" or not args.retry_failed):
             print(f"[{n}] cached ({meta['status']})")
-            if "maxtext_tflops_per_device" not in meta:  # meta written before the FLOPs were recorded
-                argv, _ = compile_args(n, recipes[n], groups, Path(tempfile.gettempdir()))
-                meta["maxtext_tflops_per_device"] = maxtext_flops(argv)
+            if "total" not in meta.get("maxtext_tflops_per_device", {}):  # not recorded, or its count failed
+                argv, env = compile_args(n, recipes[n], groups, Path(tempfile.gettempdir()))
+                meta["maxtext_tflops_per_device"] = maxtext_flops(argv, env)
                 _atomic_json(meta_p, meta)
             continue
         compile_one(n, recipes[n], groups, args)
