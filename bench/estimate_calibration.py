@@ -108,17 +108,28 @@ _dot_flops_upstream = _hlo.dot_flops
 _hlo.dot_flops = _dot_flops
 
 
-def measured_step(r: dict, meta: dict) -> tuple[float, str]:
-    """The recipe's measured step seconds and how they follow from what its source printed."""
-    pub = r["published"]
-    if "step_seconds" in pub:
-        return float(pub["step_seconds"]), "step log"
-    if "tokens_per_s_per_device" in pub:
-        return meta["per_device_batch_size"] * meta["seq"] / pub["tokens_per_s_per_device"], "tokens/s"
+def source_tflop(r: dict, meta: dict) -> float:
+    """MaxText's TFLOP per device per step for this recipe in its source's attention convention."""
     fl = meta["maxtext_tflops_per_device"]
-    causal = pub.get("attention_flops", "causal") == "causal"
-    tflop = fl["total"] if causal else fl["weights"] + 2 * fl["attention_causal"]
-    return tflop / pub["tflops_per_device"], f"TFLOP/s ({'causal' if causal else 'non-causal'} attention)"
+    causal = r["published"].get("attention_flops", "causal") == "causal"
+    return fl["total"] if causal else fl["weights"] + 2 * fl["attention_causal"]
+
+
+def measured_step(r: dict, meta: dict) -> tuple[float, str, float | None]:
+    """The recipe's measured step seconds, how they follow from what its source printed, and a check: the
+    source's TFLOP/s x step seconds over MaxText's count in the source's convention (1.00 when the compiled
+    settings are the ones that were measured; None when the source gives no both)."""
+    pub = r["published"]
+    tflop = source_tflop(r, meta)
+    if "step_seconds" in pub:
+        t, how = float(pub["step_seconds"]), "step log"
+    elif "tokens_per_s_per_device" in pub:
+        t, how = meta["per_device_batch_size"] * meta["seq"] / pub["tokens_per_s_per_device"], "tokens/s"
+    else:
+        conv = pub.get("attention_flops", "causal")
+        return tflop / pub["tflops_per_device"], f"TFLOP/s ({conv} attention)", None
+    check = pub["tflops_per_device"] * t / tflop if "tflops_per_device" in pub else None
+    return t, how, check
 
 
 def load_recipes(names: list[str] | None) -> list[dict]:
@@ -139,9 +150,9 @@ def load_recipes(names: list[str] | None) -> list[dict]:
         ops = ops_from_hlo(join_continued_lines((d / HLO_NAME).read_text()), meta["n_devices"], dps)
         chip = get_chip(r["chip"])
         m = machine_for(chip)
-        t_meas, how = measured_step(r, meta)
+        t_meas, how, check = measured_step(r, meta)
         rows.append({"name": name, "r": r, "meta": meta, "ops": ops, "machine": m, "measured": t_meas,
-                     "how": how, "flops": meta["maxtext_tflops_per_device"]["total"] * 1e12,
+                     "how": how, "check": check, "flops": meta["maxtext_tflops_per_device"]["total"] * 1e12,
                      "parse_s": time.perf_counter() - t0})
     return rows
 
@@ -165,7 +176,7 @@ def _fmt_err(e: float) -> str:
 
 def print_table(rows: list[dict], pairs: list, fitted: Calibration | None, loo: list | None) -> dict:
     """The comparison table; returns the per-recipe numbers for the stored record."""
-    hdr = (f"{'recipe':24s} {'quoted':>7s} {'step s':>7s} {'MFU':>6s} | {'uncal':>6s} {'err':>7s} | "
+    hdr = (f"{'recipe':24s} {'quoted':>7s} {'chk':>4s} {'step s':>7s} {'MFU':>6s} | {'uncal':>6s} {'err':>7s} | "
            f"{'fitted':>6s} {'err':>7s} | {'LOO':>6s} {'err':>7s} | bound (uncal)")
     print(hdr + "\n" + "-" * len(hdr))
     errs: dict = defaultdict(list)
@@ -177,10 +188,12 @@ def print_table(rows: list[dict], pairs: list, fitted: Calibration | None, loo: 
             cols["fitted"] = C.predict(p, fitted)
         if loo is not None:
             cols["loo"] = C.predict(p, loo[i][0])
-        line = (f"{row['name']:24s} {row['r']['published']['mfu']:7.2%} {row['measured']:7.3f} "
+        chk = f"{row['check']:4.2f}" if row["check"] is not None else "  - "
+        line = (f"{row['name']:24s} {row['r']['published']['mfu']:7.2%} {chk} {row['measured']:7.3f} "
                 f"{mfu(row, row['measured']):6.1%}")
         rec = {"recipe": row["name"], "measured_step_s": row["measured"], "measured_from": row["how"],
-               "mfu_maxtext_0_2_4": mfu(row, row["measured"]), "quoted_mfu": row["r"]["published"]["mfu"]}
+               "mfu_maxtext_0_2_4": mfu(row, row["measured"]), "quoted_mfu": row["r"]["published"]["mfu"],
+               "flops_check": row["check"], "hbm_bytes": row["meta"].get("hbm_bytes")}
         for k in ("uncal", "fitted", "loo"):
             if k in cols:
                 e = C.rel_error(row["measured"], cols[k])

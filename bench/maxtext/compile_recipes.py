@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -180,7 +181,12 @@ def compile_one(name: str, r: dict, groups: dict, args) -> dict:
         report = hlo.with_name(hlo.name.replace(".txt", "-memory-usage-report.txt"))
         if report.exists():  # the buffer assignment's peak: does the step fit in HBM
             shutil.copyfile(report, dest / "memory-usage-report.txt")
+            m = re.search(r"Total bytes: (\d+)", report.read_text())
+            res["hbm_bytes"] = int(m.group(1)) if m else None
         res["hlo_module_file"] = hlo.name
+    oom = re.search(r"RESOURCE_EXHAUSTED: (Ran out of memory[^\n]*)", (dest / "compile.log").read_text(errors="replace"))
+    if oom:  # the HLO is dumped before the compiler gives up, but it is not a program that ran
+        res["status"], res["oom"] = "hbm_oom", oom.group(1)
     shutil.rmtree(work, ignore_errors=True)
     meta = {"recipe": name, "model": r["model"], "chip": r["chip"], "topology": r["topology"],
             "num_slices": r.get("num_slices", 1), "n_devices": r["n_devices"] * r.get("num_slices", 1),
@@ -193,6 +199,20 @@ def compile_one(name: str, r: dict, groups: dict, args) -> dict:
     _atomic_json(dest / "meta.json", meta)
     print(f"[{name}] {res['status']}: {res['compile_seconds']} s, peak RSS {res['peak_rss_gib']} GiB", flush=True)
     return meta
+
+
+def backfill(name: str, r: dict, groups: dict, meta: dict, meta_p: Path) -> None:
+    """Fill what an older version of this script did not record: MaxText's FLOPs, the HBM the step needs."""
+    changed = False
+    if "total" not in meta.get("maxtext_tflops_per_device", {}):
+        argv, env = compile_args(name, r, groups, Path(tempfile.gettempdir()))
+        meta["maxtext_tflops_per_device"], changed = maxtext_flops(argv, env), True
+    report = meta_p.with_name("memory-usage-report.txt")
+    if "hbm_bytes" not in meta and report.exists():
+        m = re.search(r"Total bytes: (\d+)", report.read_text())
+        meta["hbm_bytes"], changed = (int(m.group(1)) if m else None), True
+    if changed:
+        _atomic_json(meta_p, meta)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,10 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if meta and (meta["status"] == "ok" or not args.retry_failed):
             print(f"[{n}] cached ({meta['status']})")
-            if "total" not in meta.get("maxtext_tflops_per_device", {}):  # not recorded, or its count failed
-                argv, env = compile_args(n, recipes[n], groups, Path(tempfile.gettempdir()))
-                meta["maxtext_tflops_per_device"] = maxtext_flops(argv, env)
-                _atomic_json(meta_p, meta)
+            backfill(n, recipes[n], groups, meta, meta_p)
             continue
         compile_one(n, recipes[n], groups, args)
     return 0
