@@ -15,6 +15,7 @@ only the kernel taps that land on input (see conv_flops_valid_taps). Not modelle
 host-offload traffic (MaxText's offloaded remat tensors live in host memory, S(5), which the HLO walk
 treats as free) and the FLOPs of MaxText's splash-attention kernels (no declared cost: opaque ops).
 
+"hostGB": host-memory arrays carried by the step's loops (offloaded remat tensors), not costed.
 "chk" is the source's TFLOP/s x step seconds over MaxText 0.2.4's count in the source's convention: 1.00
 means the compiled settings are the measured ones.
 
@@ -124,6 +125,23 @@ def source_tflop(r: dict, meta: dict) -> float:
     return fl["total"] if causal else fl["weights"] + 2 * fl["attention_causal"]
 
 
+_HOST_ARRAY = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]\{[^}]*S\(5\)[^}]*\}")
+_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1, "f64": 8, "s64": 8}
+
+
+def host_loop_bytes(text: str) -> float:
+    """Bytes of host-memory (layout S(5)) arrays carried by while loops, summed over loops: the remat
+    tensors MaxText offloads. A diagnostic the estimator does not cost (the HLO walk treats S(n) as free)."""
+    total = 0.0
+    for line in text.splitlines():
+        if " while(" not in line:
+            continue
+        head = line.split(" while(", 1)[0]
+        for dt, dims in _HOST_ARRAY.findall(head):
+            total += math.prod(int(d) for d in dims.split(",") if d) * _BYTES.get(dt, 2)
+    return total
+
+
 def measured_step(r: dict, meta: dict) -> tuple[float, str, float | None]:
     """The recipe's measured step seconds, how they follow from what its source printed, and a check: the
     source's TFLOP/s x step seconds over MaxText's count in the source's convention (1.00 when the compiled
@@ -156,12 +174,13 @@ def load_recipes(names: list[str] | None) -> list[dict]:
         r = recipes[name]
         dps = meta["devices_per_slice"] if meta["num_slices"] > 1 else None
         t0 = time.perf_counter()
-        ops = ops_from_hlo(join_continued_lines((d / HLO_NAME).read_text()), meta["n_devices"], dps)
+        text = join_continued_lines((d / HLO_NAME).read_text())
+        ops = ops_from_hlo(text, meta["n_devices"], dps)
         chip = get_chip(r["chip"])
         m = machine_for(chip)
         t_meas, how, check = measured_step(r, meta)
         rows.append({"name": name, "r": r, "meta": meta, "ops": ops, "machine": m, "measured": t_meas,
-                     "how": how, "check": check, "flops": meta["maxtext_tflops_per_device"]["total"] * 1e12,
+                     "how": how, "check": check, "host_bytes": host_loop_bytes(text), "flops": meta["maxtext_tflops_per_device"]["total"] * 1e12,
                      "parse_s": time.perf_counter() - t0})
     return rows
 
@@ -186,7 +205,7 @@ def _fmt_err(e: float) -> str:
 def print_table(rows: list[dict], pairs: list, fitted: Calibration | None, loo: list | None) -> dict:
     """The comparison table; returns the per-recipe numbers for the stored record."""
     hdr = (f"{'recipe':24s} {'quoted':>7s} {'chk':>4s} {'step s':>7s} {'MFU':>6s} | {'uncal':>6s} {'err':>7s} | "
-           f"{'fitted':>6s} {'err':>7s} | {'LOO':>6s} {'err':>7s} | bound (uncal)")
+           f"{'fitted':>6s} {'err':>7s} | {'LOO':>6s} {'err':>7s} | {'hostGB':>6s} | bound (uncal)")
     print(hdr + "\n" + "-" * len(hdr))
     errs: dict = defaultdict(list)
     out = []
@@ -202,7 +221,8 @@ def print_table(rows: list[dict], pairs: list, fitted: Calibration | None, loo: 
                 f"{mfu(row, row['measured']):6.1%}")
         rec = {"recipe": row["name"], "measured_step_s": row["measured"], "measured_from": row["how"],
                "mfu_maxtext_0_2_4": mfu(row, row["measured"]), "quoted_mfu": row["r"]["published"]["mfu"],
-               "flops_check": row["check"], "hbm_bytes": row["meta"].get("hbm_bytes")}
+               "flops_check": row["check"], "hbm_bytes": row["meta"].get("hbm_bytes"),
+               "host_loop_bytes": row["host_bytes"]}
         for k in ("uncal", "fitted", "loo"):
             if k in cols:
                 e = C.rel_error(row["measured"], cols[k])
@@ -211,7 +231,7 @@ def print_table(rows: list[dict], pairs: list, fitted: Calibration | None, loo: 
                 rec[f"predicted_step_s_{k}"], rec[f"error_{k}"] = cols[k], e
             else:
                 line += f" | {'':6s} {'':7s}"
-        print(line + f" | {est.bound} (comp {est.t_flops:.2f} s, hbm {est.t_memory:.2f} s, "
+        print(line + f" | {row['host_bytes'] / 1e9:6.0f} | {est.bound} (comp {est.t_flops:.2f} s, hbm {est.t_memory:.2f} s, "
                      f"coll {est.t_collectives:.2f} s)")
         out.append(rec)
     med = " ".join(f"{k} {statistics.median(v):.1%}" for k, v in errs.items())
