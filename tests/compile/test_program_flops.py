@@ -53,3 +53,24 @@ def test_full_remat_recomputes_the_blocks_forward_except_w_down():
                  + 4 * m.n_layers * m.n_heads * m.head_dim * t.seq_len) * tokens
     w_down = 2 * m.n_layers * m.d_ff * m.d_model * tokens
     assert _count(full).flops - _count(base).flops == pytest.approx(block_fwd - w_down, rel=1e-9)
+
+
+def test_pallas_kernels_count_their_declared_cost_once_per_shard():
+    """A Pallas call is opaque to the jaxpr walk except for its pl.CostEstimate: the Pallas RMSNorm declares
+    4 N D FLOPs for its [N, D] block; under a 4-way shard_map over rows each shard has N = 64 of 256 rows,
+    so the program does 4 x 4 x 64 x 512 = 524,288 FLOPs."""
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    from polychip.kernels.rms_norm.pallas_tpu import rms_norm
+
+    mesh = jax.sharding.AbstractMesh((4,), ("x",))
+
+    def f(x, s):
+        return jax.shard_map(lambda a, b: rms_norm(a, b, interpret=True), mesh=mesh, in_specs=(P("x"), P()),
+                             out_specs=P("x"), check_vma=False)(x, s)
+
+    got = program_flops.count(f, jax.ShapeDtypeStruct((256, 512), jnp.float32), jax.ShapeDtypeStruct((512,), jnp.float32))
+    assert got.flops == 4 * 4 * 64 * 512
+    assert got.declared_flops == got.flops
+    assert got.opaque_calls == 0

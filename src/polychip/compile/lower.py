@@ -146,7 +146,7 @@ def argument_bytes(args: tuple, shardings: tuple) -> int:
 
 
 def _compile(name: str, jitted, args: tuple, trace_fn, n_devices: int, on_phase=None,
-             in_shardings: tuple = ()) -> CompiledStep:
+             in_shardings: tuple = (), devices_per_slice: int | None = None) -> CompiledStep:
     t0 = time.perf_counter()
     if on_phase:
         on_phase(f"{name}: lowering")
@@ -171,7 +171,7 @@ def _compile(name: str, jitted, args: tuple, trace_fn, n_devices: int, on_phase=
     t2 = time.perf_counter()
     if on_phase:
         on_phase(f"{name}: analysing")
-    stats = hlo_mod.analyse(compiled.as_text(), n_devices)
+    stats = hlo_mod.analyse(compiled.as_text(), n_devices, devices_per_slice)
     pf = program_flops.count(trace_fn, *args)
     return CompiledStep(name=name, memory=_mem_dict(compiled.memory_analysis()), cost=_cost_dict(compiled.cost_analysis()),
                         hlo=dataclasses.asdict(stats), program_flops=pf.flops, program_flops_loops_once=pf.flops_loops_once,
@@ -228,7 +228,7 @@ def _compile_train(cfg: Config, spec: TargetSpec, sizes: dict, on_phase=None) ->
     step = StepSpec.build(with_mesh(cfg, sizes), devices=devices, target=_target(devices), check=False)
     args = (step.abstract_state, step.abstract_batch)
     out = _compile("train", step.jitted, args, step.jitted, len(devices), on_phase,
-                   (step.shardings, step.batch_sharding))
+                   (step.shardings, step.batch_sharding), len(devices) // spec.num_slices)
     out.kernels = _kernels_used(step.runtime.policy, cfg, cfg.train.seq_len, cfg.train.compute_dtype, False)
     out.dropped_rules = step.dropped()
     return out
@@ -269,7 +269,8 @@ def _compile_serve(cfg: Config, spec: TargetSpec, sizes: dict, batch: int, seq: 
                                      pages)
         shardings = PM.step_shardings(cfg.model, layout, args)
         jitted = PM.jit_step(cfg.model, rt, shardings)
-        step = _compile(name, jitted, tuple(args), jitted, len(devices), on_phase, tuple(shardings[0]))
+        step = _compile(name, jitted, tuple(args), jitted, len(devices), on_phase, tuple(shardings[0]),
+                        len(devices) // spec.num_slices)
         step.kernels = _kernels_used(policy, cfg, seq, dtype, True)
         if name == "decode":
             step.kernels["paged_attention"] = _paged_kernel(policy, cfg, args)

@@ -7,7 +7,10 @@ multiplied by the `length` of each enclosing scan, including the recompute that 
 masked-out half of a dense causal attention: the FLOPs the hardware is asked to do (global, all
 devices together), not the model FLOPs of `polychip.model.flops`.
 
-Only dot_general (and conv) are counted; elementwise work is < 1-2% at these shapes.
+Only dot_general (and conv) are counted; elementwise work is < 1-2% at these shapes. A Pallas kernel
+(pallas_call) counts the FLOPs its `pl.CostEstimate` declares (its body runs per grid step on blocks, so its
+matmuls are not visible here); one without a cost estimate is opaque, counted as 0 and reported. A
+shard_map body is traced per shard, so what it holds counts once per shard of its manual axes.
 """
 from __future__ import annotations
 
@@ -26,8 +29,10 @@ class ProgramFlops:
     flops_loops_once: float
     #: Loops found: (kind, trip count or None for while loops with data-dependent trip counts).
     loops: list
-    #: Calls whose FLOPs cannot be read from the jaxpr (Pallas kernels: custom calls), not counted.
+    #: Pallas kernel calls without a declared cost estimate: their FLOPs are not counted.
     opaque_calls: int = 0
+    #: Of `flops`, what Pallas kernels declare (global, scan trips included).
+    declared_flops: float = 0.0
 
 
 def _dot_flops(eqn) -> float:
@@ -61,15 +66,32 @@ def _sub_jaxprs(params: dict):
                     yield x
 
 
-def _walk(jaxpr, trips: bool, loops: list | None, opaque: list | None = None) -> float:
+def _shards(params: dict) -> int:
+    """How many shards a shard_map body runs as: the product of its manual mesh axes."""
+    mesh, axes = params.get("mesh"), params.get("newly_manual_axes") or params.get("manual_axes") or ()
+    shape = dict(getattr(mesh, "shape", {}) or {})
+    return math.prod(shape.get(a, 1) for a in axes) if shape else 1
+
+
+def _walk(jaxpr, trips: bool, loops: list | None, opaque: list | None = None, declared: list | None = None,
+          mult: float = 1.0) -> float:
+    """FLOPs of `jaxpr` (x mult); pallas calls append their count to `declared` (or `opaque` if none)."""
     total = 0.0
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
         if name == "pallas_call":
-            # The kernel body runs once per grid step with block-sized operands; its FLOPs are not
-            # derivable here without the kernel's own cost model. Counted as 0 and reported.
-            if opaque is not None:
-                opaque.append(name)
+            cost = eqn.params.get("cost_estimate")
+            if cost is None:
+                if opaque is not None:
+                    opaque.append(name)
+            else:
+                total += float(cost.flops)
+                if declared is not None:
+                    declared.append(float(cost.flops) * mult)
+            continue
+        if name == "shard_map":
+            k = _shards(eqn.params)
+            total += k * _walk(eqn.params["jaxpr"], trips, loops, opaque, declared, mult * k)
             continue
         if name == "dot_general":
             total += _dot_flops(eqn)
@@ -82,17 +104,18 @@ def _walk(jaxpr, trips: bool, loops: list | None, opaque: list | None = None) ->
             unrolled = int(eqn.params.get("unroll", 1)) >= n
             if loops is not None and not unrolled:
                 loops.append(("scan", n))
-            total += (n if (trips or unrolled) else 1) * _walk(eqn.params["jaxpr"].jaxpr, trips, loops, opaque)
+            k = n if (trips or unrolled) else 1
+            total += k * _walk(eqn.params["jaxpr"].jaxpr, trips, loops, opaque, declared, mult * k)
         elif name == "while":
             if loops is not None:
                 loops.append(("while", None))
-            total += _walk(eqn.params["body_jaxpr"].jaxpr, trips, loops, opaque)
+            total += _walk(eqn.params["body_jaxpr"].jaxpr, trips, loops, opaque, declared, mult)
         elif name == "cond":
-            total += max(_walk(b.jaxpr, trips, loops, opaque) for b in eqn.params["branches"])
+            total += max(_walk(b.jaxpr, trips, loops) for b in eqn.params["branches"])
         else:
             # pjit, closed_call, remat (checkpoint), custom_jvp/vjp calls, shard_map: recurse once.
             for sub in _sub_jaxprs(eqn.params):
-                total += _walk(sub, trips, loops, opaque)
+                total += _walk(sub, trips, loops, opaque, declared, mult)
     return total
 
 
@@ -101,7 +124,8 @@ def count(fn, *args) -> ProgramFlops:
     closed = jax.make_jaxpr(fn)(*args)
     loops: list = []
     opaque: list = []
-    full = _walk(closed.jaxpr, True, loops, opaque)
+    declared: list = []
+    full = _walk(closed.jaxpr, True, loops, opaque, declared)
     once = _walk(closed.jaxpr, False, None)
     # opaque counts static call sites (each scan body once), i.e. distinct kernel calls in the program.
-    return ProgramFlops(full, once, loops, len(opaque))
+    return ProgramFlops(full, once, loops, len(opaque), sum(declared))

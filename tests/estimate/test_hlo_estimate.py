@@ -1,0 +1,249 @@
+"""The compile front end of the estimator on hand-built HLO modules, every number worked out by hand.
+
+Machine for the step-time checks: 1 TFLOP/s, 100 GB/s HBM, 10 GB/s within a slice, 1 GB/s across slices.
+"""
+import pytest
+
+from polychip.estimate import INTER, INTRA, Calibration, Machine, estimate_step
+from polychip.estimate.hlo import opaque_ops, ops_from_hlo, replica_groups, walk_module
+
+M = Machine(peak_flops=1e12, hbm_bandwidth=1e11, intra_bandwidth=1e10, inter_bandwidth=1e9, name="hand")
+
+# A 4-trip layer loop: each trip multiplies x by layer i's slice of stacked weights w[4,512,256] (a fused
+# dynamic-slice) and writes the [1,128,256] result into layer i of the stacked buffer buf[4,128,256]
+# (an in-place dynamic-update-slice fusion).
+LOOP = """HloModule loop_dus
+
+%fused_dot (p0: bf16[128,512], p1: bf16[4,512,256], p2: s32[]) -> f32[1,128,256] {
+  %p0 = bf16[128,512]{1,0} parameter(0)
+  %p1 = bf16[4,512,256]{2,1,0} parameter(1)
+  %p2 = s32[] parameter(2)
+  %c0 = s32[] constant(0)
+  %ds = bf16[1,512,256]{2,1,0} dynamic-slice(%p1, %p2, %c0, %c0), dynamic_slice_sizes={1,512,256}
+  %w = bf16[512,256]{1,0} bitcast(%ds)
+  %d = f32[128,256]{1,0} dot(%p0, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  ROOT %r = f32[1,128,256]{2,1,0} bitcast(%d)
+}
+
+%fused_dus (p0: f32[4,128,256], p1: f32[1,128,256], p2: s32[]) -> f32[4,128,256] {
+  %p0 = f32[4,128,256]{2,1,0} parameter(0)
+  %p1 = f32[1,128,256]{2,1,0} parameter(1)
+  %p2 = s32[] parameter(2)
+  %c0 = s32[] constant(0)
+  ROOT %dus = f32[4,128,256]{2,1,0} dynamic-update-slice(%p0, %p1, %p2, %c0, %c0)
+}
+
+%body (arg: (s32[], bf16[128,512], bf16[4,512,256], f32[4,128,256])) -> (s32[], bf16[128,512], bf16[4,512,256], f32[4,128,256]) {
+  %arg = (s32[], bf16[128,512]{1,0}, bf16[4,512,256]{2,1,0}, f32[4,128,256]{2,1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%arg), index=0
+  %x = bf16[128,512]{1,0} get-tuple-element(%arg), index=1
+  %w = bf16[4,512,256]{2,1,0} get-tuple-element(%arg), index=2
+  %buf = f32[4,128,256]{2,1,0} get-tuple-element(%arg), index=3
+  %y = f32[1,128,256]{2,1,0} fusion(%x, %w, %i), kind=kOutput, calls=%fused_dot, metadata={op_name="jit(step)/while/body/layer/dot_general"}
+  %upd = f32[4,128,256]{2,1,0} fusion(%buf, %y, %i), kind=kLoop, calls=%fused_dus
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  ROOT %t = (s32[], bf16[128,512]{1,0}, bf16[4,512,256]{2,1,0}, f32[4,128,256]{2,1,0}) tuple(%next, %x, %w, %upd)
+}
+
+%cond (arg: (s32[], bf16[128,512], bf16[4,512,256], f32[4,128,256])) -> pred[] {
+  %arg = (s32[], bf16[128,512]{1,0}, bf16[4,512,256]{2,1,0}, f32[4,128,256]{2,1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%arg), index=0
+  %n = s32[] constant(4)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+ENTRY %main (x: bf16[128,512], w: bf16[4,512,256], buf: f32[4,128,256]) -> f32[4,128,256] {
+  %x = bf16[128,512]{1,0} parameter(0)
+  %w = bf16[4,512,256]{2,1,0} parameter(1)
+  %buf = f32[4,128,256]{2,1,0} parameter(2)
+  %c = s32[] constant(0)
+  %t = (s32[], bf16[128,512]{1,0}, bf16[4,512,256]{2,1,0}, f32[4,128,256]{2,1,0}) tuple(%c, %x, %w, %buf)
+  %loop = (s32[], bf16[128,512]{1,0}, bf16[4,512,256]{2,1,0}, f32[4,128,256]{2,1,0}) while(%t), condition=%cond, body=%body
+  ROOT %out = f32[4,128,256]{2,1,0} get-tuple-element(%loop), index=3
+}
+"""
+
+
+def _by_name(ops):
+    return {o.name.split(" ")[0]: o for o in ops}
+
+
+def test_loop_trip_count_and_dynamic_slices_charged_for_the_slice():
+    ops, loops = walk_module(LOOP, n_devices=1)
+    assert loops == [("body", 4)]
+    by = _by_name(ops)
+    assert set(by) == {"y", "upd", "next", "lt"}
+    assert all(o.count == 4 for o in ops)  # body and condition x 4 trips
+    # fused_dot: 2 * 128 * 256 * 512 = 33,554,432 FLOPs. Bytes: x 128*512*2 = 131,072; w read only through
+    # the dynamic-slice, so one layer 512*256*2 = 262,144 (not the stack's 1,048,576); i 4; result
+    # 128*256*4 = 131,072. Total 524,292.
+    assert by["y"].flops == 33_554_432
+    assert by["y"].bytes == 524_292
+    assert by["y"].name == "y (layer/dot_general)"
+    # fused_dus in place: the stacked buffer (4*128*256*4 = 524,288) is neither read nor rewritten; the
+    # update is read (131,072) and written (131,072), plus i (4): 262,148 (whole-buffer walk: 1,179,652).
+    assert by["upd"].flops == 0 and by["upd"].bytes == 262_148
+    assert by["next"].bytes == 12  # s32 add: 4 + 4 in, 4 out
+    assert by["lt"].bytes == 9  # compare: 4 + 4 in, pred 1 out
+    assert sum(o.bytes * o.count for o in ops) == 4 * (524_292 + 262_148 + 12 + 9)  # 3,145,844
+
+
+def test_loop_step_time_by_hand():
+    est = estimate_step(ops_from_hlo(LOOP, 1), M)
+    # y: max(33,554,432 / 1e12, 524,292 / 1e11) = 33.554432 us (compute) x 4 = 134.217728 us
+    # upd: 262,148 / 1e11 = 2.62148 us x 4 = 10.48592 us; next + lt: 21 B / 1e11 x 4 = 0.00084 us
+    assert est.t_flops == pytest.approx(134.217728e-6)
+    assert est.t_memory == pytest.approx(10.48592e-6 + 0.00084e-6)
+    assert est.t_step == pytest.approx(144.704488e-6)
+    assert est.bound == "compute"
+    assert est.top_ops[0] == ("y (layer/dot_general)", pytest.approx(134.217728e-6))
+
+
+# At the entry of an 8-device program (2 slices of 4): a dot fusion, a Pallas TPU kernel with its declared
+# cost (as the TPU compiler prints it: int64s as strings), a custom call with no cost, and collectives whose
+# groups stay in a slice (explicit groups, mesh form) or cross slices (iota form).
+KERNELS = """HloModule kernels_and_collectives
+
+%fused_mm (p0: bf16[256,1024], p1: bf16[1024,512]) -> bf16[256,512] {
+  %p0 = bf16[256,1024]{1,0} parameter(0)
+  %p1 = bf16[1024,512]{1,0} parameter(1)
+  ROOT %d = bf16[256,512]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%add (a: bf16[], b: bf16[]) -> bf16[] {
+  %a = bf16[] parameter(0)
+  %b = bf16[] parameter(1)
+  ROOT %s = bf16[] add(%a, %b)
+}
+
+ENTRY %main (x: bf16[256,1024], w: bf16[1024,512]) -> (bf16[1024,512], bf16[512,512], bf16[256,512]) {
+  %x = bf16[256,1024]{1,0} parameter(0)
+  %w = bf16[1024,512]{1,0} parameter(1)
+  %mm = bf16[256,512]{1,0} fusion(%x, %w), kind=kOutput, calls=%fused_mm
+  %k = bf16[256,512]{1,0} custom-call(%mm), custom_call_target="tpu_custom_call", metadata={op_name="jit(f)/shard_map/flash_fwd/pallas_call"}, backend_config={"flag_configs":[],"custom_call_config":{"body":"TUzvUg==","cost_estimate":{"flops":"1000000","transcendentals":"0","bytes_accessed":"300000","remote_bytes_transferred":"0"},"needs_layout_passes":true}}
+  %o = bf16[256,512]{1,0} custom-call(%k), custom_call_target="mystery_kernel"
+  %buf = bf16[256,512]{1,0} custom-call(), custom_call_target="AllocateBuffer"
+  %ag_intra = bf16[1024,512]{1,0} all-gather(%k), channel_id=1, replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}, use_global_device_ids=true
+  %ag_inter = bf16[512,512]{1,0} all-gather(%k), channel_id=2, replica_groups=[4,2]<=[2,4]T(1,0), dimensions={0}, use_global_device_ids=true
+  %ar = bf16[256,512]{1,0} all-reduce(%o), channel_id=3, replica_groups=mesh['slice'=2,'chip'=4] {'chip'}, use_global_device_ids=true, to_apply=%add
+  ROOT %t = (bf16[1024,512]{1,0}, bf16[512,512]{1,0}, bf16[256,512]{1,0}) tuple(%ag_intra, %ag_inter, %ar)
+}
+"""
+
+
+def test_replica_group_forms():
+    assert replica_groups("replica_groups={{0,1,2,3},{4,5,6,7}}", 8) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    # iota: arange(8) as [2,4], transposed, read as 4 groups of 2
+    assert replica_groups("replica_groups=[4,2]<=[2,4]T(1,0)", 8) == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert replica_groups("replica_groups=[2,4]<=[8]", 8) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    # mesh form: groups vary along the named axes of the row-major device mesh
+    assert replica_groups("replica_groups=mesh['a'=2,'b'=4] {'b'}", 8) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert replica_groups("replica_groups=mesh['a'=2,'b'=4] {'a'}", 8) == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert replica_groups("replica_groups={}", 4) == [[0, 1, 2, 3]]
+    assert replica_groups("source_target_pairs={{0,1},{1,0}}", 2) == [[0, 1], [1, 0]]
+
+
+def test_kernels_and_collectives_per_op():
+    by = _by_name(ops_from_hlo(KERNELS, n_devices=8, devices_per_slice=4))
+    assert set(by) == {"mm", "k", "o", "ag_intra", "ag_inter", "ar"}  # AllocateBuffer moves nothing
+    # dot fusion: 2 * 256 * 512 * 1024 = 268,435,456 FLOPs; 524,288 + 1,048,576 in + 262,144 out = 1,835,008 B
+    assert (by["mm"].flops, by["mm"].bytes, by["mm"].source) == (268_435_456, 1_835_008, "hlo")
+    # Pallas kernel: what it declares, not its operand shapes
+    assert (by["k"].flops, by["k"].bytes, by["k"].source) == (1_000_000, 300_000, "declared")
+    assert by["k"].name == "k (flash_fwd/pallas_call)"
+    # no declared cost: counted with its HBM bytes (262,144 in + out) and listed as opaque
+    assert (by["o"].flops, by["o"].bytes, by["o"].source) == (0, 524_288, "opaque")
+    assert [o.name for o in opaque_ops(list(by.values()))] == ["o"]
+    # all-gather within a slice, groups of 4: 3/4 of the 1,048,576 B result = 786,432 B over ICI
+    assert (by["ag_intra"].bytes, by["ag_intra"].link, by["ag_intra"].collective) == (786_432, INTRA, "all-gather")
+    # groups {0,4}, {1,5}...: each spans both slices: 1/2 of 524,288 B = 262,144 B across slices
+    assert (by["ag_inter"].bytes, by["ag_inter"].link) == (262_144, INTER)
+    # all-reduce within a slice (mesh form, groups of 4): 2 * 3/4 * 262,144 = 393,216 B
+    assert (by["ar"].bytes, by["ar"].link, by["ar"].collective) == (393_216, INTRA, "all-reduce")
+
+
+def test_single_slice_keeps_every_collective_intra():
+    ops = ops_from_hlo(KERNELS, n_devices=8)
+    assert {o.link for o in ops if o.kind == "collective"} == {INTRA}
+
+
+def test_kernels_and_collectives_step_time_by_hand():
+    est = estimate_step(ops_from_hlo(KERNELS, 8, 4), M, Calibration(overlap=0.5))
+    # compute: mm 268.435456 us (FLOP-bound; memory 18.35 us); k max(1 us, 3 us) = 3 us; o 5.24288 us
+    assert est.t_flops == pytest.approx(268.435456e-6)
+    assert est.t_memory == pytest.approx(8.24288e-6)
+    # links: intra (786,432 + 393,216) / 1e10 = 117.9648 us; inter 262,144 / 1e9 = 262.144 us
+    assert est.by_link[INTRA] == pytest.approx(117.9648e-6)
+    assert est.by_link[INTER] == pytest.approx(262.144e-6)
+    # overlap 0.5 hides 138.339168 us of the 380.1088 us of collectives: 241.769632 us exposed
+    assert est.t_exposed_collectives == pytest.approx(241.769632e-6)
+    assert est.t_step == pytest.approx(276.678336e-6 + 241.769632e-6)
+    assert est.bound == "compute"
+
+
+# TPU async collectives: a start fusion (root AsyncCollectiveStart), a fusion that carries the transfer on
+# beside compute, and a done fusion each hold a clone of the all-gather (same channel_id): counted once.
+ASYNC = """HloModule async_collective
+
+%start_comp (p0: bf16[64,64]) -> (bf16[64,64], bf16[256,64]) {
+  %p0 = bf16[64,64]{1,0} parameter(0)
+  %ag.1 = bf16[256,64]{1,0} all-gather(%p0), channel_id=7, replica_groups=[1,4]<=[4], dimensions={0}, use_global_device_ids=true
+  ROOT %cc.1 = (bf16[64,64]{1,0}, bf16[256,64]{1,0}) custom-call(%ag.1), custom_call_target="AsyncCollectiveStart"
+}
+
+%carry_comp (p0: bf16[64,64], p1: f32[64,64]) -> (bf16[256,64], f32[64,64]) {
+  %p0 = bf16[64,64]{1,0} parameter(0)
+  %p1 = f32[64,64]{1,0} parameter(1)
+  %ag.2 = bf16[256,64]{1,0} all-gather(%p0), channel_id=7, replica_groups=[1,4]<=[4], dimensions={0}, use_global_device_ids=true
+  %d = f32[64,64]{1,0} dot(%p1, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  ROOT %t = (bf16[256,64]{1,0}, f32[64,64]{1,0}) tuple(%ag.2, %d)
+}
+
+%done_comp (p0: bf16[64,64]) -> bf16[256,64] {
+  %p0 = bf16[64,64]{1,0} parameter(0)
+  %ag.3 = bf16[256,64]{1,0} all-gather(%p0), channel_id=7, replica_groups=[1,4]<=[4], dimensions={0}, use_global_device_ids=true
+  ROOT %cc.2 = bf16[256,64]{1,0} custom-call(%p0, %ag.3), custom_call_target="AsyncCollectiveDone"
+}
+
+ENTRY %main (x: bf16[64,64], y: f32[64,64]) -> (bf16[256,64], f32[64,64]) {
+  %x = bf16[64,64]{1,0} parameter(0)
+  %y = f32[64,64]{1,0} parameter(1)
+  %s = (bf16[64,64]{1,0}, bf16[256,64]{1,0}) fusion(%x), kind=kCustom, calls=%start_comp
+  %c = (bf16[256,64]{1,0}, f32[64,64]{1,0}) fusion(%x, %y), kind=kOutput, calls=%carry_comp
+  %g = bf16[256,64]{1,0} fusion(%x), kind=kCustom, calls=%done_comp
+  %d = f32[64,64]{1,0} get-tuple-element(%c), index=1
+  ROOT %r = (bf16[256,64]{1,0}, f32[64,64]{1,0}) tuple(%g, %d)
+}
+"""
+
+
+def test_async_collective_counted_once_at_its_start():
+    ops = ops_from_hlo(ASYNC, 4)
+    coll = [o for o in ops if o.kind == "collective"]
+    # one all-gather of 256*64*2 = 32,768 B, groups of 4: 3/4 -> 24,576 B
+    assert [(o.name, o.bytes) for o in coll] == [("ag.1", 24_576)]
+    # the start and done fusions are the collective's own buffers (no compute op); the carrying fusion
+    # is compute: 2 * 64 * 64 * 64 = 524,288 FLOPs
+    assert [(o.name, o.flops) for o in ops if o.kind == "compute"] == [("c", 524_288)]
+
+
+def test_pallas_kernel_declared_cost_in_a_real_tpu_compile():
+    """Deviceless TPU compile (v5e, one chip) of the Pallas RMSNorm: its custom call carries the declared
+    pl.CostEstimate in backend_config, and the estimator charges exactly that."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import SingleDeviceSharding
+
+    from polychip.compile.target import parse_target, tpu_devices
+    from polychip.kernels.rms_norm.pallas_tpu import rms_norm
+
+    dev = tpu_devices(parse_target("v5e:1x1"))[0]
+    N, D = 256, 512
+    x = jax.ShapeDtypeStruct((N, D), jnp.bfloat16, sharding=SingleDeviceSharding(dev))
+    s = jax.ShapeDtypeStruct((D,), jnp.bfloat16, sharding=SingleDeviceSharding(dev))
+    text = jax.jit(lambda x, s: rms_norm(x, s)).lower(x, s).compile().as_text()
+    declared = [o for o in ops_from_hlo(text, 1) if o.source == "declared"]
+    # rms_norm_fwd declares flops 4 N D and bytes (2 N + 1) D x 2 (bf16)
+    assert [(o.flops, o.bytes) for o in declared] == [(4 * N * D, (2 * N + 1) * D * 2)]
+    assert sum(o.flops * o.count for o in ops_from_hlo(text, 1)) >= 4 * N * D
