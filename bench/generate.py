@@ -10,6 +10,9 @@ polychip rows use polychip.generate.Generator as `polychip generate` runs it: th
 polychip.model.transformer.cache_length(prompt + tokens) (a power of two, not the model's 8192-token
 context), greedy by argmax (the sampler's vocabulary sort is skipped for temperature 0).
 
+llama.cpp row: its own `llama-bench` (decode only, same token count and thread count) on the Q4_1 GGUF
+the fixture was converted from, when `bash bench/llamacpp_build.sh` has built it into the cache.
+
   JAX_PLATFORMS=cpu python bench/generate.py [--tokens 128] [--runs 3] [--single-thread] [--json out.json]
 """
 from __future__ import annotations
@@ -23,16 +26,40 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+LLAMACPP_DEFAULT = Path(os.environ.get("POLYCHIP_CACHE_DIR") or Path.home() / ".cache" / "polychip") / \
+    "llamacpp" / "build" / "bin" / "llama-bench"
 sys.path.insert(0, str(ROOT / "src"))
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
-def fixture() -> Path:
+def _fixtures():
     spec = importlib.util.spec_from_file_location("build_fixtures", ROOT / "scripts" / "build_fixtures.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.build()
+    return mod
+
+
+def fixture() -> Path:
+    return _fixtures().build()
+
+
+def llamacpp_row(binary: Path, tokens: int, runs: int, threads: int) -> dict | None:
+    """llama.cpp's own `llama-bench` on the Q4_1 GGUF the fixture was converted from: decode only (-p 0),
+    `tokens` generated, mean of `runs` repetitions as it reports them. None when it fails."""
+    import json
+    import subprocess
+
+    gguf = _fixtures().gguf_path()
+    cmd = [str(binary), "-m", str(gguf), "-p", "0", "-n", str(tokens), "-r", str(runs), "-t", str(threads), "-o", "json"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True).stdout
+        rec = json.loads(out)[0]
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as e:
+        print(f"  llama.cpp: {binary} failed: {e}", file=sys.stderr)
+        return None
+    return {"engine": f"llama.cpp {gguf.name.split('.')[-2]} (llama-bench, {threads} thread)",
+            "tok_s": float(rec["avg_ts"]), "seconds": tokens / float(rec["avg_ts"]), "same_tokens_as_hf": None}
 
 
 def timed(fn, runs: int) -> tuple[float, list[int]]:
@@ -77,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=128, help="new tokens per call (default 128)")
     ap.add_argument("--runs", type=int, default=3, help="timed calls per engine after a warm-up (default 3)")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--llamacpp", type=Path, default=LLAMACPP_DEFAULT,
+                    help="llama-bench binary (default: the one bench/llamacpp_build.sh builds into the cache); "
+                         "its row is left out when the file is missing")
     ap.add_argument("--single-thread", action="store_true",
                     help="one compute thread for torch and XLA (on a machine shared with other jobs, torch's "
                          "spinning thread pool slowed 6x with 2 threads on 2 busy cores)")
@@ -113,12 +143,18 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"engine": name, "seconds": secs, "tok_s": args.tokens / secs, "same_tokens_as_hf": same})
         print(f"  {name:<41} {args.tokens / secs:8.1f} tok/s   ({secs:.2f} s)   "
               f"greedy tokens equal to transformers' for the first {same}", flush=True)
+    if args.llamacpp.is_file():
+        row = llamacpp_row(args.llamacpp, args.tokens, args.runs, 1 if args.single_thread else os.cpu_count())
+        if row:
+            rows.append(row)
+            print(f"  {row['engine']:<41} {row['tok_s']:8.1f} tok/s   (its own greedy decode of the Q4_1 weights)")
+    else:
+        print(f"  llama.cpp: no binary at {args.llamacpp} (bash bench/llamacpp_build.sh builds it); row left out")
     base = rows[0]["tok_s"]
     print("\n| engine | tok/s | vs transformers float32 |\n|---|---|---|")
     for r in rows:
         r["ratio"] = r["tok_s"] / base
         print(f"| {r['engine']} | {r['tok_s']:.1f} | {r['ratio']:.2f}x |")
-    print("llama.cpp (Q4_1 GGUF, same machine, issue 11's measurement, not rerun here): 102-107 tok/s")
     if args.json:
         from polychip.files import atomic_write_json
 

@@ -2,10 +2,10 @@
 
 For each case: run the same jitted train step `polychip train` runs (polychip.train.step), time it
 (best of a few steps after compilation), and compare with the performance model's prediction:
-  - raw roofline (efficiency 1): the hardware lower bound from the measured matmul peak and a
-    measured memory bandwidth;
-  - calibrated, leave-one-out: efficiency fitted from the OTHER cases' measured records, as the
-    planner does with `--records`.
+  - raw estimate (efficiencies 1): the shared estimator (polychip.estimate) over the planner's analytic
+    op list, from the measured matmul peak and a measured memory bandwidth;
+  - calibrated, leave-one-out: the estimator's calibration fitted on the OTHER cases' measured records
+    (plan/calibrate.py), as the planner does with `--records`.
 Writes each measurement as a record (source: measured, chip: cpu) under --records-out, the same
 format `polychip plan --records` reads. An H100 or TPU run of this script writes records for that
 chip instead (the catalog chip for the device; not run here).
@@ -26,8 +26,10 @@ import numpy as np
 
 from polychip.config import build_config
 from polychip.hardware.detect import cpu_chip, current_chip
-from polychip.plan import roofline as R
-from polychip.plan.perf import Calibration, _fit_accum
+from polychip.estimate import Calibration as EstCal
+from polychip.estimate import analytic as A
+from polychip.estimate import estimate_step
+from polychip.plan import calibrate as C
 from polychip.plan.records import parse_record, write_record
 from polychip.train.step import StepSpec
 
@@ -95,21 +97,21 @@ def main() -> None:
         if a.records_out:
             write_record(rec, os.path.join(a.records_out, f"{rec.chip}-{preset}-b{batch}-s{seq}.json"))
     chips = {rows[0].chip: dataclasses.replace(chip, name=rows[0].chip)}
-    print(f"{'case':<22}{'measured s':>12}{'roofline s':>12}{'bound':>9}{'eff':>7}{'loo pred s':>12}{'loo err':>9}")
+    print(f"{'case':<22}{'measured s':>12}{'raw est s':>12}{'bound':>9}{'loo pred s':>12}{'loo err':>9}")
     errs, raw_errs = [], []
     for i, r in enumerate(rows):
         c = chips[r.chip]
-        b = R.train_bound(r.model, c, r.chips, r.batch, r.seq, r.remat,
-                          grad_accum=_fit_accum(r.model, c, r.chips, r.batch, r.seq, r.remat))
-        cal = Calibration.fit(rows[:i] + rows[i + 1:], chips)
-        eff = cal.efficiency("train", c).value
-        pred = b.t_step / eff
-        err = (pred - r.step_time_s) / r.step_time_s
+        lay = A.Layout(fsdp=r.chips)
+        raw = estimate_step(A.train_ops(r.model, lay, r.batch, r.seq, r.remat, 1), A.machine(c), EstCal())
+        pred = C.fit(rows[:i] + rows[i + 1:], chips).for_chip(c)
+        p = C.price_record(dataclasses.replace(r, layout=lay, grad_accum=1), c)
+        t = C.predict(p, pred)
+        err = (t - r.step_time_s) / r.step_time_s
         errs.append(abs(err))
-        raw_errs.append(abs(b.t_step - r.step_time_s) / r.step_time_s)
-        print(f"{r.model_name + f' b{r.batch} s{r.seq}':<22}{r.step_time_s:>12.4f}{b.t_step:>12.4f}{b.bound:>9}"
-              f"{b.t_step / r.step_time_s:>7.2f}{pred:>12.4f}{err:>+9.1%}")
-    print(f"mean |error|: raw roofline {np.mean(raw_errs):.1%}; calibrated leave-one-out {np.mean(errs):.1%} "
+        raw_errs.append(abs(raw.t_step - r.step_time_s) / r.step_time_s)
+        print(f"{r.model_name + f' b{r.batch} s{r.seq}':<22}{r.step_time_s:>12.4f}{raw.t_step:>12.4f}{raw.bound:>9}"
+              f"{t:>12.4f}{err:>+9.1%}")
+    print(f"mean |error|: raw estimate {np.mean(raw_errs):.1%}; calibrated leave-one-out {np.mean(errs):.1%} "
           f"(max {np.max(errs):.1%})")
 
 

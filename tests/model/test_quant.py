@@ -80,6 +80,24 @@ def test_int8_model_quality_vs_float32(tie):
     assert rel_err(f(wrong, toks), ref) > 0.05
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_bf16_weight_only_equals_float32_compute_on_rounded_weights(tie):
+    """Weight-only bfloat16 (output-major QArray, no scale) computes exactly what float32 compute on the
+    bfloat16-rounded weights computes: the layout changes speed, not the numbers."""
+    cfg = tiny(tie_embeddings=tie)
+    params = init_params(cfg, jax.random.key(0))
+    bp = quantize_params(params, "bf16")
+    assert isinstance(bp["layers"]["w_up"], QArray) and bp["layers"]["w_up"].scale is None
+    assert bp["layers"]["w_up"].q.dtype == jnp.uint16 and bp["layers"]["attn_norm"].dtype == jnp.float32
+    rounded = jax.tree.map(lambda w: w.astype(jnp.bfloat16).astype(jnp.float32) if w.ndim >= 2 else w, params)
+    toks = jax.random.randint(jax.random.key(1), (2, 32), 0, cfg.vocab_size)
+    f = jax.jit(lambda p, t: logits(p, t, cfg, RT)[0])
+    np.testing.assert_allclose(np.asarray(f(bp, toks)), np.asarray(f(rounded, toks)), rtol=2e-5, atol=2e-5)
+    assert 0 < rel_err(f(bp, toks), f(params, toks)) < 0.02  # bf16 rounding moved the logits a little
+    assert inference_dtypes("bfloat16", "cpu") == ("float32", "float32", "bf16")
+    assert inference_dtypes("bfloat16", "gpu") == ("bfloat16", "bfloat16", None)
+
+
 def test_quantize_host_params_and_errors():
     cfg = tiny()
     host = jax.tree.map(np.asarray, init_params(cfg, jax.random.key(0)))

@@ -43,7 +43,7 @@ def test_plan_writes_report_json_and_launch_specs(fleet_file, tmp_path, capsys):
     body = json.loads((tmp_path / "p.json").read_text())
     assert body["status"] == "optimal" and {p["workload"] for p in body["placements"]} == {"pretrain-8b", "chat-8b"}
     for p in body["placements"]:
-        assert p["source"] in ("roofline", "measured", "compiler") and p["detail"]
+        assert p["source"] in ("roofline", "estimate", "measured", "compiler") and p["detail"]
     specs = sorted((rep / "launch").glob("*.yaml"))
     assert len(specs) == len(body["placements"])
     for s in specs:

@@ -122,3 +122,30 @@ def test_text_stream_matches_batch_truncation(text, stops):
     assert not any(s in out for s in stops)
     if not stopped:
         assert out == text
+
+
+def test_kv_pool_sized_from_concurrency_and_serving_length():
+    """The pool holds max_batch sequences of max_model_len tokens (CPU reports no memory, so no cap), and
+    the page tables span max_model_len, not the model's context."""
+    import jax
+    import numpy as np
+
+    from polychip.config import ConfigError, build_config
+    from polychip.model.transformer import init_params
+    from polychip.serve.engine import Engine
+    from polychip.serve.config import EngineConfig
+    from polychip.serve.runner import kv_blocks_for
+
+    cfg = build_config("tiny").model
+    assert kv_blocks_for(cfg, EngineConfig(max_batch=4, page_size=16), 100) == 4 * 7 + 1
+    assert kv_blocks_for(cfg, EngineConfig(max_batch=4, page_size=16), cfg.max_seq_len) == (
+        4 * -(-cfg.max_seq_len // 16) + 1)
+    assert kv_blocks_for(cfg, EngineConfig(max_batch=4, kv_blocks=9), 100) == 9
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    eng = Engine(cfg, params, EngineConfig(max_batch=2, page_size=16, max_model_len=48))
+    assert eng.max_len == 48 and eng.pool.usable == 2 * 3 and eng.runner.max_pages == 3
+    with pytest.raises(ConfigError, match="max_model_len .* exceeds the model's context"):
+        Engine(cfg, params, EngineConfig(max_model_len=cfg.max_seq_len + 1))
+    from polychip.infer import RequestError, SamplingParams
+    with pytest.raises(RequestError):  # a prompt longer than the serving length is the client's error
+        eng.submit([int(t) for t in np.arange(60) % cfg.vocab_size], SamplingParams(max_tokens=1), lambda ev: None)

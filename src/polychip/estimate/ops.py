@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 #: Link names: within a slice / node (TPU ICI, NVLink, NeuronLink) and across slices / nodes
 #: (TPU DCN, InfiniBand, EFA).
 INTRA, INTER = "intra", "inter"
+#: The device's host link (PCIe): activations offloaded to host memory go out and come back over it.
+HOST = "host"
 
 
 @dataclass(frozen=True)
@@ -20,8 +22,9 @@ class Op:
     """One operation of a step, per device.
 
     kind "compute": `flops` and `bytes` (HBM read + written) for one execution.
-    kind "collective": `bytes` one device sends for one execution, over `link` (INTRA or INTER);
-    `collective` names it (all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute).
+    kind "collective": `bytes` one device sends for one execution, over `link` (INTRA, INTER or HOST);
+    `collective` names it (all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute,
+    host-transfer).
     `count` is executions per step (loop trip counts multiplied). `source` says where the figures come
     from: "hlo" (the compiled program's shapes), "declared" (a Pallas kernel's CostEstimate),
     "opaque" (a custom call that declares no cost: its HBM bytes only, no FLOPs; reports list these),
@@ -36,6 +39,9 @@ class Op:
     link: str = ""
     collective: str = ""
     source: str = "hlo"
+    #: A collective the very next op waits on (tensor-parallel activations between dependent matmuls):
+    #: no compute runs beside it, so the overlap rule never hides it.
+    blocking: bool = False
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,9 @@ class Machine:
     #: bytes/s one device sends across slices / nodes; None: unknown.
     inter_bandwidth: float | None
     name: str = ""
+    #: bytes/s one device moves to or from host memory (PCIe, one direction); None: unknown (host
+    #: transfers then cannot be costed).
+    host_bandwidth: float | None = None
 
 
 @dataclass(frozen=True)
@@ -103,22 +112,31 @@ def machine_for(chip, dtype: str = "bfloat16") -> Machine:
         name=chip.name)
 
 
+def exposed_time(t_network: float, t_host: float, t_compute: float, overlap: float) -> float:
+    """Collective time left on the critical path: network (INTRA + INTER, one after the other) and host
+    transfers run concurrently, each hidden under up to `overlap` x the compute time."""
+    hidden = overlap * t_compute
+    return max(t_network - hidden, t_host - hidden, 0.0)
+
+
 def estimate_step(ops: list[Op], m: Machine, cal: Calibration = Calibration(), top: int = 8) -> StepEstimate:
     """Sum over ops: compute ops cost max(flops / (peak x eff), bytes / (HBM bw x eff)); collectives cost
     bytes / (link bw x eff). Overlap rule: up to `cal.overlap` x the compute time hides collectives; the
-    rest is exposed and adds to the step."""
+    rest is exposed and adds to the step. Host transfers (link HOST) use the PCIe link, a resource of its
+    own that runs concurrently with the network: the step exposes the larger of the two remainders.
+    Blocking collectives (`Op.blocking`) are exposed whole."""
     peak, bw = m.peak_flops * cal.compute_efficiency, m.hbm_bandwidth * cal.memory_efficiency
-    t_fl = t_mem = t_coll = 0.0
+    t_fl = t_mem = t_block = 0.0
     by_link: dict = defaultdict(float)
     per_op: dict = defaultdict(float)
     for op in ops:
         if op.kind == "collective":
-            link_bw = m.inter_bandwidth if op.link == INTER else m.intra_bandwidth
+            link_bw = {INTER: m.inter_bandwidth, HOST: m.host_bandwidth}.get(op.link, m.intra_bandwidth)
             if not link_bw:
                 raise ValueError(f"{m.name}: no {op.link or INTRA} link bandwidth; cannot cost {op.name}")
             t = op.count * op.bytes / (link_bw * cal.link_efficiency)
-            t_coll += t
             by_link[op.link or INTRA] += t
+            t_block += t if op.blocking else 0.0
         else:
             tf, tm = op.flops / peak, op.bytes / bw
             t = op.count * max(tf, tm)
@@ -128,7 +146,9 @@ def estimate_step(ops: list[Op], m: Machine, cal: Calibration = Calibration(), t
                 t_mem += t
         per_op[op.name] += t
     t_compute = t_fl + t_mem
-    exposed = max(t_coll - cal.overlap * t_compute, 0.0)
+    t_coll = sum(by_link.values())
+    host = by_link.get(HOST, 0.0)
+    exposed = t_block + exposed_time(t_coll - host - t_block, host, t_compute, cal.overlap)
     tops = sorted(per_op.items(), key=lambda kv: -kv[1])[:top]
     return StepEstimate(t_step=t_compute + exposed, t_compute=t_compute, t_flops=t_fl, t_memory=t_mem,
                         t_collectives=t_coll, t_exposed_collectives=exposed, by_link=dict(by_link),

@@ -37,7 +37,7 @@ from polychip.kernels.attention import attention
 from polychip.kernels.cross_entropy import cross_entropy
 from polychip.kernels.registry import KernelPolicy
 from polychip.kernels.rms_norm import rms_norm
-from polychip.model.quant import QArray
+from polychip.model.quant import QArray, upcast
 from polychip.model.rope import apply_rope, inv_frequencies
 from polychip.parallel.sharding import Layout
 
@@ -151,7 +151,9 @@ def embed_tokens(params: dict, tokens, cfg: ModelConfig, dtype):
     scale, which HF rounds to the compute dtype before multiplying)."""
     e = params["embed"]
     if isinstance(e, QArray):
-        x = jnp.take(e.q, tokens, axis=0).astype(dtype) * jnp.take(e.scale, tokens, axis=0)[..., None].astype(dtype)
+        x = upcast(jnp.take(e.q, tokens, axis=0), dtype)
+        if e.scale is not None:
+            x = x * jnp.take(e.scale, tokens, axis=0)[..., None].astype(dtype)
     else:
         x = jnp.take(e, tokens, axis=0).astype(dtype)
     if cfg.embed_scale:
@@ -194,8 +196,9 @@ def dense(x, w, n_in: int = 1, out_dtype=None):
     K, N = math.prod(ins), math.prod(outs)
     pet = out_dtype or x.dtype
     if isinstance(w, QArray):  # q is [N, K] (output-major; see QArray for why)
-        y = jnp.dot(x.reshape(-1, K), w.q.reshape(N, K).T.astype(x.dtype), preferred_element_type=pet)
-        y = y * w.scale.reshape(N).astype(pet)
+        y = jnp.dot(x.reshape(-1, K), upcast(w.q.reshape(N, K).T, x.dtype), preferred_element_type=pet)
+        if w.scale is not None:
+            y = y * w.scale.reshape(N).astype(pet)
     else:
         y = jnp.dot(x.reshape(-1, K), w.reshape(K, N).astype(x.dtype), preferred_element_type=pet)
     return y.reshape(*lead, *outs)

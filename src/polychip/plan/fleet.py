@@ -30,7 +30,7 @@ Schema (YAML; quantities take units, see plan/units.py):
         min_chips: 64            # optional
         max_chips: 2048          # optional
         max_tensor: 8            # optional largest tensor-parallel degree (default 8)
-        remat: auto              # auto (none if it fits, else full) | none | full
+        remat: auto              # auto (the fastest policy that fits) | a config.REMAT_POLICIES name
       - name: chat-70b
         kind: serve
         model: llama3-70b
@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from polychip.config import MODEL_PRESETS, TRAIN_PRESETS, ConfigError, ModelConfig, from_dict
+from polychip.config import MODEL_PRESETS, REMAT_POLICIES, TRAIN_PRESETS, ConfigError, ModelConfig, from_dict
 from polychip.hardware import Chip, HardwareError, get_chip, load_catalog
 from polychip import yamlpos
 from polychip.plan import units
@@ -92,7 +92,7 @@ class TrainWorkload:
     min_chips: int = 1
     max_chips: int | None = None
     max_tensor: int = 8
-    #: auto (no remat if it fits, else full) | none | full.
+    #: auto (the fastest config.REMAT_POLICIES policy that fits) or one policy name.
     remat: str = "auto"
     line: int | None = None
     kind: str = "train"
@@ -291,7 +291,7 @@ def _train(p: _P, d, path: tuple, catalog: dict, start) -> TrainWorkload:
         tokens=p.conv(units.count, d["tokens"], path + ("tokens",), "token count"), seq_len=seq, batch=batch,
         deadline_h=dl, chips=_chips(p, d.get("chips"), path + ("chips",), catalog), min_chips=mn, max_chips=mx,
         max_tensor=p.int_(d.get("max_tensor", 8), path + ("max_tensor",)),
-        remat=p.str_(d.get("remat", "auto"), path + ("remat",), ("auto", "none", "full")), line=yamlpos.line_of(p.lines, path))
+        remat=p.str_(d.get("remat", "auto"), path + ("remat",), ("auto", *REMAT_POLICIES)), line=yamlpos.line_of(p.lines, path))
 
 
 def _serve(p: _P, d, path: tuple, catalog: dict) -> ServeWorkload:

@@ -50,6 +50,13 @@ def _model_args(w) -> list[str]:
     return [f"model.{k}={v}" for k, v in to_dict(w.model).items() if v is not None and not isinstance(v, dict)]
 
 
+def _mesh_args(f: dict) -> list[str]:
+    """Mesh degrees of the planned layout (fsdp and tensor always; data, stage and context when used)."""
+    lay = f.get("layout") or {"fsdp": f["dp"], "tensor": f["tp"]}
+    args = [f"mesh.fsdp={lay.get('fsdp', 1)}", f"mesh.tensor={lay.get('tensor', 1)}"]
+    return args + [f"mesh.{k}={lay[k]}" for k in ("data", "stage", "context") if lay.get(k, 1) > 1]
+
+
 def command(w, p: Placement) -> str:
     """The polychip command line for a placement."""
     f = p.figures
@@ -58,7 +65,7 @@ def command(w, p: Placement) -> str:
         args = ["polychip", "train", *_model_args(w), "--out", f"runs/{w.name}",
                 f"train.steps={steps}", f"train.batch_size={w.batch}", f"train.seq_len={w.seq_len}",
                 f"train.grad_accum={f['grad_accum']}", f"train.remat={f['remat']}", "train.param_dtype=bfloat16",
-                "train.compute_dtype=bfloat16", f"mesh.fsdp={f['dp']}", f"mesh.tensor={f['tp']}"]
+                "train.compute_dtype=bfloat16", *_mesh_args(f)]
     else:
         # `polychip serve` loads weights from a run folder or an HF folder; the engine runs one replica
         # per device today (no tensor-parallel serving yet), so a multi-chip replica is not expressible.

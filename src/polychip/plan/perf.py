@@ -1,24 +1,31 @@
 """Performance model: how fast a workload runs on n chips of a kind, and where that figure came from.
 
-Source order for training step time: a measured record of this model and sequence length on this
-chip (scaled to the chip count and batch asked for by the roofline's ratio) > a compiler estimate
-record (`polychip compile`) > the analytic roofline divided by a fitted efficiency factor. Serving
-always uses the roofline (it must search batch sizes and replica widths) with an efficiency from a
-matching measured record when there is one, else from calibration. Every estimate carries `source`
-and a one-line `detail`.
+Training: one step is the analytic op list of the configuration (polychip.estimate.analytic) priced by
+the estimator `compile` also uses (polychip.estimate.estimate_step), with the Calibration fitted per
+chip family on measured and published records (plan/calibrate.py; its band is the leave-one-out median
+error). The planner searches the configuration space (plan/search.py) for the fastest that fits. Source
+order: a measured record of this model, sequence, batch and chip count on this chip > a compiler record
+of the same (`polychip compile`; used as is, so both report one step time) > such a record of another
+chip count or batch, scaled by the estimator's ratio > the calibrated estimate.
 
-Calibration: efficiency = roofline step time / real step time, per record. The factor for a chip is
-the geometric mean over that chip's measured records, else its published ones, else those of its
-family (tpu, gpu, trainium...), else all records, else DEFAULT_EFFICIENCY, and the detail says which.
+Serving: a prefill of one prompt and a decode step at batch B are analytic op lists too
+(analytic.serve_ops: weights and KV cache read, matmuls, blocking tensor-parallel all-reduces) priced by
+estimate_step at efficiency 1 (a per-op roofline), then divided by a serving efficiency factor: the
+geometric mean over matching serving records, else the chip's, its family's, every record's, else
+DEFAULT_EFFICIENCY, and the detail says which. Memory fit and KV capacity: plan/roofline.py.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from polychip.estimate import estimate_step
+from polychip.estimate import analytic as A
 from polychip.hardware import Chip
 from polychip.model import flops as F
+from polychip.plan import calibrate as C
 from polychip.plan import roofline as R
+from polychip.plan import search as S
 from polychip.plan.records import Record
 
 #: Used only when no record at all can calibrate: the middle of the published 33-65% MFU range.
@@ -44,8 +51,11 @@ class Calibration:
 
     @classmethod
     def fit(cls, records: list[Record], chips: dict[str, Chip]) -> "Calibration":
+        """Serving efficiencies (training is calibrated by plan/calibrate.py)."""
         cal = cls()
         for r in records:
+            if r.mode != "serve":
+                continue
             chip = chips.get(r.chip)
             if chip is None or chip.peak("bfloat16") is None or chip.hbm_bandwidth is None:
                 continue
@@ -79,43 +89,12 @@ class Calibration:
 
 
 def record_efficiency(r: Record, chip: Chip) -> float | None:
-    """Roofline time / real time for one record (the record's own setup)."""
-    if r.mode == "train":
-        b = R.train_bound(r.model, chip, r.chips, r.batch, r.seq, r.remat,
-                          grad_accum=_fit_accum(r.model, chip, r.chips, r.batch, r.seq, r.remat))
-        return b.t_step / r.step_time_s
+    """Serving: roofline requests/s / real requests/s for one record (the record's own setup)."""
     cfg = best_serve_config(r.model, chip, r.prompt_tokens, r.output_tokens, r.dtype, 1.0, None, None,
                             ks=[r.chips], batch=r.batch)
     if cfg is None:
         return None
     return r.requests_per_s / cfg.rps
-
-
-def _fit_accum(cfg, chip: Chip, n: int, batch: int, seq: int, remat: str) -> int:
-    """Fewest micro-batches (power of two dividing the per-replica batch) that fit; 1 if none does."""
-    dp, _ = R.split(n, batch)
-    for a in R.pow2_upto(max(1, batch // dp)):
-        if (batch // dp) % a == 0 and R.train_bound(cfg, chip, n, batch, seq, remat, grad_accum=a).fits:
-            return a
-    return 1
-
-
-def fastest_fitting_bound(w, chip: Chip, n: int) -> "R.TrainBound | None":
-    """Over remat (per w.remat) and grad_accum (powers of two dividing the per-replica batch): the
-    fitting configuration with the shortest roofline step, or None when nothing fits."""
-    dp, _ = R.split(n, w.batch)
-    per_replica = max(1, w.batch // dp)
-    best = None
-    for remat in (["none", "full"] if w.remat == "auto" else [w.remat]):
-        for a in R.pow2_upto(per_replica):
-            if per_replica % a:
-                continue
-            b = R.train_bound(w.model, chip, n, w.batch, w.seq_len, remat, grad_accum=a)
-            if b.fits:
-                if best is None or b.t_step < best.t_step:
-                    best = b
-                break  # more micro-batches only add weight traffic
-    return best
 
 
 @dataclass(frozen=True)
@@ -125,7 +104,7 @@ class TrainEstimate:
     step_time_s: float
     tokens_per_s: float
     mfu: float
-    source: str  # measured | compiler | roofline
+    source: str  # measured | compiler | estimate
     detail: str
     remat: str
     dp: int
@@ -133,6 +112,9 @@ class TrainEstimate:
     grad_accum: int
     bound: str
     hbm_bytes_per_chip: float
+    layout: A.Layout | None = None
+    #: Validated relative error of the estimate (leave-one-out median over its calibration records).
+    band: float | None = None
 
 
 @dataclass(frozen=True)
@@ -147,6 +129,21 @@ class ServeConfig:
     rps: float  # requests/s one replica sustains
     source: str = "roofline"
     detail: str = ""
+
+
+def serve_bound(cfg, chip: Chip, k: int, batch: int, prompt: int, output: int, dtype: str) -> R.ServeBound | None:
+    """roofline.serve_bound's memory figures with step times from the shared estimator over
+    analytic.serve_ops (prefill: one prompt; decode: `batch` sequences at the mean context). None when
+    k chips' devices are not a tensor degree the heads allow, or a collective has no link figure."""
+    sb = R.serve_bound(cfg, chip, k, batch, prompt, output, dtype)
+    t, wb, ctx = k * chip.devices_per_chip, 1 if dtype == "float8" else 2, prompt + output / 2
+    try:
+        m = A.machine(chip, dtype if chip.peak(dtype) else "bfloat16")
+        pre = estimate_step(A.serve_ops(cfg, t, 1, prompt, (prompt + 1) / 2, prompt, wb, chip), m).t_step
+        dec = estimate_step(A.serve_ops(cfg, t, batch, 1, ctx, ctx, wb, chip), m).t_step
+    except ValueError:  # analytic.LayoutError included
+        return None
+    return replace(sb, t_prefill=pre, t_decode=dec)
 
 
 def best_serve_config(cfg, chip: Chip, prompt: int, output: int, dtype: str, eff: float,
@@ -165,7 +162,9 @@ def best_serve_config(cfg, chip: Chip, prompt: int, output: int, dtype: str, eff
         if not batch and fit < MAX_DECODE_BATCH and fit not in batches:
             batches.append(fit)
         for b in batches:
-            sb = R.serve_bound(cfg, chip, k, b, prompt, output, dtype)
+            sb = serve_bound(cfg, chip, k, b, prompt, output, dtype)
+            if sb is None:
+                break
             t1, t2, rps = sb.at_efficiency(eff, output)
             if (ttft is not None and t1 > ttft) or (tpot is not None and t2 > tpot):
                 continue
@@ -182,18 +181,27 @@ def fastest_serve_latency(cfg, chip: Chip, prompt: int, output: int, dtype: str,
     for k in R.pow2_upto(kmax):
         if R.max_fit_batch(cfg, chip, k, prompt, output, dtype) < 1:
             continue
-        t1, t2, _ = R.serve_bound(cfg, chip, k, 1, prompt, output, dtype).at_efficiency(eff, output)
+        sb = serve_bound(cfg, chip, k, 1, prompt, output, dtype)
+        if sb is None:
+            continue
+        t1, t2, _ = sb.at_efficiency(eff, output)
         best = (t1, t2) if best is None else (min(best[0], t1), min(best[1], t2))
     return best
+
+
+def _band(cal) -> str:
+    return "band n/a (uncalibrated)" if cal.band is None else f"band +/-{cal.band:.0%}"
 
 
 class PerfModel:
     """Estimates with provenance. `records`: measured/compiler/published records; `chips`: name -> Chip."""
 
-    def __init__(self, records: list[Record], chips: dict[str, Chip], calibration: Calibration | None = None):
+    def __init__(self, records: list[Record], chips: dict[str, Chip], calibration: Calibration | None = None,
+                 train_fit: C.TrainFit | None = None):
         self.chips = chips
         self.direct = [r for r in records if r.source in ("measured", "compiler")]
         self.calibration = calibration if calibration is not None else Calibration.fit(records, chips)
+        self.train_fit = train_fit if train_fit is not None else C.fit(records, chips)
         self._train_cache: dict = {}
         self._serve_cache: dict = {}
 
@@ -205,40 +213,60 @@ class PerfModel:
             self._train_cache[key] = self._train(w, chip, n)
         return self._train_cache[key]
 
-    def _train(self, w, chip: Chip, n: int) -> TrainEstimate | None:
-        dp, tp = R.split(n, w.batch)
-        if tp > w.max_tensor:
-            return None
-        bound = fastest_fitting_bound(w, chip, n)
-        if bound is None:
-            return None
-        remat = bound.remat
-        t, source, detail = None, "roofline", ""
+    def _direct(self, w, chip: Chip, n: int, remats: tuple) -> Record | None:
+        """The closest measured, else compiler, record of this model and sequence on this chip."""
         for src in ("measured", "compiler"):
             recs = [r for r in self.direct if r.source == src and r.mode == "train" and r.chip == chip.name
-                    and r.model == w.model and r.seq == w.seq_len]
+                    and r.model == w.model and r.seq == w.seq_len and r.remat in remats]
             if recs:
-                r = min(recs, key=lambda r: (abs(math.log(r.chips / n)) + abs(math.log(r.batch / w.batch))
-                                             + (r.remat != remat)))
-                ref = R.train_bound(r.model, chip, r.chips, r.batch, r.seq, r.remat,
-                                    grad_accum=_fit_accum(r.model, chip, r.chips, r.batch, r.seq, r.remat))
-                t = r.step_time_s * bound.t_step / ref.t_step
-                exact = r.chips == n and r.batch == w.batch and r.remat == remat
-                source = src
-                detail = (f"{src} record: {r.chips} chips, batch {r.batch}"
-                          + ("" if exact else f", scaled to {n} chips / batch {w.batch} by the roofline ratio"))
-                break
-        if t is None:
-            eff = self.calibration.efficiency("train", chip)
-            t = bound.t_step / eff.value
-            detail = f"{bound.bound}-bound, {eff.detail}"
-            if not bound.comm_modelled:
-                detail += "; collectives NOT modelled (no link bandwidth in catalog)"
-            if n > chip.chips_per_host and chip.family != "tpu":
-                detail += "; cross-host network not in catalog (chip link bandwidth used)"
+                return min(recs, key=lambda r: (abs(math.log(r.chips / n)) + abs(math.log(r.batch / w.batch))))
+        return None
+
+    def _train(self, w, chip: Chip, n: int) -> TrainEstimate | None:
+        remats = S.REMAT_ORDER if w.remat == "auto" else (w.remat,)
+        cal = self.train_fit.for_chip(chip)
+        try:
+            # bf16 weights: the configuration launch.py writes (train.param_dtype=bfloat16).
+            choice = S.best(w.model, chip, n, w.batch, w.seq_len, remats, cal, max_tensor=w.max_tensor,
+                            param_dtype="bfloat16")
+        except ValueError:  # the chip has no link figure for a collective every layout needs
+            choice = None
+        r = self._direct(w, chip, n, remats)
+        if r is not None and r.chips == n and r.batch == w.batch:
+            # The run itself was measured or compiled: its step time and its configuration.
+            lay = r.layout or (choice.layout if choice else None)
+            a = r.grad_accum or (choice.grad_accum if choice else 1)
+            t, remat, src = r.step_time_s, r.remat, r.source
+            detail = f"{src} record: {n} chips, batch {r.batch}, {lay.text() if lay else 'layout not recorded'}"
+            need = choice.hbm_bytes if choice else 0.0
+            bound = choice.est.bound if choice else "n/a"
+        elif choice is None:
+            return None
+        else:
+            lay, a, remat, need = choice.layout, choice.grad_accum, choice.remat, choice.hbm_bytes
+            t, src, bound = choice.est.t_step, "estimate", choice.est.bound
+            detail = (f"{lay.text()}, remat {remat}, {a} micro-batches, {bound}-bound; "
+                      f"calibration {cal.source}, {_band(cal)}")
+            ref = self._record_estimate(r, chip, cal) if r is not None else None
+            if ref:
+                t, src = r.step_time_s * t / ref, r.source
+                detail = (f"{r.source} record ({r.chips} chips, batch {r.batch}) scaled to {n} chips / batch "
+                          f"{w.batch} by the estimator's ratio; " + detail)
         tokens = w.batch * w.seq_len
-        return TrainEstimate(chip.name, n, t, tokens / t, F.mfu(bound.model_flops, t, n, chip.peak("bfloat16")), source, detail, remat, bound.dp, bound.tp,
-                             bound.grad_accum, bound.bound, bound.hbm_bytes_needed)
+        mfu = F.mfu(F.train_flops_per_step(w.model, w.batch, w.seq_len), t, n, chip.peak("bfloat16"))
+        return TrainEstimate(chip.name, n, t, tokens / t, mfu, src, detail, remat,
+                             lay.fsdp * lay.data if lay else n, lay.tensor if lay else 1, a, bound, need,
+                             layout=lay, band=cal.band if src == "estimate" else None)
+
+    def _record_estimate(self, r: Record, chip: Chip, cal) -> float | None:
+        """The estimator's step time for the configuration record r ran (same calibration)."""
+        from polychip.estimate import estimate_step
+
+        try:
+            ops, _ = C.record_ops(r, chip)
+        except (ValueError, A.LayoutError):
+            return None
+        return None if ops is None else estimate_step(ops, A.machine(chip), cal).t_step
 
     # -- serving ----------------------------------------------------------------------------------
     def serve_efficiency(self, s, chip: Chip) -> tuple[float, str, str]:

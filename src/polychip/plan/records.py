@@ -13,7 +13,12 @@ every *.json under DIR. `polychip bench` writes `source: measured`, `polychip co
       "seq": 4096,                    # train: tokens per sequence
       "step_time_s": 0.81,            # train: seconds per optimiser step
       "tokens_per_s": 161000,         # train: tokens/s over all chips (step_time_s is derived from it if absent)
-      "remat": "full",                # train: none | full | dots
+      "remat": "full",                # train: a config.REMAT_POLICIES name
+      "layout": {"fsdp": 8, "tensor": 1, "stage": 1, "data": 1, "context": 1, "nodes": 1},
+                                      # train, optional: the degrees it ran with (`mesh`, as `compile`
+                                      # writes it, is read the same way); absent: the planner's best guess
+      "grad_accum": 1,                # train, optional: micro-batches per step
+      "param_dtype": "float32",       # train, optional: master weight dtype (AdamW state is fp32 either way)
       "prompt_tokens": 1800, "output_tokens": 128,   # serve
       "requests_per_s": 10.8,         # serve: sustained requests/s of one replica of `chips` chips
       "dtype": "bfloat16",
@@ -29,8 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from polychip.config import MODEL_PRESETS, REMAT_POLICIES, ConfigError, ModelConfig, RematPolicy, from_dict
+from polychip.estimate.analytic import Layout
 from polychip.files import atomic_write_json
-from polychip.config import MODEL_PRESETS, ConfigError, ModelConfig, from_dict
 from polychip.plan.errors import PlanError
 
 SOURCES = ("measured", "compiler", "published")
@@ -54,6 +60,12 @@ class Record:
     dtype: str = "bfloat16"
     ref: str = ""
     notes: str = ""
+    #: train: the parallel layout it ran with (None: unknown, the planner picks its best).
+    layout: Layout | None = None
+    grad_accum: int | None = None
+    #: train: a policy not in config.REMAT_POLICIES (a published run's custom one); `remat` names the nearest.
+    remat_policy: RematPolicy | None = None
+    param_dtype: str = "float32"
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -68,6 +80,10 @@ class Record:
                                            "prompt_tokens", "output_tokens", "requests_per_s", "dtype", "source",
                                            "ref", "notes")}
         d["model"] = self.model_name if self.model_name in MODEL_PRESETS else to_dict(self.model)
+        if self.layout is not None:
+            d["layout"] = {k: getattr(self.layout, k) for k in _LAYOUT_KEYS}
+        if self.mode == "train":
+            d["grad_accum"], d["param_dtype"] = self.grad_accum, self.param_dtype
         return {k: v for k, v in d.items() if v is not None and v != ""}
 
 
@@ -95,6 +111,34 @@ def _num(d: dict, key: str, where: str, integer: bool = False, required: bool = 
             or (integer and v != int(v))):
         raise PlanError(f"{where}: field {key} must be a positive {'integer' if integer else 'number'}, got {v!r}")
     return int(v) if integer else float(v)
+
+
+_LAYOUT_KEYS = ("data", "fsdp", "tensor", "stage", "context", "nodes", "virtual", "zero1")
+#: `polychip compile` writes its mesh axis sizes; these name the same degrees (expert must be 1).
+_MESH_KEYS = {"data": "data", "fsdp": "fsdp", "tensor": "tensor", "stage": "stage", "context": "context"}
+
+
+def _layout(d: dict, where: str) -> Layout | None:
+    if "layout" in d:
+        raw, keys = d["layout"], _LAYOUT_KEYS
+    elif "mesh" in d:
+        raw, keys = d["mesh"], tuple(_MESH_KEYS) + ("expert",)
+    else:
+        return None
+    if not isinstance(raw, dict) or any(k not in keys for k in raw):
+        raise PlanError(f"{where}: field layout must map some of {', '.join(keys)} to degrees, got {raw!r}")
+    vals = {}
+    for k, v in raw.items():
+        if k == "zero1":
+            vals[k] = bool(v)
+        elif isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise PlanError(f"{where}: layout degree {k} must be a positive integer, got {v!r}")
+        elif k == "expert":
+            if v != 1:
+                raise PlanError(f"{where}: the planner models dense models only (expert degree {v})")
+        else:
+            vals[k] = v
+    return Layout(**vals)
 
 
 def parse_record(d: Any, where: str = "<record>") -> Record:
@@ -129,11 +173,15 @@ def parse_record(d: Any, where: str = "<record>") -> Record:
         if step is None:
             step = batch * seq / tps
         remat = d.get("remat", "none")
-        if remat not in ("none", "full", "dots"):
-            raise PlanError(f"{where}: field remat must be one of the train.remat policies, got {remat!r}")
+        if remat not in REMAT_POLICIES:
+            raise PlanError(f"{where}: field remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
+        pd = d.get("param_dtype", "float32")
+        if pd not in ("float32", "bfloat16"):
+            raise PlanError(f"{where}: field param_dtype must be float32 or bfloat16, got {pd!r}")
         return Record(chip, model, mname, mode, chips, d["source"], batch=batch, seq=seq, step_time_s=step,
                       remat=remat, dtype=str(d.get("dtype", "bfloat16")), ref=str(d.get("ref", "")),
-                      notes=str(d.get("notes", "")))
+                      notes=str(d.get("notes", "")), layout=_layout(d, where),
+                      grad_accum=_num(d, "grad_accum", where, integer=True), param_dtype=pd)
     return Record(chip, model, mname, mode, chips, d["source"], batch=_num(d, "batch", where, integer=True),
                   prompt_tokens=_num(d, "prompt_tokens", where, integer=True, required=True),
                   output_tokens=_num(d, "output_tokens", where, integer=True, required=True),

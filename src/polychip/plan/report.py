@@ -22,7 +22,9 @@ def _money(v) -> str:
 def _figure(p) -> str:
     f = p.figures
     if p.kind == "train":
-        return f"{f['step_time_s']:.2f} s/step, {f['tokens_per_s']:,.0f} tok/s, MFU {f['mfu']:.0%}"
+        band = f.get("band")
+        pm = f" (estimate +/-{band:.0%})" if band is not None else ""
+        return f"{f['step_time_s']:.2f} s/step{pm}, {f['tokens_per_s']:,.0f} tok/s, MFU {f['mfu']:.0%}"
     return (f"{p.replicas} x {f['replica_chips']} chips, {f['requests_per_s']:.1f} req/s, "
             f"TTFT {f['ttft_s'] * 1e3:.0f} ms, TPOT {f['tpot_s'] * 1e3:.1f} ms")
 

@@ -97,7 +97,9 @@ def _placements(fleet: Fleet, opts, x) -> list[Placement]:
         else:
             figures = {"step_time_s": e.step_time_s, "tokens_per_s": e.tokens_per_s, "mfu": e.mfu, "dp": e.dp,
                        "tp": e.tp, "grad_accum": e.grad_accum, "remat": e.remat, "bound": e.bound,
-                       "hbm_gb_per_chip": e.hbm_bytes_per_chip / 1e9}
+                       "hbm_gb_per_chip": e.hbm_bytes_per_chip / 1e9, "band": getattr(e, "band", None),
+                       "layout": None if getattr(e, "layout", None) is None else
+                       {k: getattr(e.layout, k) for k in ("data", "fsdp", "tensor", "stage", "context", "nodes")}}
         mul = units
 
         def scale(v):

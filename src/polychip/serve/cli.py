@@ -26,7 +26,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g = p.add_argument_group("engine")
     g.add_argument("--max-batch", type=int, default=16, help="most sequences decoding at once (default 16)")
     g.add_argument("--page-size", type=int, default=16, help="tokens per KV block (default 16)")
-    g.add_argument("--kv-blocks", type=int, help="KV blocks in the pool (default: from the device's free memory)")
+    g.add_argument("--max-model-len", type=int, metavar="N",
+                   help="longest prompt + completion served (default: the model's context); sizes the KV pool")
+    g.add_argument("--kv-blocks", type=int,
+                   help="KV blocks in the pool (default: max-batch sequences of max-model-len tokens, capped by "
+                        "--kv-memory-fraction of free device memory)")
     g.add_argument("--kv-memory-fraction", type=float, default=0.85,
                    help="share of free device memory for the KV cache when --kv-blocks is not given")
     g.add_argument("--prefill-chunk", type=int, default=64, help="most prompt tokens per engine step (default 64)")
@@ -65,11 +69,13 @@ def build_server(args):
     cfg, params, tok = load_for_inference(args.checkpoint, args.dtype)
     gcfg = load_generation_config(args.checkpoint, tok)
     ecfg = EngineConfig(max_batch=args.max_batch, page_size=args.page_size, kv_blocks=args.kv_blocks,
+                        max_model_len=args.max_model_len,
                         kv_memory_fraction=args.kv_memory_fraction, prefill_chunk=args.prefill_chunk,
                         max_queue=args.max_queue, prefix_cache=not args.no_prefix_cache,
                         compute_dtype=inference_dtypes(args.dtype)[1])
     engine = Engine(cfg, params, ecfg, KernelPolicy.create())
-    print(f"polychip serve: {cfg.n_layers} layers, d_model {cfg.d_model}, context {cfg.max_seq_len}; "
+    print(f"polychip serve: {cfg.n_layers} layers, d_model {cfg.d_model}, context {cfg.max_seq_len}, "
+          f"serving up to {engine.max_len} tokens x {ecfg.max_batch} sequences; "
           f"KV pool {engine.pool.usable} blocks x {ecfg.page_size} tokens ({engine.kv_bytes / 2**20:.1f} MiB)",
           file=sys.stderr)
     for c in engine.warmup():

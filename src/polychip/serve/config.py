@@ -21,10 +21,13 @@ class EngineConfig:
     max_batch: int = 16
     #: Tokens per KV block.
     page_size: int = 16
-    #: KV blocks in the pool (block 0 is scratch); None: from the device's free memory (or, where
-    #: the device reports none, as CPU does, enough for max_batch full-context sequences).
+    #: Longest sequence (prompt + completion) served; None: the model's context. Sizes the KV pool and
+    #: every page table, so a short limit makes decode cheaper.
+    max_model_len: int | None = None
+    #: KV blocks in the pool (block 0 is scratch); None: enough for max_batch sequences of max_model_len
+    #: tokens, capped by kv_memory_fraction of the device's free memory where the device reports it.
     kv_blocks: int | None = None
-    #: Fraction of the device's free memory (after weights) given to the KV cache when kv_blocks is None.
+    #: Most of the device's free memory (after weights) the KV cache may take when kv_blocks is None.
     kv_memory_fraction: float = 0.85
     #: Most prompt tokens processed per engine iteration (the largest prefill bucket).
     prefill_chunk: int = 64
@@ -47,6 +50,8 @@ class EngineConfig:
         for name in ("max_batch", "page_size", "prefill_chunk", "max_queue"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"serve: {name} must be >= 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"serve: max_model_len must be >= 2, got {self.max_model_len}")
         if self.kv_blocks is not None and self.kv_blocks < 2:
             raise ConfigError(f"serve: kv_blocks must be >= 2 (one is scratch), got {self.kv_blocks}")
         if not 0 < self.kv_memory_fraction <= 1:

@@ -61,20 +61,24 @@ class Engine:
         self.cfg = cfg
         self.ecfg = ecfg or EngineConfig()
         self.ecfg.validate()
-        if cfg.sliding_window and cfg.sliding_window < cfg.max_seq_len:
+        if self.ecfg.max_model_len and self.ecfg.max_model_len > cfg.max_seq_len:
+            raise ConfigError(f"serve: max_model_len {self.ecfg.max_model_len} exceeds the model's context "
+                              f"{cfg.max_seq_len}")
+        self.max_len = self.ecfg.max_model_len or cfg.max_seq_len
+        if cfg.sliding_window and cfg.sliding_window < self.max_len:
             # the paged decode kernel attends to every cached token; a window would need per-row starts
             raise ConfigError(f"serve does not support sliding-window attention yet (window {cfg.sliding_window} "
-                              f"< context {cfg.max_seq_len}); use `polychip generate` for this model")
+                              f"< serving length {self.max_len}); lower --max-model-len to the window or use "
+                              "`polychip generate` for this model")
         self.metrics = metrics or Metrics()
-        self.max_len = cfg.max_seq_len
         rt = T.Runtime(policy or KernelPolicy.create(), None, self.ecfg.compute_dtype)
-        n_blocks = kv_blocks_for(cfg, self.ecfg)
+        n_blocks = kv_blocks_for(cfg, self.ecfg, self.max_len)
         max_pages = PM.pages_for(self.max_len, self.ecfg.page_size)
         if n_blocks - 1 < max_pages:
-            log.warning("KV pool of %d blocks cannot hold one full-context sequence (%d blocks)", n_blocks - 1,
-                        max_pages)
+            log.warning("KV pool of %d blocks cannot hold one sequence of max_model_len %d (%d blocks)", n_blocks - 1,
+                        self.max_len, max_pages)
         self.pool = BlockPool(n_blocks, self.ecfg.page_size, self.ecfg.prefix_cache)
-        self.runner = ModelRunner(cfg, params, rt, n_blocks, self.ecfg.page_size)
+        self.runner = ModelRunner(cfg, params, rt, n_blocks, self.ecfg.page_size, self.max_len)
         self.scheduler = Scheduler(self.ecfg, self.pool, self.metrics.count_prefix_lookup)
         self.profile = ProfileCapture()
         self.compiled: list[dict] = []

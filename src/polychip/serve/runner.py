@@ -32,11 +32,13 @@ class StepOut(NamedTuple):
     top_logprobs: np.ndarray  # [B, K] float32
 
 
-def kv_blocks_for(cfg: ModelConfig, ecfg: EngineConfig) -> int:
-    """Blocks in the KV pool: ecfg.kv_blocks, else a share of the device's free memory, else (a device
-    that reports no memory, as CPU) enough for max_batch full-context sequences."""
+def kv_blocks_for(cfg: ModelConfig, ecfg: EngineConfig, max_len: int) -> int:
+    """Blocks in the KV pool: ecfg.kv_blocks, else what the requested concurrency needs (max_batch
+    sequences of max_len tokens, plus the scratch block), capped by kv_memory_fraction of the device's
+    free memory where the device reports it (CPU does not)."""
     if ecfg.kv_blocks:
         return ecfg.kv_blocks
+    need = ecfg.max_batch * PM.pages_for(max_len, ecfg.page_size) + 1
     per_block = PM.bytes_per_block(cfg, ecfg.page_size, T.DTYPES[ecfg.compute_dtype])
     try:
         stats = jax.devices()[0].memory_stats()
@@ -44,19 +46,22 @@ def kv_blocks_for(cfg: ModelConfig, ecfg: EngineConfig) -> int:
         stats = None
     if stats and stats.get("bytes_limit"):
         free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-        n = int(free * ecfg.kv_memory_fraction) // per_block
-        if n < 2:
+        cap = int(free * ecfg.kv_memory_fraction) // per_block
+        if cap < 2:
             raise ConfigError(f"serve: only {free / 2**20:.0f} MiB free on the device; no room for a KV cache")
-        return n
-    return ecfg.max_batch * PM.pages_for(cfg.max_seq_len, ecfg.page_size) + 1
+        return min(need, cap)
+    return need
 
 
 class ModelRunner:
-    def __init__(self, cfg: ModelConfig, params: Any, rt: T.Runtime, num_blocks: int, page_size: int):
+    def __init__(self, cfg: ModelConfig, params: Any, rt: T.Runtime, num_blocks: int, page_size: int,
+                 max_len: int | None = None):
         self.cfg, self.params, self.rt = cfg, params, rt
         self.num_blocks, self.page_size = num_blocks, page_size
+        self.max_len = max_len or cfg.max_seq_len
         self.dtype = T.DTYPES[rt.compute_dtype]
-        self.max_pages = PM.pages_for(cfg.max_seq_len, page_size)
+        # Page tables (and so the decode kernel's gather) span max_len, not the model's whole context.
+        self.max_pages = PM.pages_for(self.max_len, page_size)
         self.kv_bytes = num_blocks * PM.bytes_per_block(cfg, page_size, self.dtype)
         self.step = PM.jit_step(cfg, rt)
         self.kv = self.new_pages()
@@ -93,7 +98,7 @@ class ModelRunner:
         prompt's positions 1..n-1; tokens holds prompt[1:], key_data is empty. Safe to call from any
         thread (it reads the weights only)."""
         n = len(prompt)
-        width = min(max(16, 1 << (n - 1).bit_length()), self.cfg.max_seq_len)
+        width = min(max(16, 1 << (n - 1).bit_length()), self.max_len)
         tokens = np.zeros((1, width), np.int32)
         tokens[0, :n] = prompt
         lp, top_ids, top_lp = (np.asarray(x)[: n - 1] for x in self._score(self.params, jnp.asarray(tokens)))
