@@ -35,6 +35,15 @@ def _step(**kw) -> CompiledStep:
     return CompiledStep(**d)
 
 
+@pytest.fixture(autouse=True)
+def uncalibrated(monkeypatch):
+    """The hand computations assume the uncalibrated roofline (a test that wants a fit sets its own)."""
+    from polychip.compile import report as R
+    from polychip.estimate import Calibration
+
+    monkeypatch.setattr(R, "calibration_for", lambda family: Calibration())
+
+
 def _values(rep):
     return {k: f["value"] for k, f in rep.figures.items()}
 
@@ -133,14 +142,18 @@ def test_no_mfu_above_100_percent_is_printed():
     assert f["value"] == pytest.approx(0.625) and note == "" and "50.0% with them exposed" in f["note"]
 
 
-def test_collectives_on_a_link_without_bandwidth_are_named_not_costed():
+def test_collectives_on_a_link_without_bandwidth_are_named_not_costed(monkeypatch):
+    from polychip.compile import report as R
+
+    real = R.machine
+    monkeypatch.setattr(R, "machine", lambda chip, dtype: dataclasses.replace(real(chip, dtype), inter_bandwidth=None))
     cfg, spec = build_config("tiny"), parse_target("v5e:2x2")
     ops = OPS + [dataclasses.asdict(Op("ag.9", kind="collective", bytes=5e9, link=INTER, collective="all-gather"))]
     hlo = {"loops": [], "collective_bytes": {"all-gather": 13e9, "all-reduce": 4e9}, "hbm_traffic_bytes": 31e9,
            "ops": ops}
     r = step_report(_step(hlo=hlo), cfg, spec, batch=8, seq=64, dtype="bfloat16")
     assert r.figures["t_collectives"]["value"] == pytest.approx(12e9 / 400e9)  # the INTER 5 GB is left out
-    assert any(n.startswith("5.00 GB of collectives across slices (DCN) not costed") for n in r.notes)
+    assert any(n.startswith("5.00 GB of transfers across slices (DCN) not costed") for n in r.notes)
 
 
 def test_printed_report_labels_the_estimate_and_bounds_the_mfu():

@@ -5,6 +5,7 @@ Machine for the step-time checks: 1 TFLOP/s, 100 GB/s HBM, 10 GB/s within a slic
 import pytest
 
 from polychip.estimate import INTER, INTRA, Calibration, Machine, estimate_step
+from polychip.estimate.ops import HOST
 from polychip.estimate.hlo import opaque_ops, ops_from_hlo, replica_groups, walk_module
 
 M = Machine(peak_flops=1e12, hbm_bandwidth=1e11, intra_bandwidth=1e10, inter_bandwidth=1e9, name="hand")
@@ -322,3 +323,18 @@ ENTRY %main (b: s8[16777216], v: bf16[512,1024]) -> (s8[4194304], bf16[512,1024]
     assert set(by) == {"ss", "cs"}
     assert by["ss"].bytes == 4_194_304
     assert by["cs"].bytes == 1_048_576
+
+
+def test_offload_to_host_memory_is_a_host_transfer():
+    """Activations offloaded to host memory (S(5)): a copy-start from HBM to host reads 1 MB of HBM and sends
+    the same 1 MB over the host link (HOST op, collective "host-transfer")."""
+    text = """HloModule offload
+ENTRY %main (v: bf16[512,1024]) -> bf16[512,1024] {
+  %v = bf16[512,1024]{1,0} parameter(0)
+  %cs = (bf16[512,1024]{1,0:S(5)}, bf16[512,1024]{1,0}, u32[]{:S(2)}) copy-start(%v)
+  ROOT %cd = bf16[512,1024]{1,0:S(5)} copy-done(%cs)
+}
+"""
+    ops = ops_from_hlo(text, 1)
+    assert [(o.kind, o.bytes, o.link, o.collective) for o in ops] == [
+        ("compute", 1_048_576, "", ""), ("collective", 1_048_576, HOST, "host-transfer")]

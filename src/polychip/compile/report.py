@@ -26,7 +26,9 @@ from polychip.compile import hlo as hlo_mod
 from polychip.compile.lower import CompiledStep
 from polychip.compile.target import TargetSpec, fmt_mesh
 from polychip.config import Config
-from polychip.estimate import INTER, INTRA, estimate_step, machine_for
+from polychip.estimate import INTER, INTRA, estimate_step
+from polychip.estimate.analytic import machine
+from polychip.estimate.ops import HOST
 from polychip.estimate.calibration import calibration_for
 from polychip.estimate.hlo import opaque_ops
 from polychip.model import flops as F
@@ -140,7 +142,7 @@ def _flops_figures(r: StepReport, c: CompiledStep, mf: float, n_dev: int) -> Non
 
 
 #: How reports name the estimator's links.
-LINK_NAMES = {INTRA: "within a slice (ICI)", INTER: "across slices (DCN)"}
+LINK_NAMES = {INTRA: "within a slice (ICI)", INTER: "across slices (DCN)", HOST: "to / from host memory (PCIe)"}
 
 
 def band_text(band: float | None) -> str:
@@ -177,7 +179,7 @@ def mfu_figure(mf: float, t_step: float, t_optimistic: float, chips: int, peak: 
 
 def _costable(ops: list, m) -> tuple[list, dict]:
     """Ops the machine can cost, and bytes per link of collectives left out for want of a catalog bandwidth."""
-    bw = {INTRA: m.intra_bandwidth, INTER: m.inter_bandwidth}
+    bw = {INTRA: m.intra_bandwidth, INTER: m.inter_bandwidth, HOST: m.host_bandwidth}
     keep, dropped = [], defaultdict(float)
     for o in ops:
         if o.kind == "collective" and not bw.get(o.link or INTRA):
@@ -202,14 +204,15 @@ def _estimate_figures(r: StepReport, c: CompiledStep, spec: TargetSpec, mf: floa
     if not ops:
         return
     try:
-        m = machine_for(spec.chip, dtype)
+        m = machine(spec.chip, dtype)  # the planner's machine: the catalog figures plus the host link
     except ValueError as e:
         r.notes.append(f"no step-time estimate: {e}")
         return
     ops, dropped = _costable(ops, m)
     for link, b in dropped.items():
-        r.notes.append(f"{b / 1e9:.2f} GB of collectives {LINK_NAMES[link]} not costed: the catalog has no "
-                       f"{'link' if link == INTRA else 'scale-out'} bandwidth for {spec.chip.name}")
+        what = {INTRA: "link", INTER: "scale-out", HOST: "host"}[link]
+        r.notes.append(f"{b / 1e9:.2f} GB of transfers {LINK_NAMES[link]} not costed: the catalog has no "
+                       f"{what} bandwidth for {spec.chip.name}")
     opaque = opaque_ops(ops)
     if opaque:
         names = sorted({o.name for o in opaque})

@@ -16,6 +16,8 @@ Per top-level instruction of a control-flow computation (entry, loop bodies, cal
   backend_config: custom_call_config.cost_estimate, int64s as JSON strings) costs what it declares,
   source "declared". Without one (Triton: jax drops cost_estimate when lowering) it is an "opaque" op
   with its operand + result bytes and no flops, listed by `opaque_ops`, never dropped.
+- An async copy / slice (TPU DMA) moves its data once; one to or from host memory (S(5)) is also a HOST
+  op (collective "host-transfer") of the bytes moved.
 - A collective is a collective Op: the bytes one device sends under the ring algorithm ((n-1)/n of the
   gathered / scattered size, 2(n-1)/n for all-reduce, the payload for collective-permute), link INTER
   when one of its groups holds devices of more than one slice (device ids are global and slices are
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from polychip.estimate.ops import INTER, INTRA, Op
+from polychip.estimate.ops import HOST, INTER, INTRA, Op
 
 _DTYPE_BYTES = {
     "pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3": 1, "f8e4m3fnuz": 1, "f8e5m2fnuz": 1,
@@ -47,6 +49,7 @@ _NO_TRAFFIC = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast",
                "after-all", "partition-id", "replica-id", "opt-barrier", "iota", "async-start", "async-update",
                "async-done", "add-dependency", "domain"}
 
+_HOST_SPACE = re.compile(r"S\(5\)")
 #: Ops that read only the part of their first operand they return.
 _SLICING = ("dynamic-slice", "slice", "gather")
 #: Custom calls that mark, allocate or annotate and move no data of their own.
@@ -259,7 +262,7 @@ def collective_bytes(ins: Instr, base: str, shapes: dict[str, str], group_size: 
 # ---- compute ops -------------------------------------------------------------------------------------
 
 def dot_flops(ins: Instr, shapes: dict[str, str]) -> float:
-    """2 x output elements x contracted size (dot), or x kernel elements per output feature (convolution)."""
+    """2 x output elements x contracted size (dot), or x input features x kernel positions (convolution)."""
     out = math.prod(_dims(ins.type_text))
     if ins.opcode == "dot":
         lhs = _dims(shapes.get(ins.operands[0], "")) if ins.operands else []
@@ -339,6 +342,7 @@ class _Walker:
                 self._custom_call(ins, shapes, mult)
             elif ins.opcode in ("slice-start", "copy-start"):
                 self._compute(ins, 0.0, self._async_bytes(ins, shapes), mult)
+                self._host_transfer(ins, shapes, mult)
             else:
                 if ins.opcode not in _NO_TRAFFIC and not ins.opcode.endswith("-done"):
                     self._compute(ins, dot_flops(ins, shapes) if ins.opcode in ("dot", "convolution") else 0.0,
@@ -378,6 +382,14 @@ class _Walker:
         dest = parts[1] if ins.opcode == "slice-start" and len(parts) > 1 else parts[0] if parts else ""
         moved = shape_bytes(dest)
         return (moved if shape_bytes(src, hbm_only=True) else 0.0) + shape_bytes(dest, hbm_only=True)
+
+    def _host_transfer(self, ins: Instr, shapes: dict, mult: float) -> None:
+        """A DMA to or from host memory (memory space S(5), where XLA puts offloaded activations) also
+        crosses the host link: a HOST op of the bytes moved."""
+        src = shapes.get(ins.operands[0], "") if ins.operands else ""
+        parts = tuple_elements(ins.type_text)
+        if any(_HOST_SPACE.search(t) for t in (src, parts[0] if parts else "")):
+            self._add(ins, mult, kind="collective", bytes=shape_bytes(src), link=HOST, collective="host-transfer")
 
     def _plain_bytes(self, ins: Instr, shapes: dict) -> float:
         """HBM bytes of an unfused instruction; an in-place dynamic-update-slice moves the update twice,
