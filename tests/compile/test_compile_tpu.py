@@ -87,9 +87,16 @@ def test_tiny_estimate_is_consistent(tiny):
     assert ops == pytest.approx(_f(tiny, "t_compute")["value"] + _f(tiny, "t_hbm")["value"])
     peak = 197e12  # catalog v5e bf16 (float32 runs are reported against it)
     mfu = _f(tiny, "mfu")
-    # uncalibrated: an upper bound from the ops with collectives hidden
-    assert mfu["upper_bound"] and mfu["value"] == pytest.approx(
-        _f(tiny, "model_flops")["value"] / (max(ops, _f(tiny, "t_collectives")["value"]) * 4 * peak))
+    from polychip.estimate.calibration import calibration_for
+
+    band = calibration_for("tpu").band
+    if band is None:  # uncalibrated: an upper bound from the ops with collectives hidden
+        assert mfu["upper_bound"] and mfu["value"] == pytest.approx(
+            _f(tiny, "model_flops")["value"] / (max(ops, _f(tiny, "t_collectives")["value"]) * 4 * peak))
+    else:  # calibrated: the estimate and the range its band allows
+        assert mfu["value"] == pytest.approx(_f(tiny, "model_flops")["value"] / (t["value"] * 4 * peak))
+        assert mfu["range"] == pytest.approx([mfu["value"] * (1 - band), mfu["value"] * (1 + band)])
+        assert f"validated error band +/-{band:.0%}" in t["note"]
     assert 0 < mfu["value"] <= 1.0
 
 
