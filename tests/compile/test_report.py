@@ -65,7 +65,7 @@ def test_step_report_figures_follow_their_formulas():
     assert v["t_exposed_collectives"] == pytest.approx(t_coll)
     assert v["step_time"] == pytest.approx(t_dot + t_copy + t_flash + t_coll)
     assert r.figures["step_time"]["note"] == "compute-bound, sum over ops (uncalibrated: no error band)"
-    assert v["estimate_flops_per_device"] == 1e15
+    assert v["estimate_flops_per_device"] == 1e15 and v["declared_flops_per_device"] == 2e14
     mf = F.train_flops_per_step(cfg.model, 8, 64)
     assert v["model_flops"] == mf
     # uncalibrated: the MFU is printed only as an upper bound, from the ops with collectives hidden

@@ -24,6 +24,7 @@ _LABELS = [
     ("hbm_traffic_per_device", "HBM traffic / device"),
     ("collective_bytes_per_device", "collective bytes / device"),
     ("estimate_flops_per_device", "est. FLOPs / device (HLO ops)"),
+    ("declared_flops_per_device", "  of which Pallas kernels"),
     ("t_ops", "est. time: ops"),
     ("t_compute", "  compute-bound"),
     ("t_hbm", "  HBM-bound"),

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from polychip.compile import hlo as hlo_mod
+from polychip.compile.display import fmt_value
 from polychip.compile.lower import CompiledStep
 from polychip.compile.target import TargetSpec, fmt_mesh
 from polychip.config import Config
@@ -194,7 +195,7 @@ def _traffic_figures(r: StepReport, h: dict) -> None:
     f["hbm_traffic_per_device"] = fig(h["hbm_traffic_bytes"], "B", "compiled", "HLO walk, loop trips included; "
                                       "dynamic-(update-)slices charged for the slice, Pallas kernels as declared")
     f["collective_bytes_per_device"] = fig(sum(h["collective_bytes"].values()), "B", "compiled", ", ".join(
-        f"{k} {v / 1e9:.2f} GB" for k, v in sorted(h["collective_bytes"].items())))
+        f"{k} {fmt_value(v, 'B')}" for k, v in sorted(h["collective_bytes"].items())))
 
 
 def _estimate_figures(r: StepReport, c: CompiledStep, spec: TargetSpec, mf: float, tokens: int, dtype: str) -> None:
@@ -227,11 +228,11 @@ def _estimate_rows(r: StepReport, est, ops: list, spec: TargetSpec, mf: float, t
     f, chip, t = r.figures, spec.chip, est.t_step
     declared = sum(o.flops * o.count for o in ops if o.source == "declared")
     f["estimate_flops_per_device"] = fig(sum(o.flops * o.count for o in ops), "FLOP", "estimate",
-                                         f"dots of the compiled HLO + Pallas kernels' declared cost "
-                                         f"({declared / 1e12:.3g} TFLOP of it)")
+                                         "dots of the compiled HLO + Pallas kernels' declared cost")
+    f["declared_flops_per_device"] = fig(declared, "FLOP", "estimate", "the Pallas kernels' pl.CostEstimate")
     f["t_ops"] = fig(est.t_compute, "s", "estimate", f"sum over {sum(o.kind == 'compute' for o in ops)} ops of "
-                     f"max(FLOPs / {chip.peak_basis(dtype)}, bytes / HBM bandwidth)")
-    f["t_compute"] = fig(est.t_flops, "s", "estimate", "of which compute-bound ops")
+                     f"max(FLOPs / peak, bytes / HBM bandwidth) at the calibration's efficiencies")
+    f["t_compute"] = fig(est.t_flops, "s", "estimate", f"of which compute-bound ops; peak: {chip.peak_basis(dtype)}")
     f["t_hbm"] = fig(est.t_memory, "s", "estimate", "of which HBM-bound ops")
     f["t_collectives"] = fig(est.t_collectives, "s", "estimate", ", ".join(
         f"{LINK_NAMES[k]} {v * 1e3:.3g} ms" for k, v in sorted(est.by_link.items())) or "none")
