@@ -270,13 +270,20 @@ ENTRY %main (a: f32[2,64,64,1], b: bf16[4,16,64,1]) -> f32[2,64,4,16] {
 """
     (op,) = ops_from_hlo(text, 1)
     assert op.flops == 1_048_576
-    # 3x3 kernel over a 32x32 image (same padding), 8 -> 16 features: 2 * (1*32*32*16) * 8 * 9 = 2,359,296
+    # 3x3 kernel over a 32x32 image (same padding), 8 -> 16 features. Per spatial dim 32 outputs x 3 taps, of
+    # which the first output's left tap and the last output's right tap fall on padding: 94 (output, tap)
+    # pairs read data. 2 * 16 * 8 * 94 * 94 = 2,262,016 (all 9 taps everywhere would say 2,359,296).
     conv = text.replace("f32[2,64,64,1]", "f32[1,32,32,8]").replace("bf16[4,16,64,1]", "bf16[3,3,8,16]") \
         .replace("f32[2,64,4,16]", "f32[1,32,32,16]").replace("window={size=1x4 pad=0_0x3_3 rhs_reversal=0x1}",
                                                               "window={size=3x3 pad=1_1x1_1}") \
         .replace("dim_labels=0bf1_1oi0->0b1f", "dim_labels=b01f_01io->b01f")
     (op,) = ops_from_hlo(conv, 1)
-    assert op.flops == 2_359_296
+    assert op.flops == 2_262_016
+    # Stride 2, no padding, 3-wide window over 9 inputs: 4 outputs x 3 taps, all on data: 2 * 16 * 8 * 12 * 12.
+    strided = conv.replace("f32[1,32,32,8]", "f32[1,9,9,8]").replace("f32[1,32,32,16]", "f32[1,4,4,16]") \
+        .replace("window={size=3x3 pad=1_1x1_1}", "window={size=3x3 stride=2x2}")
+    (op,) = ops_from_hlo(strided, 1)
+    assert op.flops == 2 * 16 * 8 * 12 * 12
 
 
 def test_reducer_computations_are_not_walked_and_gathers_read_rows():
@@ -338,3 +345,86 @@ ENTRY %main (v: bf16[512,1024]) -> bf16[512,1024] {
     ops = ops_from_hlo(text, 1)
     assert [(o.kind, o.bytes, o.link, o.collective) for o in ops] == [
         ("compute", 1_048_576, "", ""), ("collective", 1_048_576, HOST, "host-transfer")]
+
+
+# MaxText's splash-attention custom calls carry JSON with literal newlines, a blank line and a lone "}" in
+# their attributes; the dot after the call must still be parsed (and the loop trip applied).
+MULTILINE = """HloModule ml
+%body (p: (s32[], f32[8,8])) -> (s32[], f32[8,8]) {
+  %p = (s32[], f32[8,8]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[8,8]{1,0} get-tuple-element(%p), index=1
+  %k = f32[8,8]{1,0} custom-call(%x), custom_call_target="tpu_custom_call", frontend_attributes={kernel_metadata={
+
+"xprof_metadata":"{\\"block_q\\": 8,
+}"
+}}, backend_config={"flag_configs":[]}
+  %d = f32[8,8]{1,0} dot(%k, %x), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %one = s32[] constant(1)
+  %n = s32[] add(%i, %one)
+  ROOT %t = (s32[], f32[8,8]{1,0}) tuple(%n, %d)
+}
+%cond (p: (s32[], f32[8,8])) -> pred[] {
+  %p = (s32[], f32[8,8]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %lim = s32[] constant(5)
+  ROOT %lt = pred[] compare(%i, %lim), direction=LT
+}
+ENTRY %main (a: f32[8,8]) -> f32[8,8] {
+  %a = f32[8,8]{1,0} parameter(0)
+  %z = s32[] constant(0)
+  %t = (s32[], f32[8,8]{1,0}) tuple(%z, %a)
+  %w = (s32[], f32[8,8]{1,0}) while(%t), condition=%cond, body=%body
+  ROOT %r = f32[8,8]{1,0} get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_instruction_spanning_lines_keeps_the_rest_of_its_computation():
+    """The dot after the multi-line custom call: 2 * 64 outputs * 8 = 1,024 FLOPs a trip, 5 trips; the
+    custom call (no cost, not attention) stays one opaque op of 256 B in + 256 B out, 5 times."""
+    ops, loops = walk_module(MULTILINE, n_devices=1)
+    assert loops == [("body", 5)]
+    dots = [o for o in ops if o.name.startswith("d")]
+    assert [(o.flops, o.count) for o in dots] == [(1024.0, 5.0)]
+    (k,) = opaque_ops(ops)
+    assert (k.name, k.bytes, k.count) == ("k (tpu_custom_call)", 512.0, 5.0)
+
+
+def _splash(name: str, result: str, meta: str) -> str:
+    return f"""HloModule sp
+ENTRY %main (q: bf16[2,4,256,64], k: bf16[2,2,256,64], v: bf16[2,2,256,64]) -> {result} {{
+  %m = s8[1,2,2]{{2,1,0}} constant({{...}})
+  %q = bf16[2,4,256,64]{{3,2,1,0}} parameter(0)
+  %k = bf16[2,2,256,64]{{3,2,1,0}} parameter(1)
+  %v = bf16[2,2,256,64]{{3,2,1,0}} parameter(2)
+  ROOT %{name}.1 = {result} custom-call(%m, %q, %k, %v), custom_call_target="tpu_custom_call", frontend_attributes={{kernel_metadata={{
+
+"xprof_metadata":"{{{meta}}}"
+}}}}, metadata={{op_name="jit(f)/shard_map/{name}/pallas_call"}}
+}}
+"""
+
+
+def test_attention_kernel_flops_inferred_from_shapes():
+    """GQA splash attention, q [2,4,256,64] (4 query heads), k/v [2,2,256,64]. One matmul unit
+    U = 2 * (2*4*256) * 256 * 64 = 67,108,864. Forward 2U = 134,217,728 over all tiles; causal with
+    128 x 128 blocks runs 3 of the 2 x 2 tiles: 100,663,296. A fused backward (dkv kernel returning dq, dk,
+    dv) is 5U x 3/4 = 251,658,240; a dkv kernel returning dk, dv only is 4U x 3/4 = 201,326,592."""
+    meta = '\\"block_q\\": 128, \\"block_kv\\": 128, \\"block_q_dkv\\": 128, \\"block_kv_dkv\\": 128'
+    fwd = _splash("splash_mha_fwd_segmented_residuals", "bf16[2,4,256,64]{3,2,1,0}", meta)
+    (op,) = [o for o in ops_from_hlo(fwd, 1) if o.source != "hlo"]
+    assert (op.source, op.flops) == ("inferred", 134_217_728)
+    (op,) = [o for o in ops_from_hlo(fwd, 1, attention_causal=True) if o.source != "hlo"]
+    assert op.flops == 100_663_296
+    fused = "(bf16[2,4,256,64]{3,2,1,0}, bf16[2,2,256,64]{3,2,1,0}, bf16[2,2,256,64]{3,2,1,0})"
+    (op,) = [o for o in ops_from_hlo(_splash("splash_mha_dkv_no_residuals", fused, meta), 1, attention_causal=True)
+             if o.source != "hlo"]
+    assert op.flops == 251_658_240
+    split = "(bf16[2,2,256,64]{1,0}, bf16[2,2,256,64]{1,0})"
+    (op,) = [o for o in ops_from_hlo(_splash("splash_mha_dkv_no_residuals", split, meta), 1, attention_causal=True)
+             if o.source != "hlo"]
+    assert op.flops == 201_326_592
+    # A kernel whose name says nothing of attention stays opaque, FLOPs unknown.
+    (op,) = opaque_ops(ops_from_hlo(fwd.replace("splash_mha_fwd_segmented_residuals", "my_kernel"), 1))
+    assert op.flops == 0.0

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from polychip.estimate.ops import INTER, Calibration, Machine, Op
+from polychip.estimate.ops import HOST, INTER, INTRA, Calibration, Machine, Op, exposed_time
 
 STORE = Path(__file__).with_name("calibration.json")
 PARAMS = ("compute_efficiency", "memory_efficiency", "link_efficiency", "overlap")
@@ -40,34 +40,37 @@ GRID = {
 @dataclass(frozen=True)
 class Pair:
     """One program's step reduced to what the calibration scales: per-op compute-bound and memory-bound
-    seconds at 100% of peak (tf, tm: counts applied) and its collective seconds at 100% of link bandwidth."""
+    seconds at 100% of peak (tf, tm: counts applied), its network collective seconds (INTRA + INTER) and its
+    host-transfer seconds (HOST: offloaded activations over PCIe) at 100% of link bandwidth."""
 
     name: str
     tf: np.ndarray
     tm: np.ndarray
     t_coll: float
     measured: float  # seconds per step, measured (published)
+    t_host: float = 0.0
 
 
 def pair_from_ops(name: str, ops: list[Op], m: Machine, measured: float) -> Pair:
     """A Pair from estimator ops on a machine; the same arithmetic as `estimate_step`."""
-    tf, tm, t_coll = [], [], 0.0
+    tf, tm, t_link = [], [], {INTRA: 0.0, HOST: 0.0}
     for op in ops:
         if op.kind == "collective":
-            bw = m.inter_bandwidth if op.link == INTER else m.intra_bandwidth
+            bw = {INTER: m.inter_bandwidth, HOST: m.host_bandwidth}.get(op.link, m.intra_bandwidth)
             if not bw:
-                raise ValueError(f"{m.name}: no {op.link} link bandwidth; cannot cost {op.name}")
-            t_coll += op.count * op.bytes / bw
+                raise ValueError(f"{m.name}: no {op.link or INTRA} link bandwidth; cannot cost {op.name}")
+            t_link[HOST if op.link == HOST else INTRA] += op.count * op.bytes / bw
         else:
             tf.append(op.count * op.flops / m.peak_flops)
             tm.append(op.count * op.bytes / m.hbm_bandwidth)
-    return Pair(name, np.asarray(tf, float), np.asarray(tm, float), t_coll, float(measured))
+    return Pair(name, np.asarray(tf, float), np.asarray(tm, float), t_link[INTRA], float(measured), t_link[HOST])
 
 
 def predict(p: Pair, cal: Calibration) -> float:
     """Predicted step seconds of a pair under a calibration (equals estimate_step(...).t_step)."""
     t_compute = float(np.maximum(p.tf / cal.compute_efficiency, p.tm / cal.memory_efficiency).sum())
-    return t_compute + max(p.t_coll / cal.link_efficiency - cal.overlap * t_compute, 0.0)
+    return t_compute + exposed_time(p.t_coll / cal.link_efficiency, p.t_host / cal.link_efficiency, t_compute,
+                                    cal.overlap)
 
 
 def rel_error(measured: float, predicted: float) -> float:
@@ -86,7 +89,7 @@ def _scores(pairs: list[Pair], grid: dict) -> tuple[np.ndarray, list[tuple]]:
         row = 0
         for c, mm in itertools.product(ce, me):
             t_comp = float(np.maximum(p.tf / c, p.tm / mm).sum())
-            t = t_comp + np.maximum(p.t_coll / le_g - ov_g * t_comp, 0.0)
+            t = t_comp + np.maximum(np.maximum(p.t_coll, p.t_host) / le_g - ov_g * t_comp, 0.0)
             err[row:row + n_tail, j] = np.abs(p.measured / t.ravel() - 1.0)
             row += n_tail
     return err, points

@@ -14,8 +14,10 @@ Per top-level instruction of a control-flow computation (entry, loop bodies, cal
   charging the whole stack there overcounted HBM traffic by 26-72% on llama3-8b (issue 14).
 - A custom call with a declared cost (Pallas/Mosaic TPU kernels carry their `pl.CostEstimate` in
   backend_config: custom_call_config.cost_estimate, int64s as JSON strings) costs what it declares,
-  source "declared". Without one (Triton: jax drops cost_estimate when lowering) it is an "opaque" op
-  with its operand + result bytes and no flops, listed by `opaque_ops`, never dropped.
+  source "declared". Without one, an attention kernel (MaxText's splash attention, Pallas flash
+  attention) has its FLOPs inferred from q / k shapes (estimate.kernels), source "inferred"; any other
+  (Triton: jax drops cost_estimate when lowering) is an "opaque" op with its operand + result bytes and
+  no flops, listed by `opaque_ops`, never dropped.
 - An async copy / slice (TPU DMA) moves its data once; one to or from host memory (S(5)) is also a HOST
   op (collective "host-transfer") of the bytes moved.
 - A collective is a collective Op: the bytes one device sends under the ring algorithm ((n-1)/n of the
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from polychip.estimate.kernels import attention_flops
 from polychip.estimate.ops import HOST, INTER, INTRA, Op
 
 _DTYPE_BYTES = {
@@ -55,7 +58,8 @@ _SLICING = ("dynamic-slice", "slice", "gather")
 #: Custom calls that mark, allocate or annotate and move no data of their own.
 #: ConcatBitcast joins buffers the compiler already placed side by side (a bitcast, no copy).
 _BOOKKEEPING_CALLS = {"AllocateBuffer", "AsyncCollectiveStart", "AsyncCollectiveDone", "AssumeGatherIndicesInBound",
-                      "Sharding", "SPMDFullToShardShape", "SPMDShardToFullShape", "LayoutConstraint", "ConcatBitcast"}
+                      "Sharding", "SPMDFullToShardShape", "SPMDShardToFullShape", "LayoutConstraint", "ConcatBitcast",
+                      "PrepareAsyncCallStart", "PrepareAsyncCallDone"}
 
 
 def _channel(ins: "Instr") -> str | None:
@@ -128,18 +132,16 @@ def _dims(type_text: str) -> list[int]:
 def parse_module(text: str) -> tuple[dict[str, list[Instr]], str]:
     """computation name -> its instructions, and the entry computation's name."""
     comps: dict[str, list[Instr]] = {}
-    entry, cur = "", None
-    for line in text.splitlines():
-        if not line.startswith(" "):
-            m = _COMP_HEAD.match(line)
-            cur = None
-            if m and not line.startswith("HloModule"):
-                cur = m.group(2)
-                comps[cur] = []
-                entry = cur if m.group(1) else entry
+    entry, cur = "", ""
+    for head, line in _instructions(text.splitlines()):
+        if head is not None:
+            m = _COMP_HEAD.match(head)
+            cur = m.group(2)
+            comps[cur] = []
+            entry = cur if m.group(1) else entry
             continue
         m = _INSTR.match(line)
-        if not m or cur is None:
+        if not m:
             continue
         type_text, rest = _split_type(m.group(3))
         op_m = re.match(r"([\w\-]+)\((.*)", rest)
@@ -156,6 +158,51 @@ def parse_module(text: str) -> tuple[dict[str, list[Instr]], str]:
         comps[cur].append(Instr(m.group(2), type_text, opcode, re.findall(r"%([\w.\-]+)", tail[:end]),
                                 tail[:end], tail[end + 1:], bool(m.group(1))))
     return comps, entry
+
+
+def _unclosed(text: str) -> bool:
+    """True while brackets opened in `text` (outside double-quoted strings) are not all closed."""
+    depth, in_str, esc = 0, False, False
+    for ch in text:
+        if esc:
+            esc = False
+        elif in_str:
+            esc, in_str = ch == "\\", ch != '"'
+        elif ch == '"':
+            in_str = True
+        elif ch in "({[":
+            depth += 1
+        elif ch in ")}]":
+            depth -= 1
+    return depth > 0
+
+
+def _instructions(lines: list[str]):
+    """Yield (computation head line, "") at each computation and (None, instruction text) per instruction.
+
+    An instruction may span lines: MaxText's splash-attention custom calls carry JSON with literal newlines
+    (and a blank line) in their attributes. Inside a computation, a line that does not start a new
+    instruction continues the previous one, and a lone `}` ends the computation only once the instruction
+    before it has closed its brackets. Lines outside computations (FileNames, StackFrames) are skipped."""
+    pending: list[str] = []
+    in_comp = False
+    for line in lines:
+        if in_comp:
+            if line.startswith(" ") and _INSTR.match(line):
+                if pending:
+                    yield None, " ".join(pending)
+                pending = [line]
+            elif line.rstrip() != "}" or (pending and _unclosed(" ".join(pending))):
+                pending.append(line)
+            else:
+                if pending:
+                    yield None, " ".join(pending)
+                pending, in_comp = [], False
+        elif _COMP_HEAD.match(line) and not line.startswith("HloModule"):
+            in_comp = True
+            yield line, ""
+    if pending:
+        yield None, " ".join(pending)
 
 
 # ---- loops -------------------------------------------------------------------------------------------
@@ -262,7 +309,7 @@ def collective_bytes(ins: Instr, base: str, shapes: dict[str, str], group_size: 
 # ---- compute ops -------------------------------------------------------------------------------------
 
 def dot_flops(ins: Instr, shapes: dict[str, str]) -> float:
-    """2 x output elements x contracted size (dot), or x input features x kernel positions (convolution)."""
+    """2 x output elements x contracted size (dot), or x input features x kernel taps on input (convolution)."""
     out = math.prod(_dims(ins.type_text))
     if ins.opcode == "dot":
         lhs = _dims(shapes.get(ins.operands[0], "")) if ins.operands else []
@@ -273,20 +320,50 @@ def dot_flops(ins: Instr, shapes: dict[str, str]) -> float:
 
 
 def _conv_macs_per_output(ins: Instr, shapes: dict[str, str]) -> float:
-    """Input features x kernel positions that can meet real input. XLA writes some dots as convolutions whose
-    window is padded far past a size-1 input dimension (window 4, padding 3 each side): only one of the 4
-    kernel positions touches data, so each spatial dimension counts min(window, input size)."""
+    """Input features x the kernel taps that land on input (not on padding), averaged over output positions.
+
+    XLA:TPU writes some per-head matmuls as a convolution whose window spans a padded size-1 dimension
+    (`window={size=1x32 pad=0_0x31_31 rhs_reversal=0x1}`): one tap of 32 meets data. Counting the whole
+    window made the Q/K/V projections of MaxText's v6e-256 Llama3.1-8B recipe 32x their work."""
     lhs = _dims(shapes.get(ins.operands[0], "")) if ins.operands else []
     rhs = _dims(shapes.get(ins.operands[1], "")) if len(ins.operands) > 1 else []
-    labels = re.search(r"dim_labels=(\w+)_(\w+)->", ins.attrs)
-    if not lhs or not rhs or not labels or "i" not in labels.group(2):
+    out = _dims(ins.type_text)
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", ins.attrs)
+    if not lhs or not rhs or not out or not labels or "i" not in labels.group(2):
         return 0.0
-    lhs_l, rhs_l = labels.group(1), labels.group(2)
+    lhs_l, rhs_l, out_l = labels.groups()
+    win = re.search(r"window=\{([^}]*)\}", ins.attrs)
+    spec = dict(kv.split("=", 1) for kv in win.group(1).split() if "=" in kv) if win else {}
+    n_sp = sum(c.isdigit() for c in rhs_l)
+
+    def per_dim(key: str, default: str) -> list:
+        vals = spec[key].split("x") if key in spec else [default] * n_sp
+        return [tuple(int(x) for x in v.split("_")) if "_" in v else int(v) for v in vals]
+    size, stride, pad = per_dim("size", "1"), per_dim("stride", "1"), per_dim("pad", "0_0")
+    ldil, rdil = per_dim("lhs_dilate", "1"), per_dim("rhs_dilate", "1")
     macs = float(rhs[rhs_l.index("i")])
-    for pos, ch in enumerate(rhs_l):
-        if ch.isdigit():
-            macs *= min(rhs[pos], lhs[lhs_l.index(ch)]) if ch in lhs_l else rhs[pos]
+    for d in range(n_sp):
+        n_in, n_out, k = lhs[lhs_l.index(str(d))], out[out_l.index(str(d))], size[d]
+        macs *= _valid_taps(n_in, n_out, k, stride[d], pad[d][0], ldil[d], rdil[d]) / n_out
     return macs
+
+
+def _valid_taps(n_in: int, n_out: int, k: int, stride: int, pad_lo: int, ldil: int, rdil: int) -> int:
+    """(output position, kernel tap) pairs of one spatial dimension that read input rather than padding.
+    Output o, tap t reads position o*stride + t*rdil - pad_lo of the lhs_dilate-dilated input: data where it
+    is a multiple of ldil in [0, (n_in-1)*ldil]. Counted per tap in closed form (ldil 1) or enumerated."""
+    hi_pos = (n_in - 1) * ldil
+    total = 0
+    for t in range(k):
+        off = t * rdil - pad_lo  # position = o*stride + off
+        if ldil == 1:
+            lo_o = max(0, -(off // stride))  # ceil(-off / stride) in integers
+            hi_o = min(n_out - 1, (hi_pos - off) // stride)
+            total += max(0, hi_o - lo_o + 1)
+        else:
+            pos = np.arange(n_out) * stride + off
+            total += int(((pos >= 0) & (pos <= hi_pos) & (pos % ldil == 0)).sum())
+    return total
 
 
 def cost_estimate(attrs: str) -> dict | None:
@@ -304,8 +381,9 @@ class _Walker:
     """Walks a parsed module from its entry and appends Ops (see the module docstring)."""
 
     def __init__(self, comps: dict[str, list[Instr]], n_devices: int, devices_per_slice: int | None,
-                 loop_trips: bool = True):
+                 loop_trips: bool = True, attention_causal: bool = False):
         self.comps, self.n, self.dps, self.loop_trips = comps, n_devices, devices_per_slice, loop_trips
+        self.causal = attention_causal
         self.shapes = {c: {i.name: i.type_text for i in instrs} for c, instrs in comps.items()}
         self.ops: list[Op] = []
         self.loops: list[tuple[str, int | None]] = []
@@ -369,9 +447,14 @@ class _Walker:
         cost = cost_estimate(ins.attrs)
         if cost is not None:
             self._compute(ins, cost.get("flops", 0.0), cost.get("bytes_accessed", 0.0), mult, "declared")
-        else:
-            name = op_label(ins) + ("" if "op_name=" in ins.attrs or not target else f" ({target.group(1)})")
-            self.ops.append(Op(name=name, count=mult, bytes=self._plain_bytes(ins, shapes), source="opaque"))
+            return
+        flops = attention_flops(ins.name, ins.attrs, [shapes.get(o, "") for o in ins.operands],
+                                tuple_elements(ins.type_text), self.causal)
+        if flops is not None:
+            self._compute(ins, flops, self._plain_bytes(ins, shapes), mult, "inferred")
+            return
+        name = op_label(ins) + ("" if "op_name=" in ins.attrs or not target else f" ({target.group(1)})")
+        self.ops.append(Op(name=name, count=mult, bytes=self._plain_bytes(ins, shapes), source="opaque"))
 
     def _async_bytes(self, ins: Instr, shapes: dict) -> float:
         """An async copy / slice (TPU DMA) moves its data once, counted at the start: the source read where it
@@ -486,12 +569,15 @@ def op_label(ins: Instr) -> str:
     return f"{ins.name} ({'/'.join(parts[-2:]) if parts else m.group(1)})"
 
 
-def ops_from_hlo(text: str, n_devices: int, devices_per_slice: int | None = None) -> list[Op]:
+def ops_from_hlo(text: str, n_devices: int, devices_per_slice: int | None = None,
+                 attention_causal: bool = False) -> list[Op]:
     """The per-device Ops of one compiled module (optimised HLO text), loop trip counts in `count`.
 
     n_devices: devices the module runs on (a collective without replica groups spans them all);
-    devices_per_slice: devices per slice / node, to tell INTER links from INTRA (None: one slice)."""
-    return walk_module(text, n_devices, devices_per_slice)[0]
+    devices_per_slice: devices per slice / node, to tell INTER links from INTRA (None: one slice);
+    attention_causal: the model's attention is causal, for attention kernels whose FLOPs are inferred
+    (estimate.kernels; the HLO elides their mask)."""
+    return walk_module(text, n_devices, devices_per_slice, attention_causal=attention_causal)[0]
 
 
 def opaque_ops(ops: list[Op]) -> list[Op]:
@@ -500,9 +586,9 @@ def opaque_ops(ops: list[Op]) -> list[Op]:
 
 
 def walk_module(text: str, n_devices: int, devices_per_slice: int | None = None,
-                loop_trips: bool = True) -> tuple[list[Op], list]:
+                loop_trips: bool = True, attention_causal: bool = False) -> tuple[list[Op], list]:
     """ops_from_hlo, plus the loops found [(body, trip count)]; loop_trips=False counts each body once."""
     comps, entry = parse_module(text)
-    w = _Walker(comps, n_devices, devices_per_slice, loop_trips)
+    w = _Walker(comps, n_devices, devices_per_slice, loop_trips, attention_causal)
     w.walk(entry, 1.0)
     return w.ops, w.loops

@@ -27,6 +27,7 @@ class Op:
     host-transfer).
     `count` is executions per step (loop trip counts multiplied). `source` says where the figures come
     from: "hlo" (the compiled program's shapes), "declared" (a Pallas kernel's CostEstimate),
+    "inferred" (an attention kernel with no declared cost, FLOPs from its q / k shapes: estimate.kernels),
     "opaque" (a custom call that declares no cost: its HBM bytes only, no FLOPs; reports list these),
     "analytic" (the planner's op list).
     """
