@@ -9,13 +9,14 @@ attention), recorded in each recipe's meta.json, over (step seconds x catalog bf
 predicted MFU use the same FLOPs and peak, so their relative error is measured step / predicted step - 1;
 the "quoted" column is the MFU as the source printed it (older sources count attention non-causally).
 
-Two workarounds for polychip.estimate.hlo, which this bench does not own (both reported to its owner):
-instructions spanning lines are folded onto one line before parsing, and convolutions are costed with
-only the kernel taps that land on input (see conv_flops_valid_taps). Not modelled by the estimator at all:
-host-offload traffic (MaxText's offloaded remat tensors live in host memory, S(5), which the HLO walk
-treats as free) and the FLOPs of MaxText's splash-attention kernels (no declared cost: opaque ops).
+The ops are exactly what `compile` costs: the same HLO walk, and the same Machine (estimate.analytic.machine:
+the catalog chip with its host link, so offloaded remat tensors, HOST ops, are priced over PCIe as in
+`compile` and `plan`). MaxText's splash-attention kernels declare no cost; their FLOPs are inferred from
+q / k shapes (estimate.kernels) with causal masking, which every recipe here uses (MaxText's decoders are
+causal). Not visible in the HLO: sliding-window masks (Gemma3's local layers), counted as causal.
 
-"hostGB": host-memory arrays carried by the step's loops (offloaded remat tensors), not costed.
+"hostGB": host-memory arrays carried by the step's loops (offloaded remat tensors), for reference;
+"host s": the HOST ops' seconds at the catalog host link (uncalibrated).
 "chk" is the source's TFLOP/s x step seconds over MaxText 0.2.4's count in the source's convention: 1.00
 means the compiled settings are the measured ones.
 
@@ -37,85 +38,17 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 from polychip.estimate import calibration as C
-from polychip.estimate import hlo as _hlo
+from polychip.estimate.analytic import machine
 from polychip.estimate.hlo import ops_from_hlo
-from polychip.estimate.ops import Calibration, estimate_step, machine_for
+from polychip.estimate.ops import HOST, Calibration, estimate_step
 from polychip.files import cache_dir
 from polychip.hardware.catalog import get_chip
 
 RECIPES = Path(__file__).resolve().parent / "maxtext" / "recipes.yaml"
 HLO_NAME = "train_step.after_optimizations.txt"  # as bench/maxtext/compile_recipes.py writes it
-
-
-_HEAD = re.compile(r"^(ENTRY )?%?[\w.\-]+ .*\{\s*$")
-
-
-def join_continued_lines(text: str) -> str:
-    """Fold instructions that span lines back onto one line.
-
-    MaxText's splash-attention custom calls carry a backend_config JSON with literal newlines (its
-    xprof_metadata): 777 such lines in the v6e-256 Llama3.1-8B module. polychip.estimate.hlo reads one
-    instruction per line and takes any unindented line for the end of a computation, so without this it
-    silently loses everything after the first such call (the layer loops included)."""
-    out: list[str] = []
-    for line in text.splitlines():
-        cont = (out and line and not line[0].isspace() and line != "}" and not line.startswith("HloModule")
-                and not _HEAD.match(line))
-        if cont:
-            out[-1] += " " + line
-        else:
-            out.append(line)
-    return "\n".join(out)
-
-
-def conv_flops_valid_taps(ins, shapes: dict) -> float:
-    """Convolution FLOPs counting only the kernel taps that land on input, not on padding.
-
-    XLA:TPU writes some per-head matmuls as a convolution whose window spans a padded size-1 spatial dim
-    (`window={size=1x32 pad=0_0x31_31 rhs_reversal=0x1}`): one tap of 32 is real. polychip.estimate.hlo's
-    dot_flops multiplies by the whole window, 32x the work (the Q/K/V projections of the v6e-256 Llama3.1-8B
-    recipe came out at 35 TFLOP a layer, and the program at 3.4x MaxText's FLOPs). Same formula otherwise:
-    2 x output elements x input features x (valid taps per output, per spatial dim)."""
-    out = _hlo._dims(ins.type_text)
-    lhs = _hlo._dims(shapes.get(ins.operands[0], "")) if ins.operands else []
-    rhs = _hlo._dims(shapes.get(ins.operands[1], "")) if len(ins.operands) > 1 else []
-    m = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", ins.attrs)
-    if not (out and lhs and rhs and m) or "i" not in m.group(2):
-        return _dot_flops_upstream(ins, shapes)
-    lhs_l, rhs_l, out_l = m.groups()
-    win = re.search(r"window=\{([^}]*)\}", ins.attrs)
-    spec = dict(kv.split("=", 1) for kv in win.group(1).split()) if win else {}
-    n_sp = sum(c.isdigit() for c in out_l)
-
-    def per_dim(key, default):
-        vals = spec[key].split("x") if key in spec else [default] * n_sp
-        return [tuple(int(x) for x in v.split("_")) if "_" in v else int(v) for v in vals]
-    size, stride = per_dim("size", "1"), per_dim("stride", "1")
-    pad, ldil, rdil = per_dim("pad", "0_0"), per_dim("lhs_dilate", "1"), per_dim("rhs_dilate", "1")
-    taps = 1.0
-    for d in range(n_sp):
-        n_in, n_out = lhs[lhs_l.index(str(d))], out[out_l.index(str(d))]
-        if n_out * size[d] > 4_000_000:  # too large to enumerate: the unpadded count
-            taps *= size[d]
-            continue
-        pos = np.arange(n_out)[:, None] * stride[d] + np.arange(size[d])[None, :] * rdil[d] - pad[d][0]
-        ok = (pos >= 0) & (pos <= (n_in - 1) * ldil[d]) & (pos % ldil[d] == 0)
-        taps *= ok.sum() / n_out
-    return 2.0 * math.prod(out) * rhs[rhs_l.index("i")] * taps
-
-
-def _dot_flops(ins, shapes: dict) -> float:
-    return conv_flops_valid_taps(ins, shapes) if ins.opcode == "convolution" else _dot_flops_upstream(ins, shapes)
-
-
-# Until polychip.estimate.hlo counts padded convolution windows right (reported to its owner), the bench
-# costs convolutions with the valid-tap count above.
-_dot_flops_upstream = _hlo.dot_flops
-_hlo.dot_flops = _dot_flops
 
 
 def source_tflop(r: dict, meta: dict) -> float:
@@ -131,7 +64,7 @@ _BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "
 
 def host_loop_bytes(text: str) -> float:
     """Bytes of host-memory (layout S(5)) arrays carried by while loops, summed over loops: the remat
-    tensors MaxText offloads. A diagnostic the estimator does not cost (the HLO walk treats S(n) as free)."""
+    tensors MaxText offloads. A diagnostic: the estimator costs the DMAs that move them (HOST ops)."""
     total = 0.0
     for line in text.splitlines():
         if " while(" not in line:
@@ -174,10 +107,9 @@ def load_recipes(names: list[str] | None) -> list[dict]:
         r = recipes[name]
         dps = meta["devices_per_slice"] if meta["num_slices"] > 1 else None
         t0 = time.perf_counter()
-        text = join_continued_lines((d / HLO_NAME).read_text())
-        ops = ops_from_hlo(text, meta["n_devices"], dps)
-        chip = get_chip(r["chip"])
-        m = machine_for(chip)
+        text = (d / HLO_NAME).read_text()
+        ops = ops_from_hlo(text, meta["n_devices"], dps, attention_causal=True)
+        m = machine(get_chip(r["chip"]))
         t_meas, how, check = measured_step(r, meta)
         rows.append({"name": name, "r": r, "meta": meta, "ops": ops, "machine": m, "measured": t_meas,
                      "how": how, "check": check, "host_bytes": host_loop_bytes(text), "flops": meta["maxtext_tflops_per_device"]["total"] * 1e12,
@@ -231,8 +163,11 @@ def print_table(rows: list[dict], pairs: list, fitted: Calibration | None, loo: 
                 rec[f"predicted_step_s_{k}"], rec[f"error_{k}"] = cols[k], e
             else:
                 line += f" | {'':6s} {'':7s}"
+        walk_flops = sum(o.flops * o.count for o in row["ops"])
+        rec["walk_flops_over_maxtext"] = walk_flops / row["flops"]
         print(line + f" | {row['host_bytes'] / 1e9:6.0f} | {est.bound} (comp {est.t_flops:.2f} s, hbm {est.t_memory:.2f} s, "
-                     f"coll {est.t_collectives:.2f} s)")
+                     f"coll {est.t_collectives - est.by_link.get(HOST, 0.0):.2f} s, host {est.by_link.get(HOST, 0.0):.2f} s; "
+                     f"FLOPs {rec['walk_flops_over_maxtext']:.2f}x MaxText's)")
         out.append(rec)
     med = " ".join(f"{k} {statistics.median(v):.1%}" for k, v in errs.items())
     print(f"median |MFU error|: {med}")
@@ -277,11 +212,9 @@ def main(argv: list[str] | None = None) -> int:
             "compiled_with": rows[0]["meta"]["versions"],
             "sources": {r["name"]: r["r"]["published"]["sources"] for r in rows},
             "loo_fits": {r["name"]: {k: getattr(c, k) for k in C.PARAMS} for r, (c, _) in zip(rows, loo)},
-            "bench_workarounds": [
-                "HLO instructions spanning lines (splash-attention backend_config) folded onto one line",
-                "convolution FLOPs count only kernel taps on input, not on padding (conv_flops_valid_taps)"],
-            "not_modelled": "host-offload traffic (S(5) buffers: remat offload) and splash-attention FLOPs "
-                            "(opaque kernels) are not in the estimate; the efficiencies absorb them"})
+            "machine": "estimate.analytic.machine (catalog chip + host link), as compile and plan",
+            "attention": "splash-attention FLOPs inferred from q/k shapes, causal (estimate.kernels)",
+            "not_modelled": "sliding-window attention masks (not visible in the HLO: counted as causal)"})
         path = C.store("tpu", fitted, record)
         print(f"wrote {path}")
     return 0

@@ -334,7 +334,7 @@ ENTRY %main (b: s8[16777216], v: bf16[512,1024]) -> (s8[4194304], bf16[512,1024]
 
 def test_offload_to_host_memory_is_a_host_transfer():
     """Activations offloaded to host memory (S(5)): a copy-start from HBM to host reads 1 MB of HBM and sends
-    the same 1 MB over the host link (HOST op, collective "host-transfer")."""
+    the same 1 MB over the host link (HOST op, collective "host-out")."""
     text = """HloModule offload
 ENTRY %main (v: bf16[512,1024]) -> bf16[512,1024] {
   %v = bf16[512,1024]{1,0} parameter(0)
@@ -344,7 +344,7 @@ ENTRY %main (v: bf16[512,1024]) -> bf16[512,1024] {
 """
     ops = ops_from_hlo(text, 1)
     assert [(o.kind, o.bytes, o.link, o.collective) for o in ops] == [
-        ("compute", 1_048_576, "", ""), ("collective", 1_048_576, HOST, "host-transfer")]
+        ("compute", 1_048_576, "", ""), ("collective", 1_048_576, HOST, "host-out")]
 
 
 # MaxText's splash-attention custom calls carry JSON with literal newlines, a blank line and a lone "}" in
@@ -428,3 +428,44 @@ def test_attention_kernel_flops_inferred_from_shapes():
     # A kernel whose name says nothing of attention stays opaque, FLOPs unknown.
     (op,) = opaque_ops(ops_from_hlo(fwd.replace("splash_mha_fwd_segmented_residuals", "my_kernel"), 1))
     assert op.flops == 0.0
+
+
+def test_async_offload_and_reload_are_host_ops_on_a_full_duplex_link():
+    """XLA:TPU's remat offload: an async dynamic-update-slice writes one layer's [1,256,1024] bf16 (512 KiB)
+    into a host (S(5)) stack, an async dynamic-slice reads another layer's back. HOST ops: 524,288 B out,
+    524,288 B in. HBM: the update read (524,288 B; its write lands in host memory) and the slice written
+    (524,288 B; its read comes from the host) plus three 4-byte indices. On a 1 MB/s host link the link is busy
+    0.5 s (both directions at once), not 1 s."""
+    text = """HloModule off
+%dus (b: bf16[4,256,1024], u: bf16[1,256,1024], i: s32[]) -> bf16[4,256,1024] {
+  %b = bf16[4,256,1024]{2,1,0:S(5)} parameter(0)
+  %u = bf16[1,256,1024]{2,1,0} parameter(1)
+  %i = s32[] parameter(2)
+  %z = s32[] constant(0)
+  ROOT %w = bf16[4,256,1024]{2,1,0:S(5)} dynamic-update-slice(%b, %u, %i, %z, %z)
+}
+%ds (b: bf16[4,256,1024], i: s32[]) -> bf16[1,256,1024] {
+  %b = bf16[4,256,1024]{2,1,0:S(5)} parameter(0)
+  %i = s32[] parameter(1)
+  %z = s32[] constant(0)
+  ROOT %r = bf16[1,256,1024]{2,1,0} dynamic-slice(%b, %i, %z, %z), dynamic_slice_sizes={1,256,1024}
+}
+ENTRY %main (b: bf16[4,256,1024], u: bf16[1,256,1024], i: s32[]) -> bf16[1,256,1024] {
+  %b = bf16[4,256,1024]{2,1,0:S(5)} parameter(0)
+  %u = bf16[1,256,1024]{2,1,0} parameter(1)
+  %i = s32[] parameter(2)
+  %s1 = ((bf16[4,256,1024]{2,1,0:S(5)}, bf16[1,256,1024]{2,1,0}, s32[]), bf16[4,256,1024]{2,1,0:S(5)}, u32[]) async-start(%b, %u, %i), calls=%dus
+  %d1 = bf16[4,256,1024]{2,1,0:S(5)} async-done(%s1)
+  %s2 = ((bf16[4,256,1024]{2,1,0:S(5)}, s32[]), bf16[1,256,1024]{2,1,0}, u32[]) async-start(%d1, %i), calls=%ds
+  ROOT %d2 = bf16[1,256,1024]{2,1,0} async-done(%s2)
+}
+"""
+    by = _by_name([o for o in ops_from_hlo(text, 1) if o.kind == "collective"])
+    assert {k: (o.bytes, o.link, o.collective) for k, o in by.items()} == {
+        "w": (524_288, HOST, "host-out"), "r": (524_288, HOST, "host-in")}
+    hbm = {o.name: o.bytes for o in ops_from_hlo(text, 1) if o.kind == "compute"}
+    assert hbm == {"w": 524_288 + 12, "r": 524_288 + 12}  # + three s32 indices
+    m = Machine(peak_flops=1e12, hbm_bandwidth=1e12, intra_bandwidth=1e9, inter_bandwidth=None,
+                host_bandwidth=1e6 * 1.048576)
+    est = estimate_step(ops_from_hlo(text, 1), m)
+    assert est.by_link[HOST] == pytest.approx(0.5)

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections import defaultdict
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
-from polychip.estimate.ops import HOST, INTER, INTRA, Calibration, Machine, Op, exposed_time
+from polychip.estimate.ops import HOST, INTER, INTRA, Calibration, Machine, Op, exposed_time, host_link_time
 
 STORE = Path(__file__).with_name("calibration.json")
 PARAMS = ("compute_efficiency", "memory_efficiency", "link_efficiency", "overlap")
@@ -53,17 +54,21 @@ class Pair:
 
 def pair_from_ops(name: str, ops: list[Op], m: Machine, measured: float) -> Pair:
     """A Pair from estimator ops on a machine; the same arithmetic as `estimate_step`."""
-    tf, tm, t_link = [], [], {INTRA: 0.0, HOST: 0.0}
+    tf, tm, t_net, host_ways = [], [], 0.0, defaultdict(float)
     for op in ops:
         if op.kind == "collective":
             bw = {INTER: m.inter_bandwidth, HOST: m.host_bandwidth}.get(op.link, m.intra_bandwidth)
             if not bw:
                 raise ValueError(f"{m.name}: no {op.link or INTRA} link bandwidth; cannot cost {op.name}")
-            t_link[HOST if op.link == HOST else INTRA] += op.count * op.bytes / bw
+            if op.link == HOST:
+                host_ways[op.collective] += op.count * op.bytes / bw
+            else:
+                t_net += op.count * op.bytes / bw
         else:
             tf.append(op.count * op.flops / m.peak_flops)
             tm.append(op.count * op.bytes / m.hbm_bandwidth)
-    return Pair(name, np.asarray(tf, float), np.asarray(tm, float), t_link[INTRA], float(measured), t_link[HOST])
+    return Pair(name, np.asarray(tf, float), np.asarray(tm, float), t_net, float(measured),
+                host_link_time(host_ways))
 
 
 def predict(p: Pair, cal: Calibration) -> float:

@@ -19,7 +19,9 @@ Per top-level instruction of a control-flow computation (entry, loop bodies, cal
   (Triton: jax drops cost_estimate when lowering) is an "opaque" op with its operand + result bytes and
   no flops, listed by `opaque_ops`, never dropped.
 - An async copy / slice (TPU DMA) moves its data once; one to or from host memory (S(5)) is also a HOST
-  op (collective "host-transfer") of the bytes moved.
+  op (collective "host-out" to the host, "host-in" back) of the bytes moved, as is a dynamic-update-slice into a host buffer
+  (the update) or a (dynamic-)slice / copy out of one (the result): XLA:TPU's remat offload wraps those
+  in async computations, walked like calls.
 - A collective is a collective Op: the bytes one device sends under the ring algorithm ((n-1)/n of the
   gathered / scattered size, 2(n-1)/n for all-reduce, the payload for collective-permute), link INTER
   when one of its groups holds devices of more than one slice (device ids are global and slices are
@@ -425,6 +427,7 @@ class _Walker:
                 if ins.opcode not in _NO_TRAFFIC and not ins.opcode.endswith("-done"):
                     self._compute(ins, dot_flops(ins, shapes) if ins.opcode in ("dot", "convolution") else 0.0,
                                   self._plain_bytes(ins, shapes), mult)
+                    self._host_plain(ins, shapes, mult)
                 for callee in _callees(ins):
                     self.walk(callee, mult, stack)
 
@@ -468,21 +471,40 @@ class _Walker:
 
     def _host_transfer(self, ins: Instr, shapes: dict, mult: float) -> None:
         """A DMA to or from host memory (memory space S(5), where XLA puts offloaded activations) also
-        crosses the host link: a HOST op of the bytes moved."""
+        crosses the host link: a HOST op of the bytes moved, "host-out" to the host, "host-in" back."""
         src = shapes.get(ins.operands[0], "") if ins.operands else ""
         parts = tuple_elements(ins.type_text)
-        if any(_HOST_SPACE.search(t) for t in (src, parts[0] if parts else "")):
-            self._add(ins, mult, kind="collective", bytes=shape_bytes(src), link=HOST, collective="host-transfer")
+        dest = parts[1] if ins.opcode == "slice-start" and len(parts) > 1 else parts[0] if parts else ""
+        if _HOST_SPACE.search(src) or _HOST_SPACE.search(dest):
+            self._add(ins, mult, kind="collective", bytes=shape_bytes(dest), link=HOST,
+                      collective="host-in" if _HOST_SPACE.search(src) else "host-out")
 
     def _plain_bytes(self, ins: Instr, shapes: dict) -> float:
-        """HBM bytes of an unfused instruction; an in-place dynamic-update-slice moves the update twice,
-        a (dynamic-)slice or gather its result twice (read + write) plus its indices."""
+        """HBM bytes of an unfused instruction; an in-place dynamic-update-slice reads the update and writes
+        it into the buffer, a (dynamic-)slice or gather reads and writes its result (plus its indices); a
+        side in host memory (S(5)) moves no HBM bytes."""
         ops_b = [shape_bytes(shapes.get(o, ""), hbm_only=True) for o in ins.operands]
         if ins.opcode == "dynamic-update-slice" and len(ops_b) >= 2:
-            return 2 * ops_b[1] + sum(ops_b[2:])
+            in_hbm = bool(shape_bytes(ins.type_text, hbm_only=True))
+            return ops_b[1] + (shape_bytes(shapes.get(ins.operands[1], "")) if in_hbm else 0.0) + sum(ops_b[2:])
         if ins.opcode in _SLICING:
-            return 2 * shape_bytes(ins.type_text, hbm_only=True) + sum(ops_b[1:])
+            src_hbm = bool(ops_b and ops_b[0])
+            return shape_bytes(ins.type_text, hbm_only=True) + (shape_bytes(ins.type_text) if src_hbm else 0.0) \
+                + sum(ops_b[1:])
         return shape_bytes(ins.type_text, hbm_only=True) + sum(ops_b)
+
+    def _host_plain(self, ins: Instr, shapes: dict, mult: float) -> None:
+        """Host offload as XLA:TPU writes it inside async computations: a dynamic-update-slice into a host
+        (S(5)) buffer sends the update over the host link, a (dynamic-)slice or copy of a host buffer brings
+        its result back: a HOST op of those bytes."""
+        src = shapes.get(ins.operands[0], "") if ins.operands else ""
+        if ins.opcode == "dynamic-update-slice" and _HOST_SPACE.search(ins.type_text) and len(ins.operands) > 1:
+            nbytes, way = shape_bytes(shapes.get(ins.operands[1], "")), "host-out"
+        elif ins.opcode in _SLICING + ("copy",) and (_HOST_SPACE.search(src) or _HOST_SPACE.search(ins.type_text)):
+            nbytes, way = shape_bytes(ins.type_text), "host-in" if _HOST_SPACE.search(src) else "host-out"
+        else:
+            return
+        self._add(ins, mult, kind="collective", bytes=nbytes, link=HOST, collective=way)
 
     def _fusion(self, ins: Instr, shapes: dict, mult: float, stack: tuple) -> None:
         body = re.search(r"calls=%?([\w.\-]+)", ins.attrs)

@@ -23,8 +23,9 @@ class Op:
 
     kind "compute": `flops` and `bytes` (HBM read + written) for one execution.
     kind "collective": `bytes` one device sends for one execution, over `link` (INTRA, INTER or HOST);
-    `collective` names it (all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute,
-    host-transfer).
+    `collective` names it (all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute;
+    on HOST: host-out / host-in for one direction, host-transfer for traffic already counted as the busier
+    direction's bytes).
     `count` is executions per step (loop trip counts multiplied). `source` says where the figures come
     from: "hlo" (the compiled program's shapes), "declared" (a Pallas kernel's CostEstimate),
     "inferred" (an attention kernel with no declared cost, FLOPs from its q / k shapes: estimate.kernels),
@@ -113,6 +114,13 @@ def machine_for(chip, dtype: str = "bfloat16") -> Machine:
         name=chip.name)
 
 
+def host_link_time(by_way: dict) -> float:
+    """Seconds the host link is busy: PCIe is full duplex, so copies out (host-out) and back (host-in)
+    travel on separate lanes and the busier direction sets the time; undirected traffic adds to it."""
+    out, back = by_way.get("host-out", 0.0), by_way.get("host-in", 0.0)
+    return max(out, back) + sum(v for k, v in by_way.items() if k not in ("host-out", "host-in"))
+
+
 def exposed_time(t_network: float, t_host: float, t_compute: float, overlap: float) -> float:
     """Collective time left on the critical path: network (INTRA + INTER, one after the other) and host
     transfers run concurrently, each hidden under up to `overlap` x the compute time."""
@@ -122,13 +130,14 @@ def exposed_time(t_network: float, t_host: float, t_compute: float, overlap: flo
 
 def estimate_step(ops: list[Op], m: Machine, cal: Calibration = Calibration(), top: int = 8) -> StepEstimate:
     """Sum over ops: compute ops cost max(flops / (peak x eff), bytes / (HBM bw x eff)); collectives cost
-    bytes / (link bw x eff). Overlap rule: up to `cal.overlap` x the compute time hides collectives; the
+    bytes / (link bw x eff) (host transfers: the busier direction, `host_link_time`). Overlap rule: up to `cal.overlap` x the compute time hides collectives; the
     rest is exposed and adds to the step. Host transfers (link HOST) use the PCIe link, a resource of its
     own that runs concurrently with the network: the step exposes the larger of the two remainders.
     Blocking collectives (`Op.blocking`) are exposed whole."""
     peak, bw = m.peak_flops * cal.compute_efficiency, m.hbm_bandwidth * cal.memory_efficiency
     t_fl = t_mem = t_block = 0.0
     by_link: dict = defaultdict(float)
+    host_ways: dict = defaultdict(float)
     per_op: dict = defaultdict(float)
     for op in ops:
         if op.kind == "collective":
@@ -136,7 +145,10 @@ def estimate_step(ops: list[Op], m: Machine, cal: Calibration = Calibration(), t
             if not link_bw:
                 raise ValueError(f"{m.name}: no {op.link or INTRA} link bandwidth; cannot cost {op.name}")
             t = op.count * op.bytes / (link_bw * cal.link_efficiency)
-            by_link[op.link or INTRA] += t
+            if op.link == HOST:
+                host_ways[op.collective] += t
+            else:
+                by_link[op.link or INTRA] += t
             t_block += t if op.blocking else 0.0
         else:
             tf, tm = op.flops / peak, op.bytes / bw
@@ -146,6 +158,8 @@ def estimate_step(ops: list[Op], m: Machine, cal: Calibration = Calibration(), t
             else:
                 t_mem += t
         per_op[op.name] += t
+    if host_ways:
+        by_link[HOST] = host_link_time(host_ways)
     t_compute = t_fl + t_mem
     t_coll = sum(by_link.values())
     host = by_link.get(HOST, 0.0)
