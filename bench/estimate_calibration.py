@@ -20,9 +20,11 @@ causal). Not visible in the HLO: sliding-window masks (Gemma3's local layers), c
 "chk" is the source's TFLOP/s x step seconds over MaxText 0.2.4's count in the source's convention: 1.00
 means the compiled settings are the measured ones.
 
-Columns: uncalibrated (roofline, all efficiencies 1), fitted (the fit on all recipes, in-sample) and
-leave-one-out (each recipe predicted by the fit on the others: the honest error). `--write` stores the fit
-with band = leave-one-out median |error| in src/polychip/estimate/calibration.json.
+Columns: uncalibrated (roofline, all efficiencies 1), fitted (the fit on all recipes, in-sample),
+leave-one-out (each recipe predicted by the fit on the others) and nested (the model family of
+calibration.FAMILIES also chosen without the recipe: the honest error, since the family is picked by
+leave-one-out error). `--write` stores the fit with band = nested leave-one-out median |error| in
+src/polychip/estimate/calibration.json.
 
     PYTHONPATH=src /work/main/.venv/bin/python bench/estimate_calibration.py [--write] [--collectives]
 """
@@ -134,10 +136,11 @@ def _fmt_err(e: float) -> str:
     return f"{e:+6.1%}"
 
 
-def print_table(rows: list[dict], pairs: list, fitted: Calibration | None, loo: list | None) -> dict:
+def print_table(rows: list[dict], pairs: list, fitted: Calibration | None, loo: list | None,
+                nested: list | None = None) -> dict:
     """The comparison table; returns the per-recipe numbers for the stored record."""
     hdr = (f"{'recipe':24s} {'quoted':>7s} {'chk':>4s} {'step s':>7s} {'MFU':>6s} | {'uncal':>6s} {'err':>7s} | "
-           f"{'fitted':>6s} {'err':>7s} | {'LOO':>6s} {'err':>7s} | {'hostGB':>6s} | bound (uncal)")
+           f"{'fitted':>6s} {'err':>7s} | {'LOO':>6s} {'err':>7s} | {'nested':>7s} | {'hostGB':>6s} | bound (uncal)")
     print(hdr + "\n" + "-" * len(hdr))
     errs: dict = defaultdict(list)
     out = []
@@ -163,6 +166,10 @@ def print_table(rows: list[dict], pairs: list, fitted: Calibration | None, loo: 
                 rec[f"predicted_step_s_{k}"], rec[f"error_{k}"] = cols[k], e
             else:
                 line += f" | {'':6s} {'':7s}"
+        if nested is not None:
+            rec["error_nested_loo"] = nested[i]
+            errs["nested"].append(abs(nested[i]))
+            line += f" | {_fmt_err(nested[i]):>7s}"
         walk_flops = sum(o.flops * o.count for o in row["ops"])
         rec["walk_flops_over_maxtext"] = walk_flops / row["flops"]
         print(line + f" | {row['host_bytes'] / 1e9:6.0f} | {est.bound} (comp {est.t_flops:.2f} s, hbm {est.t_memory:.2f} s, "
@@ -193,22 +200,26 @@ def main(argv: list[str] | None = None) -> int:
         print("no compiled recipes in the cache; run bench/maxtext/compile_recipes.py first", file=sys.stderr)
         return 2
     pairs = [C.pair_from_ops(r["name"], r["ops"], r["machine"], r["measured"]) for r in rows]
-    fitted, loo = (C.calibrate(pairs) if len(pairs) >= 2 else (None, None))
+    family, fitted, loo, nested = C.select(pairs) if len(pairs) >= 3 else (None, None, None, None)
     print(f"{len(rows)} recipes; MFU = MaxText 0.2.4 FLOPs / (step x catalog bf16 peak); err = predicted/published - 1")
-    record = print_table(rows, pairs, fitted, loo)
+    print("fitted / LOO: the model family with the lowest leave-one-out error; nested: family chosen and fitted "
+          "without the recipe")
+    record = print_table(rows, pairs, fitted, loo, nested)
     if fitted is not None:
-        print(f"fit on all: compute {fitted.compute_efficiency:.2f}, memory {fitted.memory_efficiency:.2f}, "
-              f"link {fitted.link_efficiency:.2f}, overlap {fitted.overlap:.1f}; "
-              f"band (leave-one-out median |error|) {fitted.band:.1%}")
+        print(f"family {family}; fit on all: compute {fitted.compute_efficiency:.2f}, memory "
+              f"{fitted.memory_efficiency:.2f}, link {fitted.link_efficiency:.2f}, overlap {fitted.overlap:.1f}; "
+              f"band (nested leave-one-out median |error|) {fitted.band:.1%}")
     if args.collectives:
         print_collectives(rows)
     if args.write:
         if fitted is None:
-            print("need at least 2 compiled recipes to fit; nothing written", file=sys.stderr)
+            print("need at least 3 compiled recipes to fit; nothing written", file=sys.stderr)
             return 2
         record.update({
-            "fitted": time.strftime("%Y-%m-%d"), "method": "grid search, median |MFU error|; band = LOO median",
-            "grid": {k: [min(v), max(v), len(v)] for k, v in C.GRID.items()},
+            "fitted": time.strftime("%Y-%m-%d"),
+            "method": "grid search, median |MFU error|, over the model families of calibration.FAMILIES; family "
+                      "= lowest leave-one-out median; band = nested leave-one-out median",
+            "family": family, "grid": {k: [min(v), max(v), len(v)] for k, v in C.FAMILIES[family].items()},
             "compiled_with": rows[0]["meta"]["versions"],
             "sources": {r["name"]: r["r"]["published"]["sources"] for r in rows},
             "loo_fits": {r["name"]: {k: getattr(c, k) for k in C.PARAMS} for r, (c, _) in zip(rows, loo)},

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from polychip.estimate import calibration as C
-from polychip.estimate.ops import INTRA, Calibration, Machine, Op, estimate_step
+from polychip.estimate.ops import HOST, INTRA, Calibration, Machine, Op, estimate_step
 
 M = Machine(peak_flops=1e12, hbm_bandwidth=1e11, intra_bandwidth=1e10, inter_bandwidth=None, name="toy")
 TRUE = Calibration(compute_efficiency=0.6, memory_efficiency=0.8, link_efficiency=0.5, overlap=0.4)
@@ -103,3 +103,31 @@ def test_fit_needs_pairs():
         C.fit([], SMALL_GRID)
     with pytest.raises(ValueError):
         C.calibrate(_pairs()[:1], SMALL_GRID)
+
+
+def test_predict_prices_host_transfers_like_estimate_step():
+    """Host copies out and back share a full-duplex link: the busier direction sets its time, in the
+    calibration's arithmetic as in estimate_step (and concurrently with the network)."""
+    m = Machine(peak_flops=1e12, hbm_bandwidth=1e11, intra_bandwidth=1e10, inter_bandwidth=None,
+                host_bandwidth=1e9, name="toy")
+    ops = _ops(1e12, 1e10, 2e9) + [Op("out", kind="collective", bytes=3e9, link=HOST, collective="host-out"),
+                                   Op("in", kind="collective", bytes=2e9, link=HOST, collective="host-in")]
+    p = C.pair_from_ops("h", ops, m, 1.0)
+    assert p.t_host == pytest.approx(3.0) and p.t_coll == pytest.approx(0.2)
+    for cal in (Calibration(), TRUE):
+        assert C.predict(p, cal) == pytest.approx(estimate_step(ops, m, cal).t_step)
+
+
+def test_select_prefers_the_family_that_predicts_held_out_pairs():
+    """Pairs made with all four efficiencies off 1.0: only the full family fits them, exactly (nested band
+    0). Pairs made with compute efficiency alone: both fit exactly and the tie goes to the simpler family
+    listed first."""
+    families = {"compute": C._fixed(SMALL_GRID, memory_efficiency=1.0, link_efficiency=1.0, overlap=0.0),
+                "full": SMALL_GRID}
+    name, cal, loo, nested = C.select(_pairs(), families)
+    assert name == "full" and cal.band == pytest.approx(0.0, abs=1e-9) and len(nested) == len(MIXES)
+    assert (cal.compute_efficiency, cal.memory_efficiency, cal.link_efficiency, cal.overlap) == (0.6, 0.8, 0.5, 0.4)
+    name, cal, _, _ = C.select(_pairs(Calibration(compute_efficiency=0.6)), families)
+    assert name == "compute" and cal.compute_efficiency == 0.6 and cal.band == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError):
+        C.select(_pairs()[:2], families)
