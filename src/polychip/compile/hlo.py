@@ -47,7 +47,9 @@ def ops_of(stats: dict) -> list[Op]:
 
 
 def analyse(text: str, n_devices: int, devices_per_slice: int | None = None) -> HloStats:
-    ops, loops = walk_module(text, n_devices, devices_per_slice)
+    # polychip compiles causal decoders only: an attention kernel with no declared cost (its FLOPs
+    # inferred from shapes) is counted with the causal mask.
+    ops, loops = walk_module(text, n_devices, devices_per_slice, attention_causal=True)
     once, _ = walk_module(text, n_devices, devices_per_slice, loop_trips=False)
     coll: dict[str, float] = defaultdict(float)
     by_op: dict[str, float] = defaultdict(float)
