@@ -29,8 +29,8 @@ def test_modelled_gpu_target(tmp_path, capsys):
     rep = json.loads(out.read_text())
     assert rep["target"]["kind"] == "modelled"
     figs = rep["steps"][0]["figures"]
-    assert {f["source"] for f in figs.values()} <= {"modelled", "model"}
-    assert figs["step_time"]["source"] == "modelled" and 0 < figs["mfu"]["value"] <= 1
+    assert {f["source"] for f in figs.values()} <= {"modelled", "model", "estimate"}
+    assert figs["step_time"]["source"] == "estimate" and 0 < figs["mfu"]["value"] <= 1
     assert rep["measured"] is None  # no GPU on this host: nothing measured, nothing pretended
     assert "modelled" in capsys.readouterr().out
 
@@ -52,3 +52,25 @@ def test_modelled_serve_and_search(tmp_path):
     assert fits == sorted(fits, reverse=True)
     times = [r["step_time"] for r in ok if r["fits"]]
     assert times == sorted(times)
+
+
+def test_gpu_compile_and_plan_give_one_step_time(tmp_path):
+    """The planner's estimate for llama3-8b training on 8 H100s, and `compile` of the configuration it chose
+    (its mesh, remat, micro-batches, bf16 weights as launch.py writes): the same step time."""
+    from polychip.config import MODEL_PRESETS
+    from polychip.hardware import load_catalog
+    from polychip.plan import TrainWorkload
+    from polychip.plan.perf import PerfModel
+    from polychip.plan.published import published_records
+
+    cat = load_catalog()
+    w = TrainWorkload("t", MODEL_PRESETS["llama3-8b"], "llama3-8b", 1e12, 4096, 32, remat="full")
+    e = PerfModel(published_records(), cat).train(w, cat["h100"], 8)
+    assert e.source == "estimate" and e.layout.stage == e.layout.context == 1
+    mesh = f"data={e.layout.data},fsdp={e.layout.fsdp},tensor={e.layout.tensor}"
+    out = tmp_path / "r.json"
+    assert main(["compile", "--model", "llama3-8b", "--target", "h100:8", "--batch", "32", "--seq", "4096",
+                 "--mesh", mesh, "train.compute_dtype=bfloat16", "train.remat=full", "train.param_dtype=bfloat16",
+                 f"train.grad_accum={e.grad_accum}", "--json", str(out)]) == 0
+    step = json.loads(out.read_text())["steps"][0]["figures"]["step_time"]
+    assert step["value"] == pytest.approx(e.step_time_s, rel=1e-9)

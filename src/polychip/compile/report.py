@@ -10,7 +10,9 @@ Sources:
                        declared cost, collectives over the link they cross, loop trips applied, summed
                        under the calibration's overlap rule. Printed with the calibration's validated
                        error band; uncalibrated (no band), the MFU is printed only as an upper bound.
-- "modelled":          GPU / Trainium targets: polychip.plan.roofline from published specs only.
+- "modelled":          GPU / Trainium targets: no compiler here. Training: the analytic op list
+                       (estimate.analytic) priced by the same estimator and the planner's calibration
+                       (figures "estimate", as `plan` gives them); serving: polychip.plan.roofline.
 
 Step time: XLA's `optimal_seconds` is shown raw, as its own row, but cannot be the step time for these
 programs: it covers each loop body once (one layer of a scanned model) and comes back negative for large
@@ -264,34 +266,63 @@ def _compile_notes(r: StepReport, c: CompiledStep) -> None:
         r.notes.append(f"compiled loops with trip counts {trips}: XLA's cost_analysis counts each body once")
 
 
+def modelled_train(cfg: Config, spec: TargetSpec, sizes: dict, batch: int, seq: int, dtype: str) -> StepReport:
+    """GPU / Trainium training: the analytic op list of this configuration (estimate.analytic.train_ops, the
+    mesh as its layout) priced by the estimator with the planner's calibration for the chip: the step time
+    `plan` gives the same configuration (plan.search.price)."""
+    from polychip.estimate import analytic as A
+    from polychip.hardware import load_catalog
+    from polychip.plan import calibrate as PC
+    from polychip.plan import search as S
+    from polychip.plan.published import published_records
+
+    chip, n, t = spec.chip, spec.n_chips, cfg.train
+    lay = A.Layout(data=sizes.get("data", 1) * sizes.get("expert", 1), fsdp=sizes.get("fsdp", 1),
+                   tensor=sizes.get("tensor", 1), stage=sizes.get("stage", 1), context=sizes.get("context", 1),
+                   nodes=S.nodes_for(chip, n))
+    cal = PC.fit(published_records(), load_catalog()).for_chip(chip)
+    r = StepReport("train")
+    try:
+        c = S.price(cfg.model, chip, lay, batch, seq, t.remat, t.grad_accum, cal, param_dtype=t.param_dtype)
+    except (A.LayoutError, ValueError) as e:
+        r.fits = False
+        r.notes.append(f"no estimate: {e}")
+        return r
+    r.fits, est, f = c.fits, c.est, r.figures
+    room = A.usable_hbm(chip)
+    f["hbm_used_per_chip"] = fig(c.hbm_bytes, "B", "modelled", "state + saved activations + one gathered layer")
+    f["hbm_per_chip"] = fig(chip.hbm_bytes, "B", "model", "catalog")
+    if room is not None:
+        f["hbm_margin_per_chip"] = fig(room - c.hbm_bytes, "B", "modelled", "of the usable HBM")
+    mf = model_flops(cfg, "train", batch, seq)
+    f["model_flops"] = fig(mf, "FLOP", "model")
+    f["t_ops"] = fig(est.t_compute, "s", "estimate", "sum over the analytic ops of max(FLOPs / peak, bytes / HBM "
+                     "bandwidth) at the calibration's efficiencies")
+    f["t_compute"] = fig(est.t_flops, "s", "estimate", f"of which compute-bound ops; peak: {chip.peak_basis(dtype)}")
+    f["t_hbm"] = fig(est.t_memory, "s", "estimate", "of which HBM-bound ops")
+    f["t_collectives"] = fig(est.t_collectives, "s", "estimate", f"{lay.text()}; exposed "
+                             f"{est.t_exposed_collectives * 1e3:.3g} ms after overlap")
+    f["step_time"] = fig(est.t_step, "s", "estimate", f"{est.bound}-bound, sum over the analytic op list "
+                         f"({band_text(est.band)}; calibration {cal.source})")
+    f["tokens_per_s_per_chip"] = fig(batch * seq / est.t_step / n, "tok/s", "estimate", band_text(est.band))
+    f["mfu"], note = mfu_figure(mf, est.t_step, max(est.t_compute, est.t_collectives), n, chip.peak(dtype), est.band)
+    r.notes += [note] if note else []
+    if sizes.get("expert", 1) > 1:
+        r.notes.append("the expert axis was modelled as data parallelism (the model is dense)")
+    return r
+
+
 def modelled_reports(cfg: Config, spec: TargetSpec, mode: str, batch: int, seq: int, dtype: str,
-                     output_tokens: int) -> list[StepReport]:
-    """GPU / Trainium: the planner's analytic roofline (polychip.plan.roofline), labelled modelled."""
+                     output_tokens: int, sizes: dict | None = None) -> list[StepReport]:
+    """GPU / Trainium: training from the analytic op list (`modelled_train`, as `plan` prices it); serving
+    from the planner's roofline (polychip.plan.roofline). `sizes`: the mesh (default: all fsdp)."""
     from polychip.plan import roofline as R
 
     chip, n = spec.chip, spec.n_chips
     m = cfg.model
     out = []
     if mode == "train":
-        tb = R.train_bound(m, chip, n, batch, seq, remat="full" if cfg.train.remat == "full" else "none",
-                           param_dtype=cfg.train.param_dtype, dtype=dtype, grad_accum=cfg.train.grad_accum)
-        r = StepReport("train", fits=tb.fits)
-        f = r.figures
-        f["hbm_used_per_chip"] = fig(tb.hbm_bytes_needed, "B", "modelled", "state + saved activations + one gathered layer")
-        f["hbm_per_chip"] = fig(chip.hbm_bytes, "B", "model", f"catalog; fits if used <= {R.HBM_USABLE:.0%} of it")
-        f["hbm_margin_per_chip"] = fig(R.HBM_USABLE * chip.hbm_bytes - tb.hbm_bytes_needed, "B", "modelled")
-        f["model_flops"] = fig(tb.model_flops, "FLOP", "model")
-        f["program_flops"] = fig(tb.hw_flops, "FLOP", "modelled", "model FLOPs + remat recompute")
-        f["t_compute"] = fig(tb.t_compute, "s", "modelled")
-        f["t_hbm"] = fig(tb.t_memory, "s", "modelled")
-        f["t_collectives"] = fig(tb.t_comm, "s", "modelled", f"dp={tb.dp} tp={tb.tp}")
-        f["step_time"] = fig(tb.t_step, "s", "modelled", f"{tb.bound}-bound roofline (optimistic)")
-        f["tokens_per_s_per_chip"] = fig(batch * seq / tb.t_step / n, "tok/s", "modelled")
-        f["mfu"], note = mfu_figure(tb.model_flops, tb.t_step, tb.t_step, n, chip.peak(dtype), None, "modelled")
-        r.notes += [note] if note else []
-        if cfg.train.remat not in ("none", "full"):
-            r.notes.append(f"the roofline knows remat none|full; {cfg.train.remat} was modelled as none")
-        out.append(r)
+        out.append(modelled_train(cfg, spec, sizes or {"fsdp": spec.n_devices}, batch, seq, dtype))
     else:
         sb = R.serve_bound(m, chip, n, batch, seq, output_tokens, dtype=dtype)
         for name, t in (("prefill", sb.t_prefill * batch), ("decode", sb.t_decode)):
@@ -306,8 +337,9 @@ def modelled_reports(cfg: Config, spec: TargetSpec, mode: str, batch: int, seq: 
             f["mfu"], note = mfu_figure(mf, t, t, n, chip.peak(dtype), None, "modelled")
             r.notes += [note] if note else []
             out.append(r)
+    what = "the planner's estimate for this configuration" if mode == "train" else "figures come from published specs"
     for r in out:
-        r.notes.append(f"modelled: no compiler for {chip.name} is reachable here; figures come from published specs")
+        r.notes.append(f"modelled: no compiler for {chip.name} is reachable here; {what}")
     return out
 
 

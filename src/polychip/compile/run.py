@@ -127,7 +127,7 @@ def compile_report(req: Request, show_progress: bool = False) -> dict:
     r = resolve(req)
     dtype = r.cfg.train.compute_dtype
     if r.spec.kind != "tpu":
-        steps = rep.modelled_reports(r.cfg, r.spec, req.mode, r.batch, r.seq, dtype, req.output_tokens)
+        steps = rep.modelled_reports(r.cfg, r.spec, req.mode, r.batch, r.seq, dtype, req.output_tokens, r.sizes)
         out = rep.build(r.cfg, req.model, r.spec, r.sizes, req.mode, r.batch, r.seq, steps, req.output_tokens)
         out["measured"] = measure_if_present(r, req)
         return out
