@@ -189,6 +189,23 @@ def print_collectives(rows: list[dict]) -> None:
         print(f"  {row['name']:24s} total {sum(tot.values()) / 1e9:.2f} GB: {parts}")
 
 
+def per_generation(rows: list[dict], pairs: list, family: str, nested: list) -> dict:
+    """Would a calibration per chip generation (v6e, v5p) predict better? Each generation's recipes fitted
+    on their own (the chosen family), leave-one-out within the generation, against the pooled nested
+    errors of the same recipes. A generation with 2 recipes predicts each from one other: too few to trust."""
+    out = {}
+    for chip in sorted({r["r"]["chip"] for r in rows}):
+        idx = [i for i, r in enumerate(rows) if r["r"]["chip"] == chip]
+        own = [e for _, e in C.calibrate([pairs[i] for i in idx], C.FAMILIES[family])[1]] if len(idx) >= 2 else []
+        pooled = [abs(nested[i]) for i in idx]
+        out[chip] = {"recipes": len(idx), "own_fit_loo_median": statistics.median(map(abs, own)) if own else None,
+                     "pooled_nested_median": statistics.median(pooled)}
+        own_txt = f"{out[chip]['own_fit_loo_median']:.1%}" if own else "n/a"
+        print(f"  {chip}: {len(idx)} recipes; own-fit leave-one-out median {own_txt}, pooled (nested) "
+              f"{out[chip]['pooled_nested_median']:.1%}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", nargs="*", help="recipe names (default: every compiled recipe)")
@@ -209,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"family {family}; fit on all: compute {fitted.compute_efficiency:.2f}, memory "
               f"{fitted.memory_efficiency:.2f}, link {fitted.link_efficiency:.2f}, overlap {fitted.overlap:.1f}; "
               f"band (nested leave-one-out median |error|) {fitted.band:.1%}")
+        print("per chip generation (is a separate calibration key justified?):")
+        record["per_generation"] = per_generation(rows, pairs, family, nested)
     if args.collectives:
         print_collectives(rows)
     if args.write:
