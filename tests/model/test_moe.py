@@ -134,3 +134,14 @@ def test_resume_of_a_moe_run_is_exact(tmp_path):
                  jax.device_get(straight.state["params"]))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 7)) and all("moe_aux_loss" in r for r in rows)
+
+
+def test_flops_count_active_parameters():
+    from polychip.model.flops import matmul_params, train_flops_per_token
+
+    small, moe_small, mixtral = (MODEL_PRESETS[n] for n in ("small", "moe-small", "mixtral-8x7b"))
+    # moe-small stores 2.3x small's weights but each token uses as many (plus a 256x8 router per layer).
+    assert moe_small.n_params > 2 * small.n_params
+    assert train_flops_per_token(moe_small, 256) - train_flops_per_token(small, 256) == 6 * 4 * 256 * 8
+    # Mixtral 8x7B: 12.9B active parameters (Jiang et al. 2024), embedding included.
+    assert 12.8e9 < matmul_params(mixtral) + mixtral.vocab_size * mixtral.d_model < 13.0e9
