@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 
 from polychip.kernels import KernelPolicy, Target
-from polychip.kernels.grouped_matmul import api, pallas_gpu, pallas_tpu, reference, xla
+from polychip.kernels.grouped_matmul import api, pallas_gpu, pallas_tpu, reference, xla, xla_tiled
 from tests.kernels.tolerance import assert_close
 
 BACKENDS = {
     "xla": xla.grouped_matmul,
+    "xla_tiled": xla_tiled.grouped_matmul,
     "pallas_tpu_interpret": functools.partial(pallas_tpu.grouped_matmul, interpret=True),
     "pallas_gpu_interpret": functools.partial(pallas_gpu.grouped_matmul, interpret=True),
 }
@@ -87,7 +88,9 @@ def test_visits_cover_each_group_tile_once():
 
 def test_registry_picks_by_target_and_override():
     cpu = KernelPolicy.create(Target("cpu"))
-    assert cpu.pick("grouped_matmul", m=8, k=8, n=8, groups=2, dtype="float32").name == "xla"
+    assert cpu.pick("grouped_matmul", m=8, k=8, n=8, groups=2, dtype="float32").name == "xla_tiled"
+    gpu = KernelPolicy.create(Target("gpu", "NVIDIA H100"))
+    assert gpu.pick("grouped_matmul", m=8, k=8, n=8, groups=2, dtype="float32").name == "xla"
     tpu = KernelPolicy.create(Target("tpu", "TPU v6 lite"))
     assert tpu.pick("grouped_matmul", m=256, k=512, n=1024, groups=8, dtype="bfloat16").name == "pallas_tpu"
     interp = cpu.with_overrides(grouped_matmul="pallas_tpu_interpret")

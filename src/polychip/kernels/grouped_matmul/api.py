@@ -6,6 +6,7 @@ Implementations (lower priority number tried first; interpret variants sit after
 they run only when named in an override):
   10 pallas_tpu            Mosaic, megablox-style tiles (gmm fwd/dlhs, tgmm drhs)  deviceless-compiled in CI
   20 pallas_gpu            Triton tiles (fwd, dlhs; drhs by XLA's ragged dot)       unverified on a GPU (interpret only)
+  40 xla_tiled             padded tiles + one batched einsum (CPU targets only)     executed in CI (CPU)
   50 xla                   jax.lax.ragged_dot                                       executed in CI (CPU)
  100 reference             one masked dense matmul per group                        the ground truth
  200 pallas_tpu_interpret  the TPU kernels in TPU interpret mode (CPU)
@@ -19,7 +20,7 @@ from __future__ import annotations
 from polychip.kernels.grouped_matmul import reference
 from polychip.kernels.registry import KernelPolicy, declare
 
-OP = declare("grouped_matmul", reference=reference.grouped_matmul, backends=("pallas_tpu", "pallas_gpu", "xla"),
+OP = declare("grouped_matmul", reference=reference.grouped_matmul, backends=("pallas_tpu", "pallas_gpu", "xla_tiled", "xla"),
              args={"lhs": (None, None), "rhs": (None, None, None), "group_sizes": (None,)})
 
 
