@@ -346,6 +346,8 @@ class KernelsConfig:
     rms_norm: str = "auto"
     #: Output projection + cross-entropy implementation.
     cross_entropy: str = "auto"
+    #: Grouped (ragged) matmul of mixture-of-experts layers.
+    grouped_matmul: str = "auto"
 
     def overrides(self) -> dict[str, str]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) != "auto"}

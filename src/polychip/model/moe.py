@@ -108,19 +108,22 @@ def dispatch_local(x2, experts, gates, weights, act, policy):
     return jnp.einsum("nkd,nk->nd", y.reshape(N, k, -1), gates.astype(y.dtype))
 
 
-def _expert_parallel(x2, experts, gates, weights, act, policy, *, ep: int, tensor: str | None):
-    """Inside shard_map: this device's tokens x2 [n, D] (the same on every expert shard) and its
-    E/ep experts' weights. Each expert shard takes 1/ep of the tokens, sends every (token, expert)
-    pair to the shard owning that expert with one all-to-all, runs its experts over what it received,
-    sends the results back with a second all-to-all, and the shards all-gather the combined tokens.
+def _expert_parallel(x2, experts, gates, weights, act, policy, *, ep: int, tensor: str | None, split: bool):
+    """Inside shard_map: this device's tokens x2 [n, D] and its E/ep experts' weights. With `split`
+    the tokens are the same on every expert shard (the default rules split the batch over data x fsdp
+    only) and each expert shard takes 1/ep of them, all-gathering the results at the end; without it
+    (a rule table that also splits the batch over `expert`) each shard already holds its own tokens.
+    Every (token, expert) pair goes to the shard owning that expert with one all-to-all, the shard
+    runs its experts over what it received, and a second all-to-all brings the results back.
 
     XLA:CPU has no ragged all-to-all, so the exchange is jax.lax.all_to_all of buffers padded to the
     worst case (every pair to one shard: n/ep*k rows per destination); padding rows carry expert id
     E_local, which belongs to no group and yields 0."""
     n, k = experts.shape
-    E_loc, m = weights[0].shape[0], n // ep * k
+    n_c = n // ep if split else n
+    E_loc, m = weights[0].shape[0], n_c * k
     me = jax.lax.axis_index("expert")
-    mine = lambda a: jax.lax.dynamic_slice_in_dim(a, me * (n // ep), n // ep, axis=0)  # noqa: E731
+    mine = lambda a: jax.lax.dynamic_slice_in_dim(a, me * n_c, n_c, axis=0) if split else a  # noqa: E731
     x_c, e_c, g_c = mine(x2), mine(experts), mine(gates)
     flat = e_c.reshape(-1)
     order = jnp.argsort(flat, stable=True)
@@ -136,8 +139,8 @@ def _expert_parallel(x2, experts, gates, weights, act, policy, *, ep: int, tenso
         y = jax.lax.psum(y, tensor)
     back = jax.lax.all_to_all(y.reshape(ep, m, -1), "expert", 0, 0, tiled=True)
     ys = jnp.zeros((m, x2.shape[1]), y.dtype).at[order].set(back[dest, slot], unique_indices=True)
-    out = jnp.einsum("nkd,nk->nd", ys.reshape(n // ep, k, -1), g_c.astype(ys.dtype))
-    return jax.lax.all_gather(out, "expert", axis=0, tiled=True)
+    out = jnp.einsum("nkd,nk->nd", ys.reshape(n_c, k, -1), g_c.astype(ys.dtype))
+    return jax.lax.all_gather(out, "expert", axis=0, tiled=True) if split else out
 
 
 def _sharded(x, experts, gates, weights, act, rt):
@@ -149,13 +152,14 @@ def _sharded(x, experts, gates, weights, act, rt):
     wspec.append(layout.spec(("exp", "mlp", None), weights[2].shape))
     ep = layout.mesh.shape["expert"] if wspec[0][0] == "expert" else 1
     tensor = "tensor" if wspec[0][2] == "tensor" else None
+    split = "expert" not in _batch_axes(tok)
     policy = rt.policy.with_layout(None)  # per-shard already: the kernel must not shard_map again
 
     def body(xl, el, gl, *wl):
         b, t = xl.shape[:2]
         args = (xl.reshape(b * t, D), el.reshape(b * t, -1), gl.reshape(b * t, -1), wl, act, policy)
         if ep > 1:
-            y = _expert_parallel(*args, ep=ep, tensor=tensor)
+            y = _expert_parallel(*args, ep=ep, tensor=tensor, split=split)
         else:
             y = dispatch_local(*args)
             y = jax.lax.psum(y, tensor) if tensor else y
@@ -187,11 +191,14 @@ def feed_forward(h, lp: dict, cfg: ModelConfig, rt, act):
     return y, aux
 
 
+def _batch_axes(spec) -> tuple:
+    return spec[0] if isinstance(spec[0], tuple) else (spec[0],) if spec[0] else ()
+
+
 def _token_split(rt, shape) -> int:
-    """Ways the token rows are split inside _sharded (batch shards x expert shards); 1 when unsharded."""
-    spec = rt.layout.spec(("batch", "seq", "act_embed"), shape)
-    batch_axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],) if spec[0] else ()
-    return math.prod(rt.layout.mesh.shape[a] for a in batch_axes) * rt.layout.mesh.shape["expert"]
+    """Ways the token rows are split inside _sharded (batch shards, then expert shards); 1 when unsharded."""
+    axes = _batch_axes(rt.layout.spec(("batch", "seq", "act_embed"), shape))
+    return math.prod(rt.layout.mesh.shape[a] for a in {*axes, "expert"})
 
 
 def _dot(x, w):
