@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from polychip.kernels.grouped_matmul.pallas_tpu import visits
+from polychip.kernels.grouped_matmul.pallas_tpu import differentiable, visits
 from polychip.kernels.pallas_common import gpu_options, pallas_kernels, round_up
 
 F32 = jnp.float32
@@ -68,29 +68,11 @@ def gmm(lhs, rhs, group_sizes, *, interpret=False):
     return jnp.where((jnp.arange(M) < offsets[-1])[:, None], out[:M], 0).astype(lhs.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _gmm(lhs, rhs, group_sizes, interpret):
-    return gmm(lhs, rhs, group_sizes, interpret=interpret)
+def _drhs(lhs, dy, group_sizes, rhs, interpret):
+    return jax.vjp(lambda r: jax.lax.ragged_dot(lhs, r, group_sizes), rhs)[1](dy)[0]
 
 
-def _gmm_fwd(lhs, rhs, group_sizes, interpret):
-    return gmm(lhs, rhs, group_sizes, interpret=interpret), (lhs, rhs, group_sizes)
-
-
-def _gmm_bwd(interpret, res, dy):
-    lhs, rhs, group_sizes = res
-    dlhs = gmm(dy, jnp.swapaxes(rhs, 1, 2), group_sizes, interpret=interpret)
-    _, vjp = jax.vjp(lambda r: jax.lax.ragged_dot(lhs, r, group_sizes), rhs)
-    return dlhs, vjp(dy)[0], None
-
-
-_gmm.defvjp(_gmm_fwd, _gmm_bwd)
-
-
-def grouped_matmul(lhs, rhs, group_sizes, *, preferred_element_type=None, interpret: bool = False):
-    """lhs [M, K], rhs [G, K, N], group_sizes [G] -> [M, N] (see api.py)."""
-    out = _gmm(lhs, rhs.astype(lhs.dtype), group_sizes.astype(jnp.int32), bool(interpret))
-    return out.astype(preferred_element_type or lhs.dtype)
+grouped_matmul = differentiable(gmm, _drhs)
 
 
 def _shape_reason(query) -> str | None:

@@ -159,29 +159,35 @@ def _options(interpret, *semantics):
                 compiler_params=pltpu.CompilerParams(dimension_semantics=semantics))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _gmm(lhs, rhs, group_sizes, interpret):
-    return gmm(lhs, rhs, group_sizes, interpret=interpret)
+def differentiable(gmm_fn, drhs_fn):
+    """grouped_matmul(lhs, rhs, group_sizes, *, preferred_element_type, interpret) with a custom VJP:
+    forward gmm_fn(lhs, rhs, gs, interpret=), d lhs = gmm_fn(dy, rhs^T), d rhs = drhs_fn(lhs, dy, gs,
+    rhs, interpret) (one definition for the TPU and GPU kernels)."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+    def f(lhs, rhs, group_sizes, interpret):
+        return gmm_fn(lhs, rhs, group_sizes, interpret=interpret)
+
+    def fwd(lhs, rhs, group_sizes, interpret):
+        return gmm_fn(lhs, rhs, group_sizes, interpret=interpret), (lhs, rhs, group_sizes)
+
+    def bwd(interpret, res, dy):
+        lhs, rhs, group_sizes = res
+        dlhs = gmm_fn(dy, jnp.swapaxes(rhs, 1, 2), group_sizes, interpret=interpret)
+        return dlhs, drhs_fn(lhs, dy, group_sizes, rhs, interpret).astype(rhs.dtype), None
+
+    f.defvjp(fwd, bwd)
+
+    def grouped_matmul(lhs, rhs, group_sizes, *, preferred_element_type=None, interpret: bool = False):
+        """lhs [M, K], rhs [G, K, N], group_sizes [G] -> [M, N] (see api.py)."""
+        out = f(lhs, rhs.astype(lhs.dtype), group_sizes.astype(jnp.int32), bool(interpret))
+        return out.astype(preferred_element_type or lhs.dtype)
+
+    return grouped_matmul
 
 
-def _gmm_fwd(lhs, rhs, group_sizes, interpret):
-    return gmm(lhs, rhs, group_sizes, interpret=interpret), (lhs, rhs, group_sizes)
-
-
-def _gmm_bwd(interpret, res, dy):
-    lhs, rhs, group_sizes = res
-    dlhs = gmm(dy, jnp.swapaxes(rhs, 1, 2), group_sizes, interpret=interpret)
-    drhs = tgmm(lhs, dy.astype(lhs.dtype), group_sizes, rhs.shape[0], interpret=interpret)
-    return dlhs, drhs.astype(rhs.dtype), None
-
-
-_gmm.defvjp(_gmm_fwd, _gmm_bwd)
-
-
-def grouped_matmul(lhs, rhs, group_sizes, *, preferred_element_type=None, interpret: bool = False):
-    """lhs [M, K], rhs [G, K, N], group_sizes [G] -> [M, N] (see api.py)."""
-    out = _gmm(lhs, rhs.astype(lhs.dtype), group_sizes.astype(jnp.int32), bool(interpret))
-    return out.astype(preferred_element_type or lhs.dtype)
+grouped_matmul = differentiable(
+    gmm, lambda lhs, dy, gs, rhs, interpret: tgmm(lhs, dy.astype(lhs.dtype), gs, rhs.shape[0], interpret=interpret))
 
 
 def _shape_reason(query) -> str | None:
