@@ -65,3 +65,14 @@ def test_expert_weights_are_split_over_the_expert_axis():
     w = state["params"]["layers"]["moe_down"]  # [L, E, F, D]
     assert w.sharding.spec == P(None, "expert", None, "fsdp")
     assert w.addressable_shards[0].data.shape == (2, 1, 64, 32)
+
+
+def test_too_few_tokens_to_split_falls_back_to_the_plain_dispatch():
+    """6 tokens cannot be split 8 ways (fsdp 2 x expert 4): the layer runs unsplit, same logits."""
+    cfg = _cfg((1, 2, 4, 1))
+    spec = StepSpec.build(cfg, check=False)
+    params = T.init_params(cfg.model, jax.random.key(0))
+    toks = jax.random.randint(jax.random.key(1), (2, 3), 0, cfg.model.vocab_size)
+    sharded = jax.jit(lambda p, t: T.logits(p, t, cfg.model, spec.runtime)[0])(params, toks)
+    plain = T.logits(params, toks, cfg.model, T.Runtime(spec.runtime.policy.with_layout(None)))[0]
+    np.testing.assert_allclose(np.asarray(sharded), np.asarray(plain), rtol=1e-5, atol=1e-6)

@@ -178,8 +178,10 @@ def feed_forward(h, lp: dict, cfg: ModelConfig, rt, act):
     experts, gates = experts.reshape(B, T, -1), gates.reshape(B, T, -1)
     mesh_size = 1 if rt.layout is None else rt.layout.mesh.size
     if mesh_size == 1 or B * T % _token_split(rt, h.shape):
+        # Unsharded, or too few tokens to split: XLA partitions the sort and gathers as it can, and a
+        # kernel it cannot partition runs replicated per shard through the registry (correct, not fast).
         y = dispatch_local(h.reshape(B * T, D), experts.reshape(B * T, -1), gates.reshape(B * T, -1), weights, act,
-                           rt.policy.with_layout(None)).reshape(B, T, D)
+                           rt.policy).reshape(B, T, D)
     else:
         y = _sharded(h, experts, gates, weights, act, rt)
     if cfg.n_shared_experts:
