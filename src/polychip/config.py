@@ -40,6 +40,8 @@ class RopeScaling:
 
 #: ModelConfig.mlp_act values (the gate activation of the gated MLP).
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
+#: ModelConfig.router_gate values: softmax over experts (Mixtral, Qwen-MoE) or per-expert sigmoid (DeepSeek-V3).
+ROUTER_GATES = ("softmax", "sigmoid")
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,24 @@ class ModelConfig:
     attn_softcap: float = 0.0
     #: Output logits -> cap * tanh(logits / cap) (Gemma 2); 0: off.
     final_softcap: float = 0.0
+    #: Mixture-of-experts: routed experts per layer replacing the dense MLP (model/moe.py); 0: dense.
+    n_experts: int = 0
+    #: Experts each token is routed to (top-k).
+    experts_per_token: int = 2
+    #: Always-on shared experts per layer (DeepSeek, Qwen2-MoE), each expert_d_ff wide.
+    n_shared_experts: int = 0
+    #: Hidden width of one expert's SwiGLU; 0 means d_ff.
+    expert_d_ff: int = 0
+    #: Router gate: "softmax" over all experts or "sigmoid" per expert (ROUTER_GATES).
+    router_gate: str = "softmax"
+    #: Renormalise the top-k gates to sum to 1 (Mixtral, DeepSeek-V3; off for Qwen2-MoE).
+    router_norm_topk: bool = True
+    #: Multiply the shared experts' output by sigmoid(h . w) (Qwen2-MoE's shared_expert_gate).
+    shared_expert_gate: bool = False
+    #: Router z-loss coefficient: coef * mean(logsumexp(router logits)^2) (ST-MoE, Zoph et al. 2022, eq. 5).
+    router_z_loss: float = 1e-3
+    #: Load-balancing loss coefficient: coef * E * sum_e f_e * P_e (Switch Transformer, Fedus et al. 2021, eq. 4).
+    router_aux_loss: float = 1e-2
 
     def __post_init__(self) -> None:
         # Derive dependent dials (frozen dataclass: use object.__setattr__).
@@ -99,6 +119,8 @@ class ModelConfig:
             hidden = int(2 * (4 * self.d_model) / 3)
             m = self.multiple_of
             object.__setattr__(self, "d_ff", m * ((hidden + m - 1) // m))
+        if self.expert_d_ff == 0:
+            object.__setattr__(self, "expert_d_ff", self.d_ff)
         self.validate()
 
     def validate(self) -> None:
@@ -112,15 +134,34 @@ class ModelConfig:
             raise ConfigError(f"model.head_dim={self.head_dim} must be even for rotary embeddings")
         if self.mlp_act not in MLP_ACTIVATIONS:
             raise ConfigError(f"model.mlp_act={self.mlp_act!r} is not one of {', '.join(MLP_ACTIVATIONS)}")
+        if self.router_gate not in ROUTER_GATES:
+            raise ConfigError(f"model.router_gate={self.router_gate!r} is not one of {', '.join(ROUTER_GATES)}")
+        if self.n_experts and not 1 <= self.experts_per_token <= self.n_experts:
+            raise ConfigError(f"model.experts_per_token={self.experts_per_token} must be in [1, model.n_experts="
+                              f"{self.n_experts}]")
+        if not self.n_experts and (self.n_shared_experts or self.shared_expert_gate):
+            raise ConfigError("model.n_shared_experts / model.shared_expert_gate need model.n_experts > 0")
+        if self.shared_expert_gate and not self.n_shared_experts:
+            raise ConfigError("model.shared_expert_gate needs model.n_shared_experts > 0")
+
+    @property
+    def mlp_params(self) -> tuple[int, int]:
+        """(stored, active per token) feed-forward weights of one layer: the dense SwiGLU, or the MoE's
+        router + experts + shared experts (+ shared gate), of which each token uses k routed experts."""
+        d = self.d_model
+        if not self.n_experts:
+            return 3 * d * self.d_ff, 3 * d * self.d_ff
+        expert = 3 * d * self.expert_d_ff
+        common = d * self.n_experts + self.n_shared_experts * expert + (d if self.shared_expert_gate else 0)
+        return common + self.n_experts * expert, common + self.experts_per_token * expert
 
     @property
     def n_params(self) -> int:
         """Parameter count (embeddings included, tied ones once)."""
-        d, f, L = self.d_model, self.d_ff, self.n_layers
+        d, L = self.d_model, self.n_layers
         attn = d * self.head_dim * (self.n_heads * 2 + self.n_kv_heads * 2)
         attn += self.head_dim * (self.n_heads + 2 * self.n_kv_heads) if self.qkv_bias else 0
-        mlp = 3 * d * f
-        per_layer = attn + mlp + 2 * d
+        per_layer = attn + self.mlp_params[0] + 2 * d
         emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return L * per_layer + emb + d
 
@@ -305,6 +346,8 @@ class KernelsConfig:
     rms_norm: str = "auto"
     #: Output projection + cross-entropy implementation.
     cross_entropy: str = "auto"
+    #: Grouped (ragged) matmul of mixture-of-experts layers.
+    grouped_matmul: str = "auto"
 
     def overrides(self) -> dict[str, str]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) != "auto"}
@@ -381,7 +424,9 @@ RANGES: dict[str, Range] = {
     **{f"model.{k}": _POS for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
                                     "max_seq_len", "multiple_of", "rope_theta", "norm_eps")},
     "model.init_std": _NONNEG,
-    **{f"model.{k}": _NONNEG for k in ("sliding_window", "attn_softcap", "final_softcap")},
+    **{f"model.{k}": _NONNEG for k in ("sliding_window", "attn_softcap", "final_softcap", "n_experts",
+                                       "n_shared_experts", "router_z_loss", "router_aux_loss")},
+    "model.experts_per_token": _POS, "model.expert_d_ff": _POS,
     **{f"model.rope_scaling.{k}": _POS for k in ("factor", "low_freq_factor", "high_freq_factor",
                                                  "original_max_position_embeddings")},
     "data.max_bytes": _NONNEG, "data.eval_fraction": _UNIT, "data.seed": _NONNEG,
@@ -437,6 +482,22 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
                               max_seq_len=8192, rope_scaling=_LLAMA3_ROPE),
     "llama3-405b": ModelConfig(vocab_size=128256, d_model=16384, n_layers=126, n_heads=128, n_kv_heads=8, d_ff=53248,
                                max_seq_len=8192, rope_scaling=_LLAMA3_ROPE),
+    # Mixture-of-experts. moe-small: dense `small` with each MLP split into 8 experts of half its width,
+    # 2 per token, so its active FLOPs per token equal `small`'s (plus a 256x8 router).
+    "moe-tiny": ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128,
+                            multiple_of=32, n_experts=4, experts_per_token=2, n_shared_experts=1, expert_d_ff=64),
+    "moe-small": ModelConfig(vocab_size=4096, d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, max_seq_len=512,
+                             n_experts=8, experts_per_token=2, expert_d_ff=352),
+    # Mixtral-8x7B (Jiang et al. 2024; HF config): 8 experts, top-2 softmax, no shared expert.
+    "mixtral-8x7b": ModelConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,
+                                max_seq_len=32768, rope_theta=1e6, n_experts=8, experts_per_token=2,
+                                router_aux_loss=0.02),
+    # DeepSeek-V3-shaped (DeepSeek-AI 2024): 256 routed experts of 2048, top-8 sigmoid gates, 1 shared
+    # expert, d_model 7168, 61 layers. Not modelled: MLA (attention here is MHA of 128 heads x 128),
+    # the 3 leading dense layers (all 61 are MoE here), group-limited routing, the bias-based balancing.
+    "deepseek-v3": ModelConfig(vocab_size=129280, d_model=7168, n_layers=61, n_heads=128, head_dim=128, d_ff=18432,
+                               max_seq_len=4096, rope_theta=10000.0, n_experts=256, experts_per_token=8,
+                               n_shared_experts=1, expert_d_ff=2048, router_gate="sigmoid", router_aux_loss=1e-4),
 }
 
 # Training defaults that go with a preset (only where they differ from TrainConfig's).
@@ -448,6 +509,10 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "llama3-8b": {"seq_len": 8192, "batch_size": 256, "lr": 3e-4},
     "llama3-70b": {"seq_len": 8192, "batch_size": 256, "lr": 1.5e-4},
     "llama3-405b": {"seq_len": 8192, "batch_size": 256, "lr": 8e-5},
+    "moe-tiny": {"steps": 20, "batch_size": 8, "seq_len": 64, "warmup_steps": 2, "log_every": 5, "checkpoint_every": 10},
+    "moe-small": {"steps": 300, "batch_size": 16, "seq_len": 256, "lr": 3e-3, "warmup_steps": 30},
+    "mixtral-8x7b": {"seq_len": 4096, "batch_size": 256, "lr": 3e-4},
+    "deepseek-v3": {"seq_len": 4096, "batch_size": 256, "lr": 2.2e-4},
 }
 
 
@@ -570,8 +635,8 @@ def merge(base: Any, data: dict, where: str = "") -> Any:
 
 
 def _model_derived(m: ModelConfig) -> dict[str, int]:
-    """What n_kv_heads, head_dim and d_ff would be if left at 0."""
-    return {f: getattr(dataclasses.replace(m, **{f: 0}), f) for f in ("n_kv_heads", "head_dim", "d_ff")}
+    """What n_kv_heads, head_dim, d_ff and expert_d_ff would be if left at 0."""
+    return {f: getattr(dataclasses.replace(m, **{f: 0}), f) for f in ("n_kv_heads", "head_dim", "d_ff", "expert_d_ff")}
 
 
 def parse_override(text: str) -> dict:

@@ -184,7 +184,7 @@ def parse_mesh(text: str | None, n_devices: int) -> dict[str, int]:
         if "=" not in part:
             raise CompileError(f"mesh {text!r}: each part must look like axis=size (axes: {', '.join(MESH_AXES)})")
         k, v = part.split("=", 1)
-        if k not in sizes:
+        if k not in MESH_AXES:
             raise CompileError(f"mesh {text!r}: unknown axis {k!r}; axes are {', '.join(MESH_AXES)}")
         if not v.isdigit() or int(v) < 1:
             raise CompileError(f"mesh {text!r}: {k} must be a positive integer, got {v!r}")

@@ -10,6 +10,10 @@ Counted per token, forward pass:
   sequence of length T is (T + 1) / 2; we count that (the work a causal kernel must do), not the full T
   that a dense implementation spends. (PaLM's appendix B counts full T; ours is the lower, stricter
   number, so our MFU is not inflated by masked-out work.)
+- mixture-of-experts layers count *active* weights: the router (d_model x n_experts), the k experts a
+  token is routed to, and the shared experts (ModelConfig.mlp_params); the other experts' weights
+  are stored but do no work for that token, so MFU is stated on active parameters (as MaxText and
+  Megatron report MoE MFU). Sorting and the all-to-all exchange move data and count 0.
 Training = 3 x forward (backward is twice the forward). Rematerialisation is not counted: this is
 model FLOPs utilisation, not hardware FLOPs.
 """
@@ -19,11 +23,11 @@ from polychip.config import ModelConfig
 
 
 def matmul_params(cfg: ModelConfig) -> int:
-    """Weights that take part in a matmul per token (embedding lookup excluded, output projection included)."""
-    d, f, L = cfg.d_model, cfg.d_ff, cfg.n_layers
+    """Weights that take part in a matmul per token (embedding lookup excluded, output projection
+    included; for MoE the active ones: router, k routed experts, shared experts)."""
+    d, L = cfg.d_model, cfg.n_layers
     attn = d * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
-    mlp = 3 * d * f
-    return L * (attn + mlp) + d * cfg.vocab_size
+    return L * (attn + cfg.mlp_params[1]) + d * cfg.vocab_size
 
 
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:

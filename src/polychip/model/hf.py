@@ -1,5 +1,6 @@
 """Hugging Face checkpoint import/export (config.json + *.safetensors), without torch, for the Llama,
-Mistral, Qwen2 and Gemma families (config mapping: hf_config.py; all four share these tensor names).
+Mistral, Qwen2 and Gemma families (config mapping: hf_config.py; all four share these tensor names)
+and the mixture-of-experts families Mixtral and Qwen2-MoE (MOE_TENSORS below).
 
 Name and layout mapping (HF `LlamaForCausalLM` -> polychip params, see model/transformer.py):
 
@@ -16,6 +17,11 @@ Name and layout mapping (HF `LlamaForCausalLM` -> polychip params, see model/tra
   model.norm.weight                         [D]         -> final_norm   [D]
   lm_head.weight                            [V, D]      -> lm_head      [D, V]  (absent when tied)
   model.layers.{i}.self_attn.q_proj.bias    [H*Dh]      -> bq           [L, H, Dh]  (Qwen2; k/v alike)
+
+Mixture-of-experts layers replace the three mlp.* tensors with a router [E, D] -> moe_router [L, D, E]
+and, per expert j, three [F, D] / [D, F] matrices stacked into moe_gate / moe_up [L, E, D, F] and
+moe_down [L, E, F, D] (names in the per-expert "legacy" layout that published checkpoints use and
+transformers 5 still writes with save_pretrained; it fuses them only in memory).
 
 torch `nn.Linear` stores [out, in], polychip stores [in, out], hence the transposes. No q/k row
 permutation is needed: HF checkpoints are already permuted for the rotate-half RoPE layout that
@@ -74,9 +80,37 @@ BIAS_TENSORS: tuple[tuple[str, str], ...] = (
 )
 
 
+# MoE families: (polychip key, HF suffix; {j} is the expert index for per-expert tensors).
+MOE_TENSORS: dict[str, tuple[tuple[str, str], ...]] = {
+    "mixtral": (("moe_router", "block_sparse_moe.gate.weight"),
+                ("moe_gate", "block_sparse_moe.experts.{j}.w1.weight"),
+                ("moe_up", "block_sparse_moe.experts.{j}.w3.weight"),
+                ("moe_down", "block_sparse_moe.experts.{j}.w2.weight")),
+    "qwen2_moe": (("moe_router", "mlp.gate.weight"), ("moe_gate", "mlp.experts.{j}.gate_proj.weight"),
+                  ("moe_up", "mlp.experts.{j}.up_proj.weight"), ("moe_down", "mlp.experts.{j}.down_proj.weight"),
+                  ("shared_gate", "mlp.shared_expert.gate_proj.weight"),
+                  ("shared_up", "mlp.shared_expert.up_proj.weight"),
+                  ("shared_down", "mlp.shared_expert.down_proj.weight"),
+                  ("shared_router", "mlp.shared_expert_gate.weight")),
+}
+
+
 def layer_tensors(cfg: ModelConfig) -> tuple[tuple[str, str], ...]:
-    """(polychip key, HF suffix) of every per-layer tensor cfg's family has."""
-    return LAYER_TENSORS + (BIAS_TENSORS if cfg.qkv_bias else ())
+    """(polychip key, HF suffix) of every per-layer tensor cfg's family has; per-expert suffixes hold {j}."""
+    base = LAYER_TENSORS + (BIAS_TENSORS if cfg.qkv_bias else ())
+    if not cfg.n_experts:
+        return base
+    return tuple(t for t in base if t[0] not in ("w_gate", "w_up", "w_down")) + MOE_TENSORS[hf_family(cfg)]
+
+
+def layer_entries(cfg: ModelConfig) -> Iterator[tuple[str, str, tuple[int, ...]]]:
+    """(polychip key, HF suffix, index inside one layer's array): () for a whole tensor, (j,) for expert j."""
+    for key, suffix in layer_tensors(cfg):
+        if "{j}" in suffix:
+            for j in range(cfg.n_experts):
+                yield key, suffix.format(j=j), (j,)
+        else:
+            yield key, suffix, ()
 
 
 def np_dtype(dtype: Any) -> np.dtype:
@@ -188,9 +222,12 @@ class _Checkpoint:
 
 def _hf_layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     D, H, K, Dh, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
+    Fe, S = cfg.expert_d_ff, cfg.n_shared_experts * cfg.expert_d_ff
     return {"attn_norm": (D,), "wq": (H * Dh, D), "wk": (K * Dh, D), "wv": (K * Dh, D), "wo": (D, H * Dh),
             "mlp_norm": (D,), "w_gate": (F, D), "w_up": (F, D), "w_down": (D, F),
-            "bq": (H * Dh,), "bk": (K * Dh,), "bv": (K * Dh,)}
+            "bq": (H * Dh,), "bk": (K * Dh,), "bv": (K * Dh,),
+            "moe_router": (cfg.n_experts, D), "moe_gate": (Fe, D), "moe_up": (Fe, D), "moe_down": (D, Fe),
+            "shared_gate": (S, D), "shared_up": (S, D), "shared_down": (D, S), "shared_router": (1, D)}
 
 
 def _layer_from_hf(key: str, w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
@@ -204,7 +241,7 @@ def _layer_from_hf(key: str, w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
         return w.T.reshape(D, -1, Dh)
     if key == "wo":
         return w.T.reshape(-1, Dh, D)
-    return w.T  # w_gate/w_up [F, D] -> [D, F]; w_down [D, F] -> [F, D]
+    return w.T  # w_gate/w_up [F, D] -> [D, F]; w_down [D, F] -> [F, D]; MoE matrices alike
 
 
 def _layer_to_hf(key: str, w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
@@ -248,12 +285,13 @@ def load_hf(path: str | os.PathLike, dtype: Any = "float32") -> tuple[ModelConfi
         params: dict[str, Any] = {"embed": read("model.embed_tokens.weight", (V, D)).astype(dt)}
         hf_shapes = _hf_layer_shapes(cfg)
         layers: dict[str, np.ndarray] = {}
-        for key, suffix in layer_tensors(cfg):
+        per_layer = {k: s[1:] for k, s in _param_layer_shapes(cfg).items()}
+        for key, suffix, idx in layer_entries(cfg):
             for i in range(L):
                 w = _layer_from_hf(key, read(f"model.layers.{i}.{suffix}", hf_shapes[key]), cfg)
-                if i == 0:
-                    layers[key] = np.empty((L, *w.shape), dt)
-                layers[key][i] = w
+                if key not in layers:
+                    layers[key] = np.empty((L, *per_layer[key]), dt)
+                layers[key][(i, *idx)] = w
         params["layers"] = layers
         params["final_norm"] = read("model.norm.weight", (D,)).astype(dt)
         if cfg.tie_embeddings:
@@ -276,13 +314,19 @@ def _hf_tensor_specs(cfg: ModelConfig, host: dict) -> list[tuple[str, Callable[[
     """(HF name, producer of the HF-layout array) in HF's usual order."""
     specs: list[tuple[str, Callable[[], np.ndarray]]] = [("model.embed_tokens.weight", lambda: host["embed"])]
     for i in range(cfg.n_layers):
-        for key, suffix in layer_tensors(cfg):
+        for key, suffix, idx in layer_entries(cfg):
             specs.append((f"model.layers.{i}.{suffix}",
-                          lambda key=key, i=i: _layer_to_hf(key, host["layers"][key][i], cfg)))
+                          lambda key=key, i=i, idx=idx: _layer_to_hf(key, host["layers"][key][(i, *idx)], cfg)))
     specs.append(("model.norm.weight", lambda: host["final_norm"]))
     if not cfg.tie_embeddings:
         specs.append(("lm_head.weight", lambda: host["lm_head"].T))
     return specs
+
+
+def _param_layer_shapes(cfg: ModelConfig) -> dict:
+    from polychip.model.transformer import param_shapes
+
+    return param_shapes(cfg)["layers"]
 
 
 def _check_params(cfg: ModelConfig, params: dict) -> None:
@@ -424,7 +468,7 @@ def iter_hf_names(cfg: ModelConfig) -> Iterator[str]:
     """Every tensor name a polychip-compatible HF Llama checkpoint of cfg's family holds (tied: no lm_head)."""
     yield "model.embed_tokens.weight"
     for i in range(cfg.n_layers):
-        for _, suffix in layer_tensors(cfg):
+        for _, suffix, _ in layer_entries(cfg):
             yield f"model.layers.{i}.{suffix}"
     yield "model.norm.weight"
     if not cfg.tie_embeddings:

@@ -6,6 +6,8 @@
 | mistral    | MistralForCausalLM  | sliding_window (null: none)                                        |
 | qwen2      | Qwen2ForCausalLM    | qkv_bias=True; sliding window only when every layer slides         |
 | gemma      | GemmaForCausalLM    | norm_offset=1, embed_scale, mlp_act="gelu_tanh", tied embeddings   |
+| mixtral    | MixtralForCausalLM  | as mistral, MoE: n_experts, top-k softmax gates renormalised       |
+| qwen2_moe  | Qwen2MoeForCausalLM | as qwen2, MoE: shared experts behind a sigmoid gate, norm_topk_prob |
 
 Gemma 2 is refused: it adds post-attention/post-MLP norms and alternates windowed and global layers,
 which the stacked single block does not express (soft-capping, its other change, is available as
@@ -23,7 +25,7 @@ class HFError(ConfigError):
 
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "gemma": "GemmaForCausalLM"}
+                 "gemma": "GemmaForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
 _GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh", "gelu")  # Gemma's legacy "gelu" means the tanh form
 
 
@@ -91,12 +93,33 @@ def _family_options(model_type: str, hf: dict) -> dict[str, Any]:
         raise HFError("config.json: mlp_bias=true is not supported")
     if model_type == "qwen2":
         return dict(qkv_bias=True, sliding_window=_qwen2_window(hf))
+    if model_type == "qwen2_moe":
+        return dict(qkv_bias=bool(hf.get("qkv_bias", True)), sliding_window=_qwen2_window(hf), **_qwen2_moe(hf))
     if hf.get("attention_bias"):
         raise HFError("config.json: attention_bias=true is not supported (polychip's block has q/k/v biases "
                       "only for Qwen2, and no output-projection bias)")
-    if model_type == "mistral":
-        return dict(sliding_window=int(hf.get("sliding_window") or 0))
+    if model_type in ("mistral", "mixtral"):
+        opts = dict(sliding_window=int(hf.get("sliding_window") or 0))
+        if model_type == "mixtral":
+            opts.update(n_experts=int(hf.get("num_local_experts", 8)), experts_per_token=int(hf.get("num_experts_per_tok", 2)),
+                        router_aux_loss=float(hf.get("router_aux_loss_coef", 0.02)))
+        return opts
     return {}
+
+
+def _qwen2_moe(hf: dict) -> dict[str, Any]:
+    """Qwen2-MoE's expert options; refuses dense layers between sparse ones (one stacked block)."""
+    if int(hf.get("decoder_sparse_step", 1)) != 1 or hf.get("mlp_only_layers"):
+        raise HFError("config.json: Qwen2-MoE with dense layers (decoder_sparse_step != 1 or mlp_only_layers) "
+                      "is not supported")
+    F, S = int(hf.get("moe_intermediate_size", 1408)), int(hf.get("shared_expert_intermediate_size", 0))
+    if S % F:
+        raise HFError(f"config.json: shared_expert_intermediate_size={S} is not a multiple of "
+                      f"moe_intermediate_size={F}")
+    return dict(n_experts=int(hf.get("num_experts", 60)), experts_per_token=int(hf.get("num_experts_per_tok", 4)),
+                expert_d_ff=F, n_shared_experts=S // F, shared_expert_gate=S > 0,
+                router_norm_topk=bool(hf.get("norm_topk_prob", False)),
+                router_aux_loss=float(hf.get("router_aux_loss_coef", 0.001)))
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
@@ -147,9 +170,23 @@ def hf_family(cfg: ModelConfig) -> str:
     if gemma != (0.0, False, "silu"):
         raise HFError(f"norm_offset={cfg.norm_offset}, embed_scale={cfg.embed_scale}, mlp_act={cfg.mlp_act!r}: "
                       "only all-Llama (0, False, 'silu') or all-Gemma (1, True, 'gelu_tanh') map to an HF family")
+    if cfg.n_experts:
+        return _moe_family(cfg)
     if cfg.qkv_bias:
         return "qwen2"
     return "mistral" if cfg.sliding_window else "llama"
+
+
+def _moe_family(cfg: ModelConfig) -> str:
+    if cfg.router_gate != "softmax":
+        raise HFError("sigmoid-gated MoE models have no Hugging Face export here (Mixtral and Qwen2-MoE use softmax)")
+    if cfg.qkv_bias:
+        if not (cfg.n_shared_experts and cfg.shared_expert_gate):
+            raise HFError("a MoE model with q/k/v biases exports as Qwen2-MoE, which needs gated shared experts")
+        return "qwen2_moe"
+    if cfg.n_shared_experts or not cfg.router_norm_topk:
+        raise HFError("a MoE model without q/k/v biases exports as Mixtral: no shared experts, renormalised gates")
+    return "mixtral"
 
 
 def _family_fields(cfg: ModelConfig, family: str) -> dict[str, Any]:
@@ -162,6 +199,18 @@ def _family_fields(cfg: ModelConfig, family: str) -> dict[str, Any]:
                 "max_window_layers": 0 if window else cfg.n_layers}
     if family == "mistral":
         return {**out, "sliding_window": cfg.sliding_window}
+    if family == "mixtral":
+        return {**out, "sliding_window": cfg.sliding_window or None, "num_local_experts": cfg.n_experts,
+                "num_experts_per_tok": cfg.experts_per_token, "intermediate_size": cfg.expert_d_ff,
+                "router_aux_loss_coef": cfg.router_aux_loss, "output_router_logits": False}
+    if family == "qwen2_moe":
+        window = cfg.sliding_window or None
+        return {**out, "use_sliding_window": window is not None, "sliding_window": window,
+                "max_window_layers": 0 if window else cfg.n_layers, "qkv_bias": True, "num_experts": cfg.n_experts,
+                "num_experts_per_tok": cfg.experts_per_token, "moe_intermediate_size": cfg.expert_d_ff,
+                "shared_expert_intermediate_size": cfg.n_shared_experts * cfg.expert_d_ff,
+                "norm_topk_prob": cfg.router_norm_topk, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                "router_aux_loss_coef": cfg.router_aux_loss, "output_router_logits": False}
     return {**out, "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}
 
 

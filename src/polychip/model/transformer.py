@@ -21,7 +21,8 @@ matmul goes through `dense`, the embedding lookup through `embed_tokens` and the
 through `output_logits`, which accept both.
 
 Family options (ModelConfig): qkv_bias (Qwen2), sliding_window (Mistral), norm_offset / embed_scale /
-mlp_act="gelu_tanh" (Gemma), attn_softcap / final_softcap (Gemma 2's soft-capping).
+mlp_act="gelu_tanh" (Gemma), attn_softcap / final_softcap (Gemma 2's soft-capping), n_experts > 0: a
+mixture-of-experts feed-forward in place of w_gate/w_up/w_down (model/moe.py lists its weights).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from polychip.kernels.attention import attention
 from polychip.kernels.cross_entropy import cross_entropy
 from polychip.kernels.registry import KernelPolicy
 from polychip.kernels.rms_norm import rms_norm
+from polychip.model import moe
 from polychip.model.quant import QArray, upcast
 from polychip.model.rope import apply_rope, inv_frequencies
 from polychip.parallel.sharding import Layout
@@ -85,6 +87,8 @@ def param_axes(cfg: ModelConfig) -> dict:
         },
         "final_norm": ("norm",),
     }
+    if cfg.n_experts:
+        axes["layers"] = _moe_layer(axes["layers"], moe.layer_axes(cfg))
     if cfg.qkv_bias:
         axes["layers"].update(bq=("layers", "heads", "head_dim"), bk=("layers", "kv_heads", "head_dim"),
                               bv=("layers", "kv_heads", "head_dim"))
@@ -104,11 +108,17 @@ def param_shapes(cfg: ModelConfig) -> dict:
         },
         "final_norm": (D,),
     }
+    if cfg.n_experts:
+        shapes["layers"] = _moe_layer(shapes["layers"], moe.layer_shapes(cfg))
     if cfg.qkv_bias:
         shapes["layers"].update(bq=(L, H, Dh), bk=(L, K, Dh), bv=(L, K, Dh))
     if not cfg.tie_embeddings:
         shapes["lm_head"] = (D, V)
     return shapes
+
+
+def _moe_layer(dense: dict, experts: dict) -> dict:
+    return {**{k: v for k, v in dense.items() if k not in ("w_gate", "w_up", "w_down")}, **experts}
 
 
 def init_params(cfg: ModelConfig, key, dtype=jnp.float32) -> dict:
@@ -125,7 +135,7 @@ def init_params(cfg: ModelConfig, key, dtype=jnp.float32) -> dict:
         if name.endswith(BIAS_KEYS):
             return jnp.zeros(shape, dtype)
         k = jax.random.fold_in(key, sum(ord(c) * 31 ** i for i, c in enumerate(name)) % (2 ** 31))
-        std = cfg.init_std * (out_scale if ("wo" in name or "w_down" in name) else 1.0)
+        std = cfg.init_std * (out_scale if ("wo" in name or "_down" in name) else 1.0)
         return (std * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
 
     return jax.tree_util.tree_map_with_path(make, shapes, is_leaf=lambda x: isinstance(x, tuple))
@@ -221,7 +231,8 @@ def block(x, lp, positions, cfg: ModelConfig, rt: Runtime, inv_freq, attend=None
     `attend(q, k, v, state) -> (o, state)` receives the rotated q [B, T, H, Dh] and k, v [B, T, K, Dh]
     and decides where keys/values live: None is causal self-attention over these T tokens; a
     contiguous KV cache (`contiguous_cache_attend`) and the server's paged cache plug in here, so
-    the block is defined once for training, generation and serving."""
+    the block is defined once for training, generation and serving. Returns (x, state, aux): aux holds
+    this layer's mixture-of-experts auxiliary losses ({} for a dense MLP)."""
     h = norm(x, lp["attn_norm"], cfg, rt)
     q, k, v = dense(h, lp["wq"]), dense(h, lp["wk"]), dense(h, lp["wv"])
     if cfg.qkv_bias:
@@ -236,11 +247,15 @@ def block(x, lp, positions, cfg: ModelConfig, rt: Runtime, inv_freq, attend=None
     x = x + dense(o, lp["wo"], n_in=2)
     x = rt.constrain(x, ("batch", "seq", "act_embed"))
     h = norm(x, lp["mlp_norm"], cfg, rt)
-    g, u = dense(h, lp["w_gate"]), dense(h, lp["w_up"])
-    a = rt.constrain(_ACTIVATIONS[cfg.mlp_act](g) * u, ("batch", "seq", "act_mlp"))
-    x = x + dense(a, lp["w_down"])
-    x = rt.constrain(x, ("batch", "seq", "act_embed"))
-    return x, state
+    aux = {}
+    if cfg.n_experts:
+        y, aux = moe.feed_forward(h, lp, cfg, rt, _ACTIVATIONS[cfg.mlp_act])
+    else:
+        g, u = dense(h, lp["w_gate"]), dense(h, lp["w_up"])
+        a = rt.constrain(_ACTIVATIONS[cfg.mlp_act](g) * u, ("batch", "seq", "act_mlp"))
+        y = dense(a, lp["w_down"])
+    x = rt.constrain(x + y, ("batch", "seq", "act_embed"))
+    return x, state, aux
 
 
 def contiguous_cache_attend(rt: Runtime, cache_pos, cfg: ModelConfig):
@@ -258,9 +273,10 @@ def contiguous_cache_attend(rt: Runtime, cache_pos, cfg: ModelConfig):
 
 
 def hidden_states(params: dict, tokens, cfg: ModelConfig, rt: Runtime, positions=None, cache=None, cache_pos=None):
-    """tokens [B, T] int -> final-normed hidden states [B, T, D] in compute dtype (and the new cache).
+    """tokens [B, T] int -> (final-normed hidden states [B, T, D] in compute dtype, the new cache, aux).
 
     cache (optional): {"k", "v"}: [L, B, S, K, Dh]; cache_pos: int scalar, where tokens[:, 0] goes.
+    aux: each block's auxiliary losses stacked over layers ({} for dense models).
     """
     dt = DTYPES[rt.compute_dtype]
     B, T = tokens.shape
@@ -275,7 +291,8 @@ def hidden_states(params: dict, tokens, cfg: ModelConfig, rt: Runtime, positions
 
     def body(carry, xs):
         lp, lc = xs
-        return block(carry, lp, positions, cfg, rt, inv_freq, attend, lc)
+        x, lc, aux = block(carry, lp, positions, cfg, rt, inv_freq, attend, lc)
+        return x, (lc, aux)
 
     if rt.remat == "full":
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
@@ -283,36 +300,52 @@ def hidden_states(params: dict, tokens, cfg: ModelConfig, rt: Runtime, positions
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
                               prevent_cse=False)
     unroll = rt.unroll_layers if rt.unroll_layers is not None else cfg.n_layers <= UNROLL_MAX_LAYERS
-    x, new_cache = jax.lax.scan(body, x, (params["layers"], cache), unroll=bool(unroll))
+    x, (new_cache, aux) = jax.lax.scan(body, x, (params["layers"], cache), unroll=bool(unroll))
     x = norm(x, params["final_norm"], cfg, rt)
-    return x, new_cache
+    return x, new_cache, aux
 
 
 def logits(params: dict, tokens, cfg: ModelConfig, rt: Runtime, **kw):
     """tokens [B, T] -> logits [B, T, V] float32 (and the new cache when one was given)."""
-    h, new_cache = hidden_states(params, tokens, cfg, rt, **kw)
+    h, new_cache, _ = hidden_states(params, tokens, cfg, rt, **kw)
     out = output_logits(h, params, cfg)
     out = rt.constrain(out, ("batch", "seq", "act_vocab"))
     return out, new_cache
 
 
 def loss_fn(params: dict, batch, cfg: ModelConfig, rt: Runtime):
-    """Mean next-token cross-entropy. batch [B, T+1] int32: inputs batch[:, :-1], targets batch[:, 1:].
+    """The training objective. batch [B, T+1] int32: inputs batch[:, :-1], targets batch[:, 1:].
 
-    Returns (mean loss, token count). The output projection + CE goes through the kernel registry so a
-    fused, chunked implementation can avoid materialising [B*T, V] logits."""
+    Returns (mean next-token cross-entropy + MoE auxiliary losses, token count)."""
+    objective, metrics = loss_and_metrics(params, batch, cfg, rt)
+    return objective, metrics["tokens"]
+
+
+def loss_and_metrics(params: dict, batch, cfg: ModelConfig, rt: Runtime):
+    """(objective, metrics): metrics["loss"] is the mean cross-entropy, "tokens" the token count, and
+    for MoE models "moe_aux_loss" (what the objective adds to the loss) with its two parts, the
+    load-balancing and z-loss averaged over layers (unweighted; model/moe.py). The output projection +
+    CE goes through the kernel registry so a fused, chunked implementation can avoid materialising
+    [B*T, V] logits."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
-    h, _ = hidden_states(params, inputs, cfg, rt)
+    h, _, aux = hidden_states(params, inputs, cfg, rt)
     B, T, D = h.shape
     if cfg.final_softcap:
         # The fused kernels see only h and W; the cap sits between them, so the logits are formed here.
         lg = output_logits(h, params, cfg)
         nll = -jnp.take_along_axis(jax.nn.log_softmax(lg, axis=-1), targets[..., None], axis=-1)
-        return jnp.mean(nll), jnp.float32(B * T)
-    w = output_weight(params, cfg).astype(h.dtype)
-    mask = jnp.ones((B * T,), jnp.float32)
-    total, count = cross_entropy(h.reshape(B * T, D), w, targets.reshape(B * T), mask, policy=rt.policy)
-    return total / count, count
+        loss, count = jnp.mean(nll), jnp.float32(B * T)
+    else:
+        w = output_weight(params, cfg).astype(h.dtype)
+        mask = jnp.ones((B * T,), jnp.float32)
+        total, count = cross_entropy(h.reshape(B * T, D), w, targets.reshape(B * T), mask, policy=rt.policy)
+        loss = total / count
+    metrics = {"loss": loss, "tokens": count}
+    if not aux:
+        return loss, metrics
+    metrics.update({k: jnp.mean(v) for k, v in aux.items()})
+    metrics["moe_aux_loss"] = cfg.router_aux_loss * metrics["moe_lb_loss"] + cfg.router_z_loss * metrics["moe_z_loss"]
+    return loss + metrics["moe_aux_loss"], metrics
 
 
 #: Smallest KV cache length cache_length() hands out (one compiled decode step serves short chats).

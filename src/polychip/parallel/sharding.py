@@ -40,6 +40,9 @@ DEFAULT_RULES: dict[str, Any] = {
     "norm": None,
     "cache_batch": ("data", "fsdp"),
     "cache_seq": None,
+    # Mixture-of-experts (model/moe.py): the expert dimension of expert weights over `expert`; each
+    # expert's embed and hidden dims then follow "embed" and "mlp" as a dense MLP's do.
+    "exp": "expert",
 }
 
 

@@ -95,7 +95,7 @@ def forward(params: dict, kv: dict, tokens, positions, n_valid, block_tables, la
     def body(carry, xs):
         x, kp, vp = carry
         lp, layer = xs
-        x, (kp, vp, _) = T.block(x, lp, positions, cfg, rt, inv_freq, attend, (kp, vp, layer))
+        x, (kp, vp, _), _ = T.block(x, lp, positions, cfg, rt, inv_freq, attend, (kp, vp, layer))
         return (x, kp, vp), None
 
     layers = jnp.arange(cfg.n_layers, dtype=jnp.int32)

@@ -127,7 +127,7 @@ class StepSpec:
     def jitted_eval(self):
         """(params, batch) -> mean loss, jitted."""
         cfg, rt = self.cfg, self.runtime
-        return jax.jit(lambda params, batch: T.loss_fn(params, batch, cfg.model, rt)[0])
+        return jax.jit(lambda params, batch: T.loss_and_metrics(params, batch, cfg.model, rt)[1]["loss"])
 
     def init_state(self) -> dict:
         """Initialise params + optimiser state directly into their shardings (no full copy on one device)."""
@@ -157,12 +157,13 @@ def train_step_fn(cfg: Config, rt: T.Runtime, opt: optax.GradientTransformation)
     """(state, batch) -> (state, metrics). Pure; `StepSpec.jitted` jits it with donated state."""
     sched = schedule(cfg.train)
     A = cfg.train.grad_accum
-    grad_fn = jax.value_and_grad(lambda params, mb: T.loss_fn(params, mb, cfg.model, rt), has_aux=True)
+    # Gradients of the objective (cross-entropy + MoE auxiliary losses); metrics report the parts.
+    grad_fn = jax.value_and_grad(lambda params, mb: T.loss_and_metrics(params, mb, cfg.model, rt), has_aux=True)
 
     def grads_and_loss(params, batch):
         if A == 1:
-            (loss, _), grads = grad_fn(params, batch)
-            return grads, loss
+            (_, m), grads = grad_fn(params, batch)
+            return grads, {k: v for k, v in m.items() if k != "tokens"}
         B = batch.shape[0]
         mbs = batch.reshape(A, B // A, batch.shape[1])
         if rt.layout is not None:
@@ -170,20 +171,24 @@ def train_step_fn(cfg: Config, rt: T.Runtime, opt: optax.GradientTransformation)
         zero = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
 
         def acc(carry, mb):
-            g_sum, l_sum = carry
-            (loss, _), g = grad_fn(params, mb)
-            return (jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_sum, g), l_sum + loss), None
+            g_sum, m_sum = carry
+            (_, m), g = grad_fn(params, mb)
+            m_sum = jax.tree.map(lambda a, b: a + b, m_sum, {k: v for k, v in m.items() if k != "tokens"})
+            return (jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_sum, g), m_sum), None
 
-        (g_sum, l_sum), _ = jax.lax.scan(acc, (zero, jnp.zeros((), jnp.float32)), mbs)
-        return jax.tree.map(lambda g, p: (g / A).astype(p.dtype), g_sum, params), l_sum / A
+        m_zero = {k: jnp.zeros((), jnp.float32) for k in metric_names}
+        (g_sum, m_sum), _ = jax.lax.scan(acc, (zero, m_zero), mbs)
+        return jax.tree.map(lambda g, p: (g / A).astype(p.dtype), g_sum, params), {k: v / A for k, v in m_sum.items()}
+
+    metric_names = ("loss",) + (("moe_lb_loss", "moe_z_loss", "moe_aux_loss") if cfg.model.n_experts else ())
 
     def step(state, batch):
         params = state["params"]
-        grads, loss = grads_and_loss(params, batch)
+        grads, loss_metrics = grads_and_loss(params, batch)
         gnorm = optax.tree.norm(grads)
         updates, new_opt = opt.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
-        metrics = {"loss": loss, "grad_norm": gnorm, "lr": sched(state["step"])}
+        metrics = {**loss_metrics, "grad_norm": gnorm, "lr": sched(state["step"])}
         return {"step": state["step"] + 1, "params": new_params, "opt_state": new_opt}, metrics
 
     return step

@@ -1,0 +1,78 @@
+"""Expert parallelism: the moe-tiny train step on 8 simulated CPU devices with the experts split over
+the `expert` mesh axis (tokens exchanged by all-to-all) gives the single-device losses and gradients."""
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from polychip.config import build_config
+from polychip.model import transformer as T
+from polychip.train.step import StepSpec
+from tests.conftest import random_batches
+
+# (data, fsdp, expert, tensor); moe-tiny has 4 experts.
+MESHES = [(1, 2, 4, 1), (1, 4, 2, 1), (2, 1, 2, 2)]
+
+
+def _cfg(mesh, *extra):
+    d, f, e, t = mesh
+    return build_config("moe-tiny", overrides=[
+        f"mesh.data={d}", f"mesh.fsdp={f}", f"mesh.expert={e}", f"mesh.tensor={t}", f"mesh.num_devices={d * f * e * t}",
+        "train.batch_size=8", "train.seq_len=32", "train.warmup_steps=0", "train.lr=1e-2", "train.steps=3", *extra])
+
+
+def _run(mesh, *extra, n_steps=3):
+    cfg = _cfg(mesh, *extra)
+    spec = StepSpec.build(cfg)
+    state = spec.init_state()
+    grads = jax.jit(jax.grad(lambda p, b: T.loss_fn(p, b, cfg.model, spec.runtime)[0]),
+                    in_shardings=(spec.shardings["params"], spec.batch_sharding))
+    losses, g0 = [], None
+    for i, local in enumerate(random_batches(cfg, n_steps)):
+        batch = spec.put_batch(local)
+        if i == 0:
+            g0 = jax.device_get(grads(state["params"], batch))
+        state, m = spec.jitted(state, batch)
+        losses.append((float(m["loss"]), float(m["moe_aux_loss"])))
+    return losses, g0, state
+
+
+@pytest.fixture(scope="module")
+def baseline():
+    return _run((1, 1, 1, 1))
+
+
+@pytest.mark.parametrize("mesh", MESHES, ids=lambda m: "d{}f{}e{}t{}".format(*m))
+def test_expert_parallel_matches_single_device(baseline, mesh):
+    base_losses, base_grads, _ = baseline
+    losses, grads, state = _run(mesh)
+    np.testing.assert_allclose(losses, base_losses, rtol=1e-5, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, base_grads)
+    w = state["params"]["layers"]["moe_gate"]  # [L, E, D, F] = (layers, exp, embed, mlp)
+    assert w.sharding.spec[1] == "expert" and w.addressable_shards[0].data.shape[1] == 4 // mesh[2]
+
+
+def test_batch_split_over_expert_too(baseline):
+    """A rule table that also splits the batch over `expert` (MaxText's layout): no token slicing or
+    all-gather around the all-to-all, same numbers."""
+    losses, grads, _ = _run((1, 2, 4, 1), 'mesh.rules={"batch": ["data", "fsdp", "expert"]}')
+    np.testing.assert_allclose(losses, baseline[0], rtol=1e-5, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, baseline[1])
+
+
+def test_expert_weights_are_split_over_the_expert_axis():
+    _, _, state = _run((1, 2, 4, 1), n_steps=1)
+    w = state["params"]["layers"]["moe_down"]  # [L, E, F, D]
+    assert w.sharding.spec == P(None, "expert", None, "fsdp")
+    assert w.addressable_shards[0].data.shape == (2, 1, 64, 32)
+
+
+def test_too_few_tokens_to_split_falls_back_to_the_plain_dispatch():
+    """6 tokens cannot be split 8 ways (fsdp 2 x expert 4): the layer runs unsplit, same logits."""
+    cfg = _cfg((1, 2, 4, 1))
+    spec = StepSpec.build(cfg, check=False)
+    params = T.init_params(cfg.model, jax.random.key(0))
+    toks = jax.random.randint(jax.random.key(1), (2, 3), 0, cfg.model.vocab_size)
+    sharded = jax.jit(lambda p, t: T.logits(p, t, cfg.model, spec.runtime)[0])(params, toks)
+    plain = T.logits(params, toks, cfg.model, T.Runtime(spec.runtime.policy.with_layout(None)))[0]
+    np.testing.assert_allclose(np.asarray(sharded), np.asarray(plain), rtol=1e-5, atol=1e-6)
