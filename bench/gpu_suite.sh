@@ -145,7 +145,7 @@ note "set-up: ok in $(( SECONDS - START )) s"
 # (a) train step, bfloat16. Each preset: "batch seq remat" attempts, the next one only if the last failed
 # (not timed out): the first is sized for an 80 GB GPU with cuDNN attention, the second halves the batch.
 if [ "$SMOKE" = 1 ]; then
-  TRAIN=("tiny|4 64 none") STEPS=(--warmup 1 --steps 2); TRAIN_S=(60)
+  TRAIN=("tiny|8 64 none") STEPS=(--warmup 1 --steps 2); TRAIN_S=(60)
 else
   TRAIN=("125m|16 2048 none,8 2048 none" "1b|8 2048 none,4 2048 full") STEPS=(--warmup 3 --steps 10)
   TRAIN_S=(100 130)
