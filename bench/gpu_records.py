@@ -133,22 +133,45 @@ def _serve_levels(res: dict) -> list[tuple[int, dict]]:
     return sorted(out, key=lambda x: x[0])
 
 
+def planner_estimate(r: dict, remat: str) -> float | None:
+    """`polychip plan`'s estimated step time (published records only, not this run's) for a train row."""
+    from polychip.config import MODEL_PRESETS
+    from polychip.hardware import load_catalog
+    from polychip.plan import TrainWorkload
+    from polychip.plan.perf import PerfModel
+    from polychip.plan.published import published_records
+
+    chip = chip_name(r["platform"], r["device_kind"])
+    cat = load_catalog()
+    if chip not in cat or r["preset"] not in MODEL_PRESETS:
+        return None
+    w = TrainWorkload("w", MODEL_PRESETS[r["preset"]], r["preset"], 1e9, r["seq_len"], r["batch_size"], remat=remat)
+    est = PerfModel(published_records(), cat).train(w, cat[chip], r["devices"])
+    return None if est is None else est.step_time_s
+
+
 def summary(out: Path) -> str:
     """A plain-text table of every part that left JSON under `out`; parts that did not are named."""
     lines = []
     device = _load(out / "device.json") or {}
     lines.append(f"device: {device.get('devices', '?')} x {device.get('device_kind', '?')} "
-                 f"(catalog chip {device.get('chip')}), jax {device.get('jax', '?')}; all figures measured")
+                 f"(catalog chip {device.get('chip')}), jax {device.get('jax', '?')}")
+    lines.append("figures measured in this run, except the estimated \"plan est.\" column")
     lines.append("")
-    lines.append(f"{'train':<10}{'batch x seq':>14}{'remat':>7}{'step ms':>10}{'tok/s':>12}{'TFLOP/s':>9}{'MFU':>8}")
+    lines.append(f"{'train':<10}{'batch x seq':>14}{'remat':>7}{'step ms':>10}{'tok/s':>12}{'TFLOP/s':>9}{'MFU':>8}"
+                 f"{'plan est. ms':>14}")
     trains = sorted(out.glob("train_*.json"))
     for path in trains:
         meta = _load(path.with_suffix(".meta")) or {}
         for r in _load(path):
             mfu = None if r.get("mfu") is None else 100 * r["mfu"]
+            est = planner_estimate(r, meta.get("remat", "none"))
             lines.append(f"{r['preset']:<10}{r['batch_size']:>7} x {r['seq_len']:<5}{meta.get('remat', 'none'):>6}"
                          f"{r['step_time_median_s'] * 1e3:>10.1f}{r['tokens_per_s']:>12,.0f}"
-                         f"{r['model_tflops_per_s_per_device']:>9.1f}{_fmt(mfu, 7, 1)}%  (vs {_peak_label(r)})")
+                         f"{r['model_tflops_per_s_per_device']:>9.1f}{_fmt(mfu, 7, 1)}%"
+                         f"{_fmt(None if est is None else est * 1e3, 14, 1)}  (MFU vs {_peak_label(r)})")
+    if trains:
+        lines.append("  plan est.: `polychip plan`'s estimate from published records only (not this run), for comparison")
     if not trains:
         lines.append("  (no train results)")
     att = _load(out / "attention.json")

@@ -32,7 +32,7 @@ BUDGET="${GPU_SUITE_BUDGET_S:-450}"
 WHEELS="${GPU_SUITE_WHEELS:-.whl}"
 # Serving's packages absent from the device tool's image (pins from constraints.txt).
 SERVE_WHEELS="fastapi==0.165.0 starlette==1.10.0 pydantic==2.14.3 pydantic_core==2.50.4 annotated-types==0.8.0
- typing-inspection==0.4.5 annotated-doc==0.0.7 uvicorn==0.54.0"
+ typing-inspection==0.4.5 annotated-doc==0.0.7 uvicorn==0.54.0 opentelemetry-api==1.45.2 typing_extensions==4.16.0"
 
 die() { echo "gpu_suite: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
@@ -103,51 +103,56 @@ EOF
 
 setup() {
   export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
-  if [ "$SETUP" = 0 ] || [ "$SMOKE" = 1 ]; then
+  if [ "$SETUP" = 0 ]; then
     PY="${PYTHON:-python3}"
     command -v "$PY" >/dev/null || die "no interpreter $PY (set PYTHON)"
     return 0
   fi
+  local want=gpu extra=gpu
+  [ "$SMOKE" = 1 ] && want=cpu extra=
   PY=""
   for cand in "${PYTHON:-}" .venv/bin/python python3; do
     [ -n "$cand" ] && command -v "$cand" >/dev/null || continue
-    if [ "$(probe "$cand")" = "gpu" ]; then PY="$cand"; break; fi
+    if [ "$(probe "$cand")" = "$want" ]; then PY="$cand"; break; fi
   done
   if [ -z "$PY" ]; then
-    echo "no interpreter here has a GPU JAX: scripts/setup.sh gpu (jax[cuda12], needs network)"
-    timeout "$(allow 240)" bash scripts/setup.sh gpu || die "set-up failed (scripts/setup.sh gpu)"
+    echo "no interpreter here has JAX on $want: scripts/setup.sh $extra (needs network; jax[cuda12] is large)"
+    timeout "$(allow 240)" bash scripts/setup.sh $extra || die "set-up failed (scripts/setup.sh $extra)"
     PY=.venv/bin/python
-    [ "$(probe "$PY")" = "gpu" ] || die "JAX in .venv sees no GPU (nvidia-smi? CUDA driver?)"
+    [ "$(probe "$PY")" = "$want" ] || die "JAX in .venv sees no $want (nvidia-smi? CUDA driver?)"
   fi
   local core; core=$(missing_modules jax optax yaml rich tokenizers safetensors numpy)
-  [ -z "$core" ] || die "$PY lacks $core: run scripts/setup.sh gpu on a machine with network"
+  [ -z "$core" ] || die "$PY lacks $core: run scripts/setup.sh $extra on a machine with network"
   if [ -n "$(missing_modules fastapi uvicorn httpx)" ]; then
     local site=/tmp/gpu_suite_site
     if compgen -G "$WHEELS/*.whl" >/dev/null; then
-      "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$WHEELS"/*.whl
+      echo "installing serving's packages from $WHEELS into $site"
+      "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$site" "$WHEELS"/*.whl
     else
+      echo "installing serving's packages from PyPI into $site"
       # shellcheck disable=SC2086
-      timeout 90 "$PY" -m pip install -q --no-deps --retries 0 --timeout 10 --target "$site" $SERVE_WHEELS
+      timeout 90 "$PY" -m pip install -q --no-deps --upgrade --retries 0 --timeout 10 --target "$site" $SERVE_WHEELS
     fi
     export PYTHONPATH="$PYTHONPATH:$site"
-    [ -z "$(missing_modules fastapi uvicorn)" ] ||
-      echo "serving packages missing (no network? run --fetch-wheels where PyPI is reachable and carry .whl)"
+    [ -z "$(missing_modules fastapi uvicorn httpx)" ] ||
+      echo "serving's packages still missing (no network? run --fetch-wheels where PyPI is reachable, carry $WHEELS)"
   fi
 }
 
 echo "== set-up"
-setup
 if [ "$SMOKE" = 1 ]; then export JAX_PLATFORMS=cpu; fi
+setup
 echo "python: $PY; out: $DIR; budget ${BUDGET} s; smoke: $SMOKE"
 "$PY" bench/gpu_records.py device "$DIR/device.json" || die "could not start JAX with $PY"
 note "set-up: ok in $(( SECONDS - START )) s"
 
 # (a) train step, bfloat16. Each preset: "batch seq remat" attempts, the next one only if the last failed
-# (not timed out): the first is sized for an 80 GB GPU with cuDNN attention, the second halves the batch.
+# (not timed out). The first is the 125m preset's batch, and for 1b the batch `polychip plan` estimates at 39 GB
+# (125m: 27 GB): room for an 80 GB GPU; the second needs less memory still.
 if [ "$SMOKE" = 1 ]; then
   TRAIN=("tiny|8 64 none") STEPS=(--warmup 1 --steps 2); TRAIN_S=(60)
 else
-  TRAIN=("125m|16 2048 none,8 2048 none" "1b|8 2048 none,4 2048 full") STEPS=(--warmup 3 --steps 10)
+  TRAIN=("125m|32 2048 none,16 2048 none" "1b|8 2048 none,4 2048 full") STEPS=(--warmup 3 --steps 10)
   TRAIN_S=(100 130)
 fi
 for i in "${!TRAIN[@]}"; do
