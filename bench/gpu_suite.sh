@@ -7,9 +7,10 @@
 #   bash bench/gpu_suite.sh --smoke --no-setup --out DIR   # CPU plumbing check: tiny preset, seconds a part
 #   bash bench/gpu_suite.sh --fetch-wheels              # here, with PyPI: serving's wheels into .whl/
 #
-# Output (DIR, default $OUT if set, else runs/gpu_suite): device.json, train_<preset>.json (+ .meta, .log),
-# attention.json, serve.json, records/*.json, summary.txt. --tar FILE also packs DIR into one archive
-# (the device tool brings back only a few files).
+# Output (DIR, default runs/gpu_suite): device.json, train_<preset>.json (+ .meta, .log), attention.json,
+# serve.json (+ .log), records/*.json, summary.txt. --tar FILE also packs DIR into one archive. With $OUT
+# set (the device tool) and no --out: DIR is /tmp/gpu_suite, packed into $OUT/gpu_suite.tgz, plus
+# $OUT/summary.txt (that tool brings back at most 8 files).
 #
 # Set-up (skipped with --no-setup: then $PYTHON, else python3, is used as is, with src/ on PYTHONPATH):
 # the first of $PYTHON, .venv/bin/python, python3 whose JAX sees a GPU is used (a machine with no
@@ -26,7 +27,7 @@ ROOT="$PWD"
 
 SMOKE="${GPU_SUITE_SMOKE:-0}"
 SETUP=1
-DIR="${OUT:-runs/gpu_suite}"
+DIR=""
 TAR=""
 BUDGET="${GPU_SUITE_BUDGET_S:-450}"
 WHEELS="${GPU_SUITE_WHEELS:-.whl}"
@@ -47,12 +48,18 @@ while [ $# -gt 0 ]; do
       exec "${PYTHON:-python3}" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
         --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux2014_x86_64 -d "$WHEELS" $SERVE_WHEELS ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
   shift
 done
 [[ "$BUDGET" =~ ^[0-9]+$ ]] || die "GPU_SUITE_BUDGET_S must be whole seconds, got $BUDGET"
+COPY_SUMMARY=""
+if [ -z "$DIR" ] && [ -n "${OUT:-}" ]; then
+  # Under the device tool, which brings back at most 8 files from $OUT: one archive and the summary.
+  DIR=/tmp/gpu_suite; TAR="${TAR:-$OUT/gpu_suite.tgz}"; COPY_SUMMARY="$OUT/summary.txt"
+fi
+DIR="${DIR:-runs/gpu_suite}"
 mkdir -p "$DIR" || die "cannot create $DIR"
 DIR="$(cd "$DIR" && pwd)"
 export PYTHONUNBUFFERED=1
@@ -203,4 +210,5 @@ cat "$DIR/summary.txt"
 if [ -n "$TAR" ]; then
   tar czf "$TAR" -C "$(dirname "$DIR")" "$(basename "$DIR")" && echo "packed $DIR into $TAR"
 fi
+[ -z "$COPY_SUMMARY" ] || cp "$DIR/summary.txt" "$COPY_SUMMARY"
 exit "$FAILED"
