@@ -76,7 +76,8 @@ STATUS=()
 FAILED=0
 note() { STATUS+=("$1"); echo "== $1"; }
 
-# run PART WANT_SECONDS LOG CMD...: runs CMD under timeout, output to the terminal and LOG; returns its status.
+# run PART WANT_SECONDS LOG CMD...: runs CMD under timeout, output to the terminal and appended to LOG;
+# returns its status.
 run_part() {
   local part="$1" want="$2" log="$3"; shift 3
   local t; t=$(allow "$want")
@@ -85,7 +86,7 @@ run_part() {
   fi
   echo "== $part (up to ${t} s)"
   local t0=$SECONDS
-  timeout --kill-after=10 "$t" "$@" 2>&1 | tee "$log"
+  timeout --kill-after=10 "$t" "$@" 2>&1 | tee -a "$log"
   local rc=${PIPESTATUS[0]}
   if [ "$rc" -eq 0 ]; then
     note "$part: ok in $(( SECONDS - t0 )) s"
@@ -166,6 +167,7 @@ fi
 for i in "${!TRAIN[@]}"; do
   preset="${TRAIN[$i]%%|*}"
   IFS=, read -ra tries <<<"${TRAIN[$i]#*|}"
+  : >"$DIR/train_$preset.log"  # every attempt's output, appended
   for try in "${tries[@]}"; do
     read -r b s r <<<"$try"
     rm -f "$DIR/train_$preset.json"
@@ -187,12 +189,12 @@ else
   SERVE=(--preset 1b --max-concurrency 1,16,64 --max-batch 64 --num-prompts 64 --input-len 256 --output-len 64
          --max-model-len 1024) SERVE_S=170
 fi
-rm -f "$DIR/serve.json"
+rm -f "$DIR/serve.json"; : >"$DIR/serve.log"
 run_part "serve ${SERVE[1]}" "$SERVE_S" "$DIR/serve.log" "$PY" bench/serve.py "${SERVE[@]}" --dtype bfloat16 \
   --dataset fixed --no-baseline --json "$DIR/serve.json" || FAILED=1
 
 # (b) flash attention fwd and fwd+bwd: Pallas (Triton) vs cuDNN vs XLA, parity at the shortest length.
-rm -f "$DIR/attention.json"
+rm -f "$DIR/attention.json"; : >"$DIR/attention.log"
 if [ "$SMOKE" = 1 ]; then
   echo "(cuDNN skipped in the smoke run: it needs an NVIDIA GPU)"
   run_part "attention (smoke)" 90 "$DIR/attention.log" "$PY" bench/kernels_attention.py --gpu --smoke \
