@@ -1,7 +1,8 @@
 """Flash attention: Pallas kernels vs XLA (and cuDNN on NVIDIA), Llama-3-8B attention shapes.
 
     JAX_PLATFORMS=cpu python bench/kernels_attention.py                # TPU part, deviceless (any host)
-    python bench/kernels_attention.py --gpu                            # on an NVIDIA GPU host
+    python bench/kernels_attention.py --gpu --json att.json            # on an NVIDIA GPU host
+    JAX_PLATFORMS=cpu python bench/kernels_attention.py --gpu --smoke --seqs 128   # plumbing check, CPU
 
 Shapes: batch 1, 32 query heads / 8 kv heads, head_dim 128, bf16, causal, seq 2k / 4k / 8k.
 
@@ -15,21 +16,27 @@ tpu7x) and `cost_analysis()["optimal_seconds"]` printed, forward and forward+bac
   "+steps" adds 0.35 us per grid step (the Pallas TPU guide's figure), the autotuner's score.
 The two columns are therefore models of different fidelity, not measurements.
 
-GPU part (--gpu): median wall time over repeats, reported as TFLOP/s of the causal attention
-FLOPs (4*B*H*D*T*(T+1)/2 forward; x3.5 for forward+backward: 2 matmuls forward, 5 backward).
+GPU part (--gpu): measured wall time (median over 5 groups of back-to-back calls), reported as TFLOP/s of the causal attention
+FLOPs (4*B*H*D*T*(T+1)/2 forward; x3.5 for forward+backward: 2 matmuls forward, 5 backward), for
+our Pallas (Triton) kernel, cuDNN (`jax.nn.dot_product_attention(implementation="cudnn")`) and XLA.
+Parity: at the shortest sequence, each implementation's output and dq/dk/dv against the float32
+reference (max error relative to the reference's largest magnitude; bf16 tolerance 2e-2).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import statistics
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
-from polychip.kernels.attention import autotune
-from polychip.kernels.attention.blocks import BlockSizes
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from polychip.kernels.attention import autotune  # noqa: E402
+from polychip.kernels.attention.blocks import BlockSizes  # noqa: E402
 
 B, H, K, D = 1, 32, 8, 128
 SEQS = (2048, 4096, 8192)
@@ -88,55 +95,133 @@ def _fwd_steps(T: int, bs: BlockSizes) -> int:
     return B * H * (Tp // bq) * (Sp // bk)
 
 
-def _time(f, *args, repeats=20) -> float:
+def _time(f, *args, repeats=20, groups=5) -> float:
+    """Median over `groups` of the mean time of back-to-back calls (one sync per group, so launch
+    latency overlaps the previous call as it does inside a step)."""
     jax.block_until_ready(f(*args))
+    n = max(1, repeats // groups)
     ts = []
-    for _ in range(repeats):
+    for _ in range(groups):
         t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append(time.perf_counter() - t0)
+        for _ in range(n):
+            out = f(*args)
+        jax.block_until_ready(out)
+        ts.append((time.perf_counter() - t0) / n)
     return statistics.median(ts)
 
 
-def gpu_table(seqs=SEQS):
+def _gpu_impls(interpret: bool, skip_cudnn: str | None) -> dict:
     from polychip.kernels.attention import pallas_gpu
 
+    impls = {"pallas": lambda q, k, v: pallas_gpu.flash_attention(q, k, v, interpret=interpret)}
+    if not skip_cudnn:
+        impls["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                                        implementation="cudnn")
+    impls["xla"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+    return impls
+
+
+def _parity(impls: dict, q, k, v) -> dict[str, float | str]:
+    """Max relative error (max |x - ref| / max |ref|) over the output and dq, dk, dv of each implementation
+    against the float32 reference on the same (upcast) inputs, a fixed random cotangent; an
+    implementation that fails gets its error message instead."""
+    from polychip.kernels.attention import reference
+
+    ct = jax.random.normal(jax.random.key(1), q.shape, jnp.float32)
+
+    def out_and_grads(fn, *xs):
+        o, vjp = jax.vjp(fn, *xs)
+        return (o, *vjp(ct.astype(o.dtype)))
+
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    ref = jax.jit(lambda *xs: out_and_grads(
+        lambda a, b, c: reference.attention(a, b, c, causal=True), *xs))(*f32)
+    errs = {}
+    for name, fn in impls.items():
+        try:
+            got = jax.jit(lambda *xs, fn=fn: out_and_grads(fn, *xs))(q, k, v)
+            errs[name] = max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - r)) / (float(jnp.max(jnp.abs(r))) or 1.0))
+                             for g, r in zip(got, ref))
+        except Exception as e:  # one failing implementation must not hide the others' parity
+            errs[name] = f"{type(e).__name__}: {str(e)[:200]}"
+    return errs
+
+
+def gpu_bench(seqs=SEQS, shape=(B, H, K, D), interpret=False, skip_cudnn: str | None = None,
+              repeats=20, tol=2e-2, json_path: str | None = None) -> dict:
+    """Measured fwd and fwd+bwd time of each implementation per sequence length, with a parity check
+    at the shortest length. `interpret`: run the Pallas kernel in the CPU interpreter (smoke runs).
+    `json_path` is rewritten after every sequence length, so a run stopped by a time limit keeps its rows."""
+    from polychip.files import atomic_write_json
+
+    b, h, kh, d = shape
     dev = jax.devices()[0]
-    print(f"GPU {dev.device_kind}: measured TFLOP/s (median of 20), B=1 H=32 K=8 D=128 bf16 causal")
-    print(f"{'seq':>6} {'pass':<8}{'pallas':>9}{'cudnn':>9}{'xla':>9}")
+    impls = _gpu_impls(interpret, skip_cudnn)
+    res = {"device_kind": dev.device_kind, "platform": dev.platform, "shape": {"B": b, "H": h, "K": kh, "D": d},
+           "dtype": "bfloat16", "causal": True, "repeats": repeats, "source": "measured",
+           "notes": [f"cuDNN skipped: {skip_cudnn}"] if skip_cudnn else [], "rows": [], "parity": {}}
+    if interpret:
+        res["notes"].append("Pallas kernel run in interpret mode (CPU): its times are not kernel speed")
+    print(f"{dev.device_kind}: measured TFLOP/s ({repeats} calls, median of 5 groups), B={b} H={h} K={kh} D={d} bf16 causal")
+    print(f"{'seq':>6} {'pass':<8}" + "".join(f"{n:>9}" for n in impls))
     for T in seqs:
         ks = jax.random.split(jax.random.key(0), 3)
-        q = jax.random.normal(ks[0], (B, T, H, D), jnp.bfloat16)
-        k = jax.random.normal(ks[1], (B, T, K, D), jnp.bfloat16)
-        v = jax.random.normal(ks[2], (B, T, K, D), jnp.bfloat16)
-        impls = {
-            "pallas": lambda q, k, v: pallas_gpu.flash_attention(q, k, v),
-            "cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"),
-            "xla": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla"),
-        }
-        for name, i in (("fwd", 0), ("fwd+bwd", 1)):
-            row = []
-            for fn in impls.values():
+        q = jax.random.normal(ks[0], (b, T, h, d), jnp.bfloat16)
+        k = jax.random.normal(ks[1], (b, T, kh, d), jnp.bfloat16)
+        v = jax.random.normal(ks[2], (b, T, kh, d), jnp.bfloat16)
+        if T == min(seqs):
+            res["parity"] = _parity_checked(impls, q, k, v, tol, res["notes"])
+        flops = {i: 4.0 * b * h * d * T * (T + 1) / 2 * (3.5 if i else 1.0) for i in (0, 1)}
+        for pname, i in (("fwd", 0), ("fwd+bwd", 1)):
+            row = {"seq": T, "pass": pname, "seconds": {}, "tflops": {}, "parity": res["parity"] if T == min(seqs) else {}}
+            for name, fn in impls.items():
                 try:
-                    t = _time(jax.jit(_programs(fn)[i]), q, k, v)
-                    row.append(f"{causal_flops(T, i == 1) / t / 1e12:>9.1f}")
-                except Exception as e:  # e.g. cuDNN missing for this shape: say so, keep going
-                    row.append(f"{'n/a':>9}")
-                    print(f"  ({type(e).__name__}: {str(e)[:100]})")
-            print(f"{T:>6} {name:<8}" + "".join(row))
+                    t = _time(jax.jit(_programs(fn)[i]), q, k, v, repeats=repeats)
+                    row["seconds"][name], row["tflops"][name] = t, flops[i] / t / 1e12
+                except Exception as e:  # e.g. cuDNN refuses this shape: say so, keep going
+                    res["notes"].append(f"{name} seq {T} {pname}: {type(e).__name__}: {str(e)[:200]}")
+                    print(f"  ({name}: {type(e).__name__}: {str(e)[:100]})")
+            res["rows"].append(row)
+            print(f"{T:>6} {pname:<8}" + "".join(f"{row['tflops'][n]:>9.2f}" if n in row["tflops"] else f"{'n/a':>9}"
+                                                 for n in impls))
+        if json_path:
+            atomic_write_json(json_path, res)
+    return res
+
+
+def _parity_checked(impls, q, k, v, tol, notes) -> dict[str, float]:
+    errs = {}
+    for name, err in _parity(impls, q, k, v).items():
+        if isinstance(err, str):
+            notes.append(f"{name} parity check failed to run: {err}")
+            print(f"  parity seq {q.shape[1]}: {name:<7} failed to run: {err[:100]}")
+            continue
+        errs[name] = err
+        verdict = "ok" if err <= tol else f"MISMATCH (> {tol})"
+        print(f"  parity seq {q.shape[1]}: {name:<7} max rel err {err:.2e} vs fp32 reference (out, dq, dk, dv): {verdict}")
+        if err > tol:
+            notes.append(f"{name} parity {err:.2e} exceeds {tol} at seq {q.shape[1]}")
+    return errs
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gpu", action="store_true", help="measure on the local NVIDIA GPU instead")
+    ap.add_argument("--smoke", action="store_true",
+                    help="with --gpu: tiny shapes on CPU, Pallas in interpret mode, no cuDNN (checks the plumbing)")
+    ap.add_argument("--json", metavar="FILE", help="with --gpu: write the measured rows and parity as JSON")
+    ap.add_argument("--repeats", type=int, default=20, help="with --gpu: timed calls per program (in 5 groups; the median group is reported)")
     ap.add_argument("--seqs", default=",".join(map(str, SEQS)))
     ap.add_argument("--targets", default=",".join(TOPOLOGIES))
     args = ap.parse_args()
     seqs = tuple(int(s) for s in args.seqs.split(","))
-    if args.gpu:
+    if args.gpu and args.smoke:
+        gpu_bench(seqs, shape=(1, 4, 2, 64), interpret=True, repeats=args.repeats, json_path=args.json,
+                  skip_cudnn="CPU smoke run (cuDNN needs an NVIDIA GPU)")
+    elif args.gpu:
         if jax.devices()[0].platform != "gpu":
             raise SystemExit("--gpu needs an NVIDIA GPU; this host has " + jax.devices()[0].platform)
-        gpu_table(seqs)
+        gpu_bench(seqs, repeats=args.repeats, json_path=args.json)
     else:
         tpu_table(tuple(args.targets.split(",")), seqs)
 
