@@ -391,6 +391,34 @@ def test_instruction_spanning_lines_keeps_the_rest_of_its_computation():
     assert (k.name, k.bytes, k.count) == ("k (tpu_custom_call)", 512.0, 5.0)
 
 
+SPARSECORE_END = """HloModule sc
+%add.clone (x: bf16[], y: bf16[]) -> bf16[] {
+  %x = bf16[] parameter(0)
+  %y = bf16[] parameter(1)
+  ROOT %a = bf16[] add(%x, %y)
+}, execution_thread="sparsecore"
+
+%called_computation (p: bf16[4096]) -> bf16[4096] {
+  %p = bf16[4096]{0} parameter(0)
+  ROOT %ar = bf16[4096]{0} all-reduce(%p), channel_id=3, replica_groups=[1,4]<=[4], to_apply=%add.clone
+}
+
+ENTRY %main (w: bf16[4096]) -> bf16[4096] {
+  %w = bf16[4096]{0} parameter(0)
+  ROOT %c = bf16[4096]{0} call(%w), to_apply=%called_computation
+}
+"""
+
+
+def test_computation_closed_with_attributes_ends_there():
+    """XLA:TPU closes a SparseCore reducer with `}, execution_thread="sparsecore"`; the next computation's
+    all-reduce must not be read as part of the reducer (which is never walked). 4,096 bf16 = 8,192 B over
+    4 devices: a ring all-reduce sends 2 x 3/4 x 8,192 = 12,288 B per device."""
+    ops = ops_from_hlo(SPARSECORE_END, n_devices=4)
+    (ar,) = [o for o in ops if o.kind == "collective"]
+    assert (ar.collective, ar.bytes) == ("all-reduce", 12288.0)
+
+
 def _splash(name: str, result: str, meta: str) -> str:
     return f"""HloModule sp
 ENTRY %main (q: bf16[2,4,256,64], k: bf16[2,2,256,64], v: bf16[2,2,256,64]) -> {result} {{

@@ -184,8 +184,9 @@ def _instructions(lines: list[str]):
 
     An instruction may span lines: MaxText's splash-attention custom calls carry JSON with literal newlines
     (and a blank line) in their attributes. Inside a computation, a line that does not start a new
-    instruction continues the previous one, and a lone `}` ends the computation only once the instruction
-    before it has closed its brackets. Lines outside computations (FileNames, StackFrames) are skipped."""
+    instruction continues the previous one, and a line starting with `}` (alone, or followed by attributes
+    such as `}, execution_thread="sparsecore"`) ends the computation only once the instruction before it
+    has closed its brackets. Lines outside computations (FileNames, StackFrames) are skipped."""
     pending: list[str] = []
     in_comp = False
     for line in lines:
@@ -194,7 +195,7 @@ def _instructions(lines: list[str]):
                 if pending:
                     yield None, " ".join(pending)
                 pending = [line]
-            elif line.rstrip() != "}" or (pending and _unclosed(" ".join(pending))):
+            elif not line.startswith("}") or (pending and _unclosed(" ".join(pending))):
                 pending.append(line)
             else:
                 if pending:
