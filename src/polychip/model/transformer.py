@@ -38,6 +38,7 @@ from polychip.kernels.cross_entropy import cross_entropy
 from polychip.kernels.registry import KernelPolicy
 from polychip.kernels.rms_norm import rms_norm
 from polychip.model.quant import QArray
+from polychip.model.remat import remat, tag
 from polychip.model.rope import apply_rope, inv_frequencies
 from polychip.parallel.sharding import Layout
 
@@ -219,23 +220,26 @@ def block(x, lp, positions, cfg: ModelConfig, rt: Runtime, inv_freq, attend=None
     and decides where keys/values live: None is causal self-attention over these T tokens; a
     contiguous KV cache (`contiguous_cache_attend`) and the server's paged cache plug in here, so
     the block is defined once for training, generation and serving."""
+    x = tag(x, "layer_input")
     h = norm(x, lp["attn_norm"], cfg, rt)
     q, k, v = dense(h, lp["wq"]), dense(h, lp["wk"]), dense(h, lp["wv"])
     if cfg.qkv_bias:
         q, k, v = q + lp["bq"].astype(h.dtype), k + lp["bk"].astype(h.dtype), v + lp["bv"].astype(h.dtype)
     q = rt.constrain(q, ("batch", "seq", "act_heads", "head_dim"))
+    q, k, v = tag(q, "query_proj"), tag(k, "key_proj"), tag(v, "value_proj")
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
     if attend is None:
         o = attention(q, k, v, policy=rt.policy, causal=True, **attention_options(cfg))
     else:
         o, state = attend(q, k, v, state)
-    x = x + dense(o, lp["wo"], n_in=2)
+    o = tag(o, "context")
+    x = x + tag(dense(o, lp["wo"], n_in=2), "out_proj")
     x = rt.constrain(x, ("batch", "seq", "act_embed"))
     h = norm(x, lp["mlp_norm"], cfg, rt)
-    g, u = dense(h, lp["w_gate"]), dense(h, lp["w_up"])
+    g, u = tag(dense(h, lp["w_gate"]), "mlp_gate"), tag(dense(h, lp["w_up"]), "mlp_up")
     a = rt.constrain(_ACTIVATIONS[cfg.mlp_act](g) * u, ("batch", "seq", "act_mlp"))
-    x = x + dense(a, lp["w_down"])
+    x = x + tag(dense(a, lp["w_down"]), "mlp_out")
     x = rt.constrain(x, ("batch", "seq", "act_embed"))
     return x, state
 
@@ -274,11 +278,7 @@ def hidden_states(params: dict, tokens, cfg: ModelConfig, rt: Runtime, positions
         lp, lc = xs
         return block(carry, lp, positions, cfg, rt, inv_freq, attend, lc)
 
-    if rt.remat == "full":
-        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
-    elif rt.remat == "dots":
-        body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-                              prevent_cse=False)
+    body = remat(body, rt.remat)
     unroll = rt.unroll_layers if rt.unroll_layers is not None else cfg.n_layers <= UNROLL_MAX_LAYERS
     x, new_cache = jax.lax.scan(body, x, (params["layers"], cache), unroll=bool(unroll))
     x = norm(x, params["final_norm"], cfg, rt)
