@@ -222,8 +222,9 @@ def compile_train(cfg: Config, spec: TargetSpec, sizes: dict, on_phase=None) -> 
 
 
 def _compile_train(cfg: Config, spec: TargetSpec, sizes: dict, on_phase=None) -> CompiledStep:
-    from polychip.train.step import StepSpec
+    from polychip.train.step import StepSpec, check_tensor
 
+    check_tensor(cfg.model, sizes["tensor"])
     devices = tpu_devices(spec)
     step = StepSpec.build(with_mesh(cfg, sizes), devices=devices, target=_target(devices), check=False)
     args = (step.abstract_state, step.abstract_batch)
