@@ -270,11 +270,12 @@ def hidden_states(params: dict, tokens, cfg: ModelConfig, rt: Runtime, positions
         positions = jnp.broadcast_to(base + (0 if cache_pos is None else cache_pos), (B, T))
     inv_freq = inv_frequencies(cfg)
     if not isinstance(params["embed"], QArray):
-        # The table is gathered over fsdp (as every FSDP weight is) so the lookup is local to the batch
-        # shard. Left sharded on embed, the backward pass all-gathers the whole batch's [B, T, D]
-        # activation gradient over data x fsdp instead (across slices too), which outweighs the
-        # [V, D] table at any real batch (llama3-8b, 2M tokens/step: 34 GB vs 1 GB).
-        params = {**params, "embed": rt.constrain(params["embed"], ("vocab", None))}
+        # The lookup's table layout is a rule ("embed_lookup"), not the stored one. Sharded on embed
+        # (default) the backward pass moves the batch's activation gradient between the devices
+        # (all-to-all, or an all-gather on some meshes) to scatter-add each device's D columns; over
+        # slices that crosses the data-centre network, so multi-slice meshes gather the table within
+        # the slice instead and reduce its [V, D] gradient like any other weight's (StepSpec.build).
+        params = {**params, "embed": rt.constrain(params["embed"], ("vocab", "embed_lookup"))}
     x = embed_tokens(params, tokens, cfg, dt)
     x = rt.constrain(x, ("batch", "seq", "act_embed"))
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from polychip.config import Config, ConfigError
+from polychip.config import Config, ConfigError, MeshConfig
 from polychip.kernels.registry import KernelPolicy, Target
 from polychip.model import transformer as T
 from polychip.parallel.mesh import make_mesh
@@ -45,7 +45,7 @@ class StepSpec:
         topology's devices for a deviceless compile). target: where the kernels will run (default: the
         first device's platform and kind). check: refuse shapes the mesh cannot split (ConfigError)."""
         devices = list(devices) if devices is not None else None
-        layout = Layout.create(make_mesh(cfg.mesh, devices), cfg.mesh.rules)
+        layout = Layout.create(make_mesh(cfg.mesh, devices), layout_rules(cfg.mesh))
         target = target or Target.of(devices[0] if devices else None)
         policy = KernelPolicy.create(target, cfg.kernels.overrides())
         spec = StepSpec(cfg, layout, make_runtime(cfg, policy, layout))
@@ -141,6 +141,12 @@ class StepSpec:
         if jax.process_count() == 1:
             return jax.device_put(local, self.batch_sharding)
         return jax.make_array_from_process_local_data(self.batch_sharding, local)
+
+
+def layout_rules(mesh: MeshConfig) -> dict:
+    """mesh.rules, plus what a multi-slice mesh needs unless the user said otherwise: the embedding table
+    gathered for the lookup, so only gradient reductions cross slices (model.transformer.hidden_states)."""
+    return {"embed_lookup": None, **mesh.rules} if mesh.slices > 1 else dict(mesh.rules)
 
 
 def check_accum(batch: int, accum: int, replicas: int, what: str) -> None:
