@@ -34,8 +34,9 @@ def checkpoint_policy(name: str):
     if "*" in p.saved:
         return None
     if name == "dots":
-        # Every matmul without batch dimensions, tagged or not: what "dots" has always meant here, and
-        # the same set as the tagged dense outputs plus the attention kernel's own products.
+        # Every matmul without batch dimensions, tagged or not (what "dots" has always meant here): the
+        # dense projections' outputs, which dense() computes as 2-D GEMMs; attention's batched
+        # products are recomputed.
         return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
     if p.offloaded:
         return jax.checkpoint_policies.save_and_offload_only_these_names(
