@@ -72,10 +72,12 @@ def _cost_dict(c) -> dict:
     return {k: float(c[k]) for k in ("flops", "bytes accessed", "optimal_seconds", "transcendentals") if k in c}
 
 
-def with_mesh(cfg: Config, sizes: dict) -> Config:
-    """cfg with the mesh shape compile chose (sizes: data/fsdp/tensor), over all the target's devices."""
-    axes = {a: sizes[a] for a in MESH_AXES if a in sizes}  # data/fsdp/tensor always; expert etc. when given
-    return dataclasses.replace(cfg, mesh=MeshConfig(**axes, rules=dict(cfg.mesh.rules)))
+def with_mesh(cfg: Config, sizes: dict, slices: int = 1) -> Config:
+    """cfg with the mesh shape compile chose (sizes: data/fsdp/tensor always; stage, context, expert when
+    given), over all the target's devices; over several slices the data axis spans them (MeshConfig.dcn_axes)."""
+    axes = {a: sizes[a] for a in MESH_AXES if a in sizes}
+    return dataclasses.replace(cfg, mesh=MeshConfig(**axes, slices=slices, dcn_axes=("data",),
+                                                    rules=dict(cfg.mesh.rules)))
 
 
 def _target(devices):
@@ -84,11 +86,11 @@ def _target(devices):
     return Target(platform="tpu", device_kind=devices[0].device_kind)
 
 
-def _layout(cfg: Config, sizes: dict, devices):
+def _layout(cfg: Config, sizes: dict, devices, slices: int = 1):
     from polychip.parallel.mesh import make_mesh
     from polychip.parallel.sharding import Layout
 
-    mc = with_mesh(cfg, sizes).mesh
+    mc = with_mesh(cfg, sizes, slices).mesh
     return Layout.create(make_mesh(mc, devices), mc.rules)
 
 
@@ -223,10 +225,11 @@ def compile_train(cfg: Config, spec: TargetSpec, sizes: dict, on_phase=None) -> 
 
 
 def _compile_train(cfg: Config, spec: TargetSpec, sizes: dict, on_phase=None) -> CompiledStep:
-    from polychip.train.step import StepSpec
+    from polychip.train.step import StepSpec, check_tensor
 
+    check_tensor(cfg.model, sizes["tensor"])
     devices = tpu_devices(spec)
-    step = StepSpec.build(with_mesh(cfg, sizes), devices=devices, target=_target(devices), check=False)
+    step = StepSpec.build(with_mesh(cfg, sizes, spec.num_slices), devices=devices, target=_target(devices), check=False)
     args = (step.abstract_state, step.abstract_batch)
     out = _compile("train", step.jitted, args, step.jitted, len(devices), on_phase,
                    (step.shardings, step.batch_sharding), len(devices) // spec.num_slices)
@@ -256,7 +259,7 @@ def _compile_serve(cfg: Config, spec: TargetSpec, sizes: dict, batch: int, seq: 
     from polychip.serve import paged_model as PM
 
     devices = tpu_devices(spec)
-    layout = _layout(cfg, sizes, devices)
+    layout = _layout(cfg, sizes, devices, spec.num_slices)
     overrides = cfg.kernels.overrides()
     if overrides.get("attention") == "reference":  # the paged kernel follows attention to the reference
         overrides["paged_attention"] = "reference"

@@ -53,7 +53,7 @@ def resolve(req: Request) -> Resolved:
     if req.seq is not None and req.mode == "train":
         ov.append(f"train.seq_len={req.seq}")
     cfg = build_config(req.model, None, ov)
-    sizes = parse_mesh(req.mesh, spec.n_devices)
+    sizes = parse_mesh(req.mesh, spec.n_devices, spec.num_slices)
     batch = cfg.train.batch_size
     if req.mode == "train":
         check_batch(batch, cfg.train.grad_accum, sizes)

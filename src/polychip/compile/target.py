@@ -172,11 +172,13 @@ def fmt_mesh(sizes: dict[str, int]) -> str:
     return ",".join(f"{a}={sizes[a]}" for a in MESH_AXES if sizes.get(a, 1) != 1) or "fsdp=1"
 
 
-def parse_mesh(text: str | None, n_devices: int) -> dict[str, int]:
+def parse_mesh(text: str | None, n_devices: int, slices: int = 1) -> dict[str, int]:
     """'fsdp=256' / 'data=2,fsdp=64,tensor=2' -> {data, fsdp, tensor}; axes left out are 1, except that
-    with no spec at all everything goes to fsdp. The product must be n_devices."""
+    with no spec at all everything goes to fsdp (and, over several slices, data = one replica per
+    slice). The product must be n_devices; over slices, data (the axis crossing the data-centre
+    network) must be a multiple of the slice count."""
     if not text:
-        return {"data": 1, "fsdp": n_devices, "tensor": 1}
+        return {"data": slices, "fsdp": n_devices // slices, "tensor": 1}
     sizes = {"data": 1, "fsdp": 1, "tensor": 1}
     for part in str(text).replace(" ", "").split(","):
         if not part:
@@ -195,6 +197,9 @@ def parse_mesh(text: str | None, n_devices: int) -> dict[str, int]:
         more = "" if len(examples) <= 12 else f" (and {len(examples) - 12} more, plus data=... splits)"
         raise CompileError(f"mesh {text!r} uses {prod} devices but the target has {n_devices}; "
                            f"valid (fsdp x tensor) meshes: {'; '.join(examples[:12])}{more}")
+    if sizes["data"] % slices:
+        raise CompileError(f"mesh {text!r}: the target has {slices} slices joined by the data-centre network, which "
+                           f"only the data axis crosses; data={sizes['data']} must be a multiple of {slices}")
     return sizes
 
 

@@ -40,6 +40,7 @@ from polychip.kernels.registry import KernelPolicy
 from polychip.kernels.rms_norm import rms_norm
 from polychip.model import moe
 from polychip.model.quant import QArray, upcast
+from polychip.model.remat import remat, tag
 from polychip.model.rope import apply_rope, inv_frequencies
 from polychip.parallel.sharding import Layout
 
@@ -233,28 +234,31 @@ def block(x, lp, positions, cfg: ModelConfig, rt: Runtime, inv_freq, attend=None
     contiguous KV cache (`contiguous_cache_attend`) and the server's paged cache plug in here, so
     the block is defined once for training, generation and serving. Returns (x, state, aux): aux holds
     this layer's mixture-of-experts auxiliary losses ({} for a dense MLP)."""
+    x = tag(x, "layer_input")
     h = norm(x, lp["attn_norm"], cfg, rt)
     q, k, v = dense(h, lp["wq"]), dense(h, lp["wk"]), dense(h, lp["wv"])
     if cfg.qkv_bias:
         q, k, v = q + lp["bq"].astype(h.dtype), k + lp["bk"].astype(h.dtype), v + lp["bv"].astype(h.dtype)
     q = rt.constrain(q, ("batch", "seq", "act_heads", "head_dim"))
+    q, k, v = tag(q, "query_proj"), tag(k, "key_proj"), tag(v, "value_proj")
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
     if attend is None:
         o = attention(q, k, v, policy=rt.policy, causal=True, **attention_options(cfg))
     else:
         o, state = attend(q, k, v, state)
-    x = x + dense(o, lp["wo"], n_in=2)
+    o = tag(o, "context")
+    x = x + tag(dense(o, lp["wo"], n_in=2), "out_proj")
     x = rt.constrain(x, ("batch", "seq", "act_embed"))
     h = norm(x, lp["mlp_norm"], cfg, rt)
     aux = {}
     if cfg.n_experts:
         y, aux = moe.feed_forward(h, lp, cfg, rt, _ACTIVATIONS[cfg.mlp_act])
     else:
-        g, u = dense(h, lp["w_gate"]), dense(h, lp["w_up"])
+        g, u = tag(dense(h, lp["w_gate"]), "mlp_gate"), tag(dense(h, lp["w_up"]), "mlp_up")
         a = rt.constrain(_ACTIVATIONS[cfg.mlp_act](g) * u, ("batch", "seq", "act_mlp"))
         y = dense(a, lp["w_down"])
-    x = rt.constrain(x + y, ("batch", "seq", "act_embed"))
+    x = rt.constrain(x + tag(y, "mlp_out"), ("batch", "seq", "act_embed"))
     return x, state, aux
 
 
@@ -284,6 +288,13 @@ def hidden_states(params: dict, tokens, cfg: ModelConfig, rt: Runtime, positions
         base = jnp.arange(T, dtype=jnp.int32)[None, :]
         positions = jnp.broadcast_to(base + (0 if cache_pos is None else cache_pos), (B, T))
     inv_freq = inv_frequencies(cfg)
+    if not isinstance(params["embed"], QArray):
+        # The lookup's table layout is a rule ("embed_lookup"), not the stored one. Sharded on embed
+        # (default) the backward pass moves the batch's activation gradient between the devices
+        # (all-to-all, or an all-gather on some meshes) to scatter-add each device's D columns; over
+        # slices that crosses the data-centre network, so multi-slice meshes gather the table within
+        # the slice instead and reduce its [V, D] gradient like any other weight's (StepSpec.build).
+        params = {**params, "embed": rt.constrain(params["embed"], ("vocab", "embed_lookup"))}
     x = embed_tokens(params, tokens, cfg, dt)
     x = rt.constrain(x, ("batch", "seq", "act_embed"))
 
@@ -294,11 +305,7 @@ def hidden_states(params: dict, tokens, cfg: ModelConfig, rt: Runtime, positions
         x, lc, aux = block(carry, lp, positions, cfg, rt, inv_freq, attend, lc)
         return x, (lc, aux)
 
-    if rt.remat == "full":
-        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
-    elif rt.remat == "dots":
-        body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-                              prevent_cse=False)
+    body = remat(body, rt.remat)
     unroll = rt.unroll_layers if rt.unroll_layers is not None else cfg.n_layers <= UNROLL_MAX_LAYERS
     x, (new_cache, aux) = jax.lax.scan(body, x, (params["layers"], cache), unroll=bool(unroll))
     x = norm(x, params["final_norm"], cfg, rt)

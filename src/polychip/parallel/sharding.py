@@ -27,6 +27,7 @@ DEFAULT_RULES: dict[str, Any] = {
     "batch": ("data", "fsdp"),
     "seq": None,
     "embed": "fsdp",
+    "embed_lookup": "fsdp",  # the embedding table during the token lookup (None: gathered; multi-slice)
     "act_embed": None,  # activations' model dimension: replicated (sequence parallelism is future work)
     "heads": "tensor",
     "kv_heads": "tensor",

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from polychip.config import Config, ConfigError
+from polychip.config import Config, ConfigError, MeshConfig
 from polychip.kernels.registry import KernelPolicy, Target
 from polychip.model import transformer as T
 from polychip.parallel.mesh import make_mesh
@@ -45,7 +45,7 @@ class StepSpec:
         topology's devices for a deviceless compile). target: where the kernels will run (default: the
         first device's platform and kind). check: refuse shapes the mesh cannot split (ConfigError)."""
         devices = list(devices) if devices is not None else None
-        layout = Layout.create(make_mesh(cfg.mesh, devices), cfg.mesh.rules)
+        layout = Layout.create(make_mesh(cfg.mesh, devices), layout_rules(cfg.mesh))
         target = target or Target.of(devices[0] if devices else None)
         policy = KernelPolicy.create(target, cfg.kernels.overrides())
         spec = StepSpec(cfg, layout, make_runtime(cfg, policy, layout))
@@ -89,26 +89,23 @@ class StepSpec:
                             self.abstract_state, self.shardings)
 
     def dropped(self) -> list:
-        """Sharding rules that could not apply to some parameter (mesh axis does not divide it)."""
-        return self.layout.dropped(self.state_axes["params"], self.abstract_state["params"])
+        """Sharding rules that could not apply to some parameter (mesh axis does not divide it), led by the
+        KV-head replication when the tensor axis has more ways than the model has KV heads."""
+        out = self.layout.dropped(self.state_axes["params"], self.abstract_state["params"])
+        tp, K = self.layout.mesh.shape["tensor"], self.cfg.model.n_kv_heads
+        if tp > K and tp % K == 0:
+            out.insert(0, f"KV-head replication: model.n_kv_heads={K} on mesh.tensor={tp}, each KV head's wk/wv "
+                          f"and keys/values on {tp // K} tensor devices")
+        return out
 
     def check_shapes(self) -> None:
         """Refuse (ConfigError, one line) a batch or head count the mesh cannot split."""
-        t, m, mesh = self.cfg.train, self.cfg.model, self.layout.mesh
-        div = self.layout.batch_divisor
-        if t.batch_size % t.grad_accum:
-            raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
-        micro = t.batch_size // t.grad_accum
-        if micro % div:
-            raise ConfigError(
-                f"micro-batch {micro} (train.batch_size={t.batch_size} / train.grad_accum={t.grad_accum}) is not "
-                f"divisible by the data-parallel ways {div} (mesh data x fsdp = {mesh.shape['data']} x "
-                f"{mesh.shape['fsdp']})")
+        t, mesh = self.cfg.train, self.layout.mesh
+        check_accum(t.batch_size, t.grad_accum, self.layout.batch_divisor,
+                    f"mesh data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}")
         if t.batch_size % jax.process_count():
             raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the {jax.process_count()} processes")
-        tp = mesh.shape["tensor"]
-        if tp > 1 and m.n_heads % tp:
-            raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by mesh.tensor={tp}")
+        check_tensor(self.cfg.model, mesh.shape["tensor"])
 
     # -- artefacts ---------------------------------------------------------------------------------
     @property
@@ -146,6 +143,36 @@ class StepSpec:
         return jax.make_array_from_process_local_data(self.batch_sharding, local)
 
 
+def layout_rules(mesh: MeshConfig) -> dict:
+    """mesh.rules, plus what a multi-slice mesh needs unless the user said otherwise: the embedding table
+    gathered for the lookup, so only gradient reductions cross slices (model.transformer.hidden_states)."""
+    return {"embed_lookup": None, **mesh.rules} if mesh.slices > 1 else dict(mesh.rules)
+
+
+def check_accum(batch: int, accum: int, replicas: int, what: str) -> None:
+    """grad_accum may be any divisor of the per-replica batch (batch / replicas); ConfigError otherwise."""
+    if batch % replicas:
+        raise ConfigError(f"train.batch_size={batch} is not divisible by the data-parallel ways {replicas} ({what})")
+    per = batch // replicas
+    if per % accum:
+        ok = [d for d in range(1, per + 1) if per % d == 0]
+        raise ConfigError(f"train.grad_accum={accum} does not divide the per-replica batch {per} (train.batch_size="
+                          f"{batch} over {replicas} data-parallel ways, {what}); valid: {', '.join(map(str, ok))}")
+
+
+def check_tensor(m, tp: int) -> None:
+    """The tensor axis splits attention by heads: it must divide n_heads, and n_kv_heads unless each KV
+    head is replicated over tp / n_kv_heads devices (tp a multiple of n_kv_heads: GQA/MQA with more
+    tensor ways than KV heads; wk/wv then replicate, listed in StepSpec.dropped())."""
+    if tp <= 1:
+        return
+    if m.n_heads % tp:
+        raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by mesh.tensor={tp}")
+    if m.n_kv_heads % tp and tp % m.n_kv_heads:
+        raise ConfigError(f"mesh.tensor={tp} neither divides model.n_kv_heads={m.n_kv_heads} nor is a multiple of it "
+                          f"(KV-head replication needs tensor = k x n_kv_heads)")
+
+
 def make_runtime(cfg: Config, policy: KernelPolicy, layout: Layout | None) -> T.Runtime:
     """The kernel policy learns the layout too: kernels XLA cannot partition then run per shard."""
     unroll = {"auto": None, "scan": False, "unroll": True}[cfg.train.layer_loop]
@@ -165,7 +192,10 @@ def train_step_fn(cfg: Config, rt: T.Runtime, opt: optax.GradientTransformation)
             (_, m), grads = grad_fn(params, batch)
             return grads, {k: v for k, v in m.items() if k != "tokens"}
         B = batch.shape[0]
-        mbs = batch.reshape(A, B // A, batch.shape[1])
+        # Micro-batch i takes rows i, i + A, i + 2A, ...: every device's contiguous block of rows splits
+        # into A local pieces, so no micro-batch moves rows between devices (a contiguous split would put
+        # micro-batch 0 on the first devices only and reshuffle the whole batch).
+        mbs = batch.reshape(B // A, A, batch.shape[1]).swapaxes(0, 1)
         if rt.layout is not None:
             mbs = rt.layout.constrain(mbs, (None, "batch", "seq"))
         zero = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
