@@ -37,6 +37,7 @@ from polychip.kernels.attention import attention
 from polychip.kernels.cross_entropy import cross_entropy
 from polychip.kernels.registry import KernelPolicy
 from polychip.kernels.rms_norm import rms_norm
+from polychip.model import pipeline
 from polychip.model.quant import QArray
 from polychip.model.rope import apply_rope, inv_frequencies
 from polychip.parallel.sharding import Layout
@@ -60,6 +61,8 @@ class Runtime:
     compute_dtype: str = "float32"
     remat: str = "none"
     unroll_layers: bool | None = None  # None: unroll when the model has <= UNROLL_MAX_LAYERS layers
+    pipeline_microbatches: int = 0  # when the mesh has stages: micro-batches (0: one per stage)
+    pipeline_repeats: int = 1  # circular pipeline repeats (model/pipeline.py)
 
     def constrain(self, x, axes):
         return x if self.layout is None else self.layout.constrain(x, axes)
@@ -270,7 +273,7 @@ def hidden_states(params: dict, tokens, cfg: ModelConfig, rt: Runtime, positions
 
     attend = None if cache is None else contiguous_cache_attend(rt, cache_pos, cfg)
 
-    def body(carry, xs):
+    def body(carry, xs, positions=positions):
         lp, lc = xs
         return block(carry, lp, positions, cfg, rt, inv_freq, attend, lc)
 
@@ -280,7 +283,11 @@ def hidden_states(params: dict, tokens, cfg: ModelConfig, rt: Runtime, positions
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
                               prevent_cse=False)
     unroll = rt.unroll_layers if rt.unroll_layers is not None else cfg.n_layers <= UNROLL_MAX_LAYERS
-    x, new_cache = jax.lax.scan(body, x, (params["layers"], cache), unroll=bool(unroll))
+    if cache is None and pipeline.stages(rt) > 1:
+        x, new_cache = pipeline.pipeline(body, params["layers"], param_axes(cfg)["layers"], x, positions, rt,
+                                         unroll=bool(unroll)), None
+    else:
+        x, new_cache = jax.lax.scan(body, x, (params["layers"], cache), unroll=bool(unroll))
     x = norm(x, params["final_norm"], cfg, rt)
     return x, new_cache
 

@@ -36,7 +36,10 @@ DEFAULT_RULES: dict[str, Any] = {
     "act_heads": "tensor",
     "vocab": "tensor",
     "act_vocab": "tensor",
-    "layers": None,
+    # The layer stack is stored split over pipeline stages (contiguous groups); `stage` names the
+    # stage dim of the pipeline's [stage, repeat, layer, ...] view of it (model/pipeline.py).
+    "layers": "stage",
+    "stage": "stage",
     "norm": None,
     "cache_batch": ("data", "fsdp"),
     "cache_seq": None,
