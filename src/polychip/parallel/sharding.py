@@ -25,7 +25,7 @@ MESH_AXES = ("data", "stage", "fsdp", "context", "expert", "tensor")
 
 DEFAULT_RULES: dict[str, Any] = {
     "batch": ("data", "fsdp"),
-    "seq": None,
+    "seq": "context",  # activations' sequence: split for context-parallel attention (long context)
     "embed": "fsdp",
     "act_embed": None,  # activations' model dimension: replicated (sequence parallelism is future work)
     "heads": "tensor",

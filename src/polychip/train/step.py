@@ -76,7 +76,9 @@ class StepSpec:
 
     @property
     def batch_sharding(self) -> Any:
-        return self.layout.sharding(("batch", "seq"))
+        # By shape: the T+1 tokens of a row do not split over `context` (the activations do, inside).
+        t = self.cfg.train
+        return self.layout.sharding(("batch", "seq"), (t.batch_size, t.seq_len + 1))
 
     @property
     def abstract_batch(self) -> jax.ShapeDtypeStruct:
