@@ -1,7 +1,6 @@
 """Context (sequence) parallelism on 8 simulated CPU devices: attention with the sequence split over
 the `context` mesh axis gives the unsplit run's losses and gradients (fp32)."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P

@@ -82,3 +82,17 @@ def test_bubble_fraction():
 def test_bad_pipelines_are_refused(over, msg):
     with pytest.raises(ConfigError, match=msg):
         _cfg(**over)
+
+
+def test_pipeline_compiles_for_a_tpu_slice(tmp_path, monkeypatch):
+    """Deviceless compile (libtpu) of a 2-stage x fsdp-4 pipeline on v5e:2x4: it fits, the schedule is a
+    compiled loop of M + S - 1 = 5 iterations, and stages hand activations on by collective-permute."""
+    from polychip.compile.run import Request, compile_report
+
+    monkeypatch.setenv("POLYCHIP_CACHE_DIR", str(tmp_path))
+    rep = compile_report(Request(model="tiny", target="v5e:2x4", mesh="stage=2,fsdp=4", overrides=(
+        "model.n_layers=4", "train.batch_size=16", "train.pipeline_microbatches=4", "train.layer_loop=scan")))
+    assert rep["fits"] is True and rep["mesh"]["stage"] == 2
+    step = rep["steps"][0]
+    assert any("trip counts" in n and " 5" in n for n in step["notes"])
+    assert "collective-permute" in str(step["figures"]["collective_bytes_per_device"])

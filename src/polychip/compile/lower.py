@@ -19,6 +19,7 @@ from polychip.compile import hlo as hlo_mod
 from polychip.compile import program_flops
 from polychip.compile.target import TargetSpec, tpu_devices
 from polychip.config import Config, MeshConfig
+from polychip.parallel.sharding import MESH_AXES
 
 
 @dataclass
@@ -72,9 +73,9 @@ def _cost_dict(c) -> dict:
 
 
 def with_mesh(cfg: Config, sizes: dict) -> Config:
-    """cfg with the mesh shape compile chose (sizes: data/fsdp/tensor), over all the target's devices."""
-    return dataclasses.replace(cfg, mesh=MeshConfig(data=sizes["data"], fsdp=sizes["fsdp"], tensor=sizes["tensor"],
-                                                    rules=dict(cfg.mesh.rules)))
+    """cfg with the mesh shape compile chose (sizes by mesh axis, absent = 1), over all the target's devices."""
+    axes = {a: sizes.get(a, 1) for a in MESH_AXES}
+    return dataclasses.replace(cfg, mesh=MeshConfig(**axes, rules=dict(cfg.mesh.rules)))
 
 
 def _target(devices):

@@ -173,18 +173,18 @@ def fmt_mesh(sizes: dict[str, int]) -> str:
 
 
 def parse_mesh(text: str | None, n_devices: int) -> dict[str, int]:
-    """'fsdp=256' / 'data=2,fsdp=64,tensor=2' -> {data, fsdp, tensor}; axes left out are 1, except that
+    """'fsdp=256' / 'data=2,stage=4,fsdp=32' -> sizes of every mesh axis; axes left out are 1, except that
     with no spec at all everything goes to fsdp. The product must be n_devices."""
     if not text:
         return {"data": 1, "fsdp": n_devices, "tensor": 1}
-    sizes = {"data": 1, "fsdp": 1, "tensor": 1}
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1}  # plus any other mesh axis the spec names (stage, context)
     for part in str(text).replace(" ", "").split(","):
         if not part:
             continue
         if "=" not in part:
             raise CompileError(f"mesh {text!r}: each part must look like axis=size (axes: {', '.join(MESH_AXES)})")
         k, v = part.split("=", 1)
-        if k not in sizes:
+        if k not in MESH_AXES:
             raise CompileError(f"mesh {text!r}: unknown axis {k!r}; axes are {', '.join(MESH_AXES)}")
         if not v.isdigit() or int(v) < 1:
             raise CompileError(f"mesh {text!r}: {k} must be a positive integer, got {v!r}")
