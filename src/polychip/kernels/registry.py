@@ -119,7 +119,8 @@ class SeqSplit:
 @dataclass(frozen=True)
 class Op:
     """An op as its api.py declares it. `args`: each array argument's name and logical axes, in call
-    order (`...` stands for as many unnamed dimensions as the array has left). `partial_sums`: the
+    order (`...` stands for as many unnamed dimensions as the array has left; names before it are
+    dropped from the right when the array has fewer dimensions). `partial_sums`: the
     outputs are sums over the first argument's leading dimension (a loss sum), added up across its
     shards when the op runs per shard. `seq_split`: see `SeqSplit`."""
 
@@ -137,7 +138,11 @@ class Op:
             return ()
         if ... in ax:
             i = ax.index(...)
-            ax = ax[:i] + (None,) * (ndim - len(ax) + 1) + ax[i + 1:]
+            after = ax[i + 1:]
+            # Fewer dimensions than names: the leading names are kept as far as they go (a row-wise op
+            # declared ("batch", "seq", ..., None) called on [N, D] is ("batch", None)).
+            before = ax[:max(0, min(i, ndim - len(after)))]
+            ax = before + (None,) * (ndim - len(before) - len(after)) + after
         if len(ax) != ndim:
             raise ValueError(f"{self.name}: argument {arg} has {ndim} dimensions; its declared axes are {ax}")
         return ax
