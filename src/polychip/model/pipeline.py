@@ -81,7 +81,10 @@ def pipeline(body: Callable, layers: dict, layer_axes: dict, x, positions, rt, *
     L = jax.tree.leaves(layers)[0].shape[0]
     M, _ = plan(L, x.shape[0], S, rt.pipeline_microbatches, R)
     w = stage_view(layers, layer_axes, S, R, rt)
-    xs, ps = _to_micro(x, M), _to_micro(positions, M)
+    micro = (None, "batch", "seq", "act_embed")
+    # Said explicitly: XLA's propagation through the reshape may replicate the micro-batches.
+    xs = rt.constrain(_to_micro(x, M), micro)
+    ps = rt.constrain(_to_micro(positions, M), micro[:3])
     act = ("stage", "batch", "seq", "act_embed")
 
     def run_stage(w_s, h, p):
@@ -89,13 +92,17 @@ def pipeline(body: Callable, layers: dict, layer_axes: dict, x, positions, rt, *
 
     run_stages = jax.vmap(run_stage, spmd_axis_name=STAGE_AXIS)
     stage_ids = jnp.arange(S)
+    is_first = (stage_ids == 0).reshape(S, 1, 1, 1)
+    is_last = (stage_ids == S - 1).reshape(S, 1, 1, 1)
 
     def iteration(carry, t):
         state, buf = carry
+        buf = rt.constrain(buf, micro)
         # Stage 0 takes micro-batch t mod M (from the input, or stage S-1's output of the last repeat).
+        # A select against the stage index, not a concatenate along the stage-split dim: the SPMD
+        # partitioner then keeps every array split (a concatenate made it gather the whole batch).
         first = jax.lax.dynamic_index_in_dim(buf, t % M, keepdims=True)
-        h = jnp.concatenate([first, jnp.roll(state, 1, axis=0)[1:]], axis=0)
-        h = rt.constrain(h, act)
+        h = rt.constrain(jnp.where(is_first, first, jnp.roll(state, 1, axis=0)), act)
         mb = (t - stage_ids) % M
         rep = jnp.clip((t - stage_ids) // M, 0, R - 1)
         w_t = jax.tree.map(lambda a: a[:, 0] if R == 1 else jax.vmap(lambda ws, r: ws[r])(a, rep), w)
@@ -103,10 +110,11 @@ def pipeline(body: Callable, layers: dict, layer_axes: dict, x, positions, rt, *
         # Stage S-1 finished micro-batch t - S + 1 (none before t = S - 1): write it back to buf.
         done = t - (S - 1)
         slot = done % M
+        last = jnp.sum(jnp.where(is_last, state, 0), axis=0)  # a reduction over `stage`, not a gather
         old = jax.lax.dynamic_index_in_dim(buf, slot, keepdims=False)
-        buf = jax.lax.dynamic_update_index_in_dim(buf, jnp.where(done >= 0, state[S - 1], old), slot, axis=0)
-        return (state, buf), None
+        buf = jax.lax.dynamic_update_index_in_dim(buf, jnp.where(done >= 0, last, old), slot, axis=0)
+        return (state, rt.constrain(buf, micro)), None
 
     state0 = jnp.zeros((S, *xs.shape[1:]), xs.dtype)
     (_, out), _ = jax.lax.scan(iteration, (rt.constrain(state0, act), xs), jnp.arange(R * M + S - 1))
-    return _from_micro(out)
+    return rt.constrain(_from_micro(out), micro[1:])

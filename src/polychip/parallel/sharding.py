@@ -26,7 +26,9 @@ MESH_AXES = ("data", "stage", "fsdp", "context", "expert", "tensor")
 DEFAULT_RULES: dict[str, Any] = {
     "batch": ("data", "fsdp"),
     "seq": "context",  # activations' sequence: split for context-parallel attention (long context)
-    "embed": "fsdp",
+    # Weights are also split over `context` (ZeRO-3 across the sequence chunks, as MaxText's rules do):
+    # context devices hold different tokens, not different weights, so they would otherwise repeat them.
+    "embed": ("fsdp", "context"),
     "act_embed": None,  # activations' model dimension: replicated (sequence parallelism is future work)
     "heads": "tensor",
     "kv_heads": "tensor",
