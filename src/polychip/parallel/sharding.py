@@ -4,7 +4,9 @@ Every weight and the main activations carry logical axis names (batch, seq, embe
 head_dim, mlp, vocab, layers, norm). `DEFAULT_RULES` maps each to mesh axes of the (data, fsdp,
 tensor) mesh, in the spirit of MaxText's logical_axis_rules: parameters are sharded over `fsdp` on
 their embed dimension (ZeRO-3 style; XLA inserts the all-gathers) and over `tensor` on heads / MLP
-hidden / vocab (Megatron-style), the batch over `data` x `fsdp`.
+hidden / vocab (Megatron-style), the batch over `data` x `fsdp`. The layer stack is split over
+`stage` (pipeline, model/pipeline.py) and the activations' sequence over `context` (context-parallel
+attention, kernels/attention/context.py); both axes have size 1 unless the mesh asks for them.
 
 A mesh axis that does not divide a dimension is dropped for that array (replicated instead) rather
 than failing: e.g. 2 KV heads on a tensor axis of 4. `Layout.dropped` records it for reports.
