@@ -12,7 +12,7 @@ from polychip.model import transformer as T
 from polychip.parallel.mesh import make_mesh
 from polychip.parallel.sharding import Layout
 from polychip.train.step import StepSpec
-from tests.conftest import random_batches
+from tests.model.parallel_run import losses_and_grads
 
 
 def _cfg(context=1, fsdp=1, tensor=1, **extra):
@@ -22,21 +22,7 @@ def _cfg(context=1, fsdp=1, tensor=1, **extra):
     return build_config("tiny", overrides=over + [f"{k.replace('__', '.')}={v}" for k, v in extra.items()])
 
 
-def _run(cfg, n_steps=2):
-    """Losses of n_steps train steps and the first batch's gradients, all through StepSpec."""
-    spec = StepSpec.build(cfg)
-    rt = spec.runtime
-    state = spec.init_state()
-    grads = jax.jit(jax.grad(lambda p, b: T.loss_fn(p, b, cfg.model, rt)[0]),
-                    in_shardings=(spec.shardings["params"], spec.batch_sharding))
-    losses, g0 = [], None
-    for i, local in enumerate(random_batches(cfg, n_steps)):
-        batch = spec.put_batch(local)
-        if i == 0:
-            g0 = jax.device_get(grads(state["params"], batch))
-        state, m = spec.jitted(state, batch)
-        losses.append(float(m["loss"]))
-    return losses, g0
+_run = losses_and_grads
 
 
 CASES = {
@@ -47,25 +33,18 @@ CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def baseline():
+    return _run(_cfg())
+
+
 @pytest.mark.parametrize("case", CASES, ids=list(CASES))
-def test_context_parallel_equals_unsplit(case):
-    extra = {k: v for k, v in CASES[case].items() if k.startswith("model__")}
-    base_losses, base_grads = _run(_cfg(**extra)) if extra else _BASE.get()
+def test_context_parallel_equals_unsplit(baseline, case):
+    model = {k: v for k, v in CASES[case].items() if k.startswith("model__")}  # the baseline needs them too
+    base_losses, base_grads = _run(_cfg(**model)) if model else baseline
     losses, grads = _run(_cfg(**CASES[case]))
     np.testing.assert_allclose(losses, base_losses, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads, base_grads)
-
-
-class _Base:
-    value = None
-
-    def get(self):
-        if self.value is None:
-            self.value = _run(_cfg())
-        return self.value
-
-
-_BASE = _Base()
 
 
 def test_attention_splits_queries_and_gathers_keys():

@@ -9,7 +9,7 @@ from polychip.config import ConfigError, build_config
 from polychip.model import pipeline
 from polychip.model import transformer as T
 from polychip.train.step import StepSpec
-from tests.conftest import random_batches
+from tests.model.parallel_run import losses_and_grads
 
 
 def _cfg(stage=1, fsdp=1, data=1, micro=0, repeats=1, layers=8, **extra):
@@ -19,21 +19,7 @@ def _cfg(stage=1, fsdp=1, data=1, micro=0, repeats=1, layers=8, **extra):
     return build_config("tiny", overrides=over + [f"{k.replace('__', '.')}={v}" for k, v in extra.items()])
 
 
-def _run(cfg, n_steps=2):
-    """Losses of n_steps train steps and the first batch's gradients, all through StepSpec."""
-    spec = StepSpec.build(cfg)
-    rt = spec.runtime
-    state = spec.init_state()
-    grads = jax.jit(jax.grad(lambda p, b: T.loss_fn(p, b, cfg.model, rt)[0]),
-                    in_shardings=(spec.shardings["params"], spec.batch_sharding))
-    losses, g0 = [], None
-    for i, local in enumerate(random_batches(cfg, n_steps)):
-        batch = spec.put_batch(local)
-        if i == 0:
-            g0 = jax.device_get(grads(state["params"], batch))
-        state, m = spec.jitted(state, batch)
-        losses.append(float(m["loss"]))
-    return losses, g0, state
+_run = losses_and_grads
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +38,8 @@ CASES = {
 
 @pytest.mark.parametrize("case", CASES, ids=list(CASES))
 def test_pipeline_equals_single_device(baseline, case):
-    base_losses, base_grads, _ = baseline
-    losses, grads, _ = _run(_cfg(**CASES[case]))
+    base_losses, base_grads = baseline
+    losses, grads = _run(_cfg(**CASES[case]))
     np.testing.assert_allclose(losses, base_losses, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads, base_grads)
 
