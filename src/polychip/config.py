@@ -261,6 +261,12 @@ class TrainConfig:
     remat: str = "none"
     #: Layer loop: scan (compile time independent of depth), unroll, or auto (unroll up to 4 layers).
     layer_loop: str = "auto"
+    #: Pipeline micro-batches per (accumulation) batch when mesh.stage > 1; 0: one per stage. At least
+    #: mesh.stage; more shrink the bubble (model/pipeline.py gives the fraction).
+    pipeline_microbatches: int = 0
+    #: Circular pipeline repeats: each stage holds this many non-adjacent layer groups and every
+    #: micro-batch passes the stages this many times (smaller bubble; n_layers % (stage x repeats) == 0).
+    pipeline_repeats: int = 1
     #: Seed for parameter initialisation.
     seed: int = 0
     #: Print and log metrics every N steps.
@@ -389,6 +395,26 @@ class Config:
         if t.layer_loop not in ("auto", "scan", "unroll"):
             raise ConfigError(f"train.layer_loop must be auto, scan or unroll, got {t.layer_loop!r}")
         t.profile_range()  # raises on a malformed range
+        self.check_pipeline()
+
+    def check_pipeline(self) -> None:
+        """Refuse (one line) a pipeline the layer stack or batch cannot make (mesh.stage > 1 only)."""
+        t, S, R = self.train, self.mesh.stage, self.train.pipeline_repeats
+        if S <= 1:
+            return
+        M = t.pipeline_microbatches or S
+        if self.model.n_experts:
+            raise ConfigError("pipeline stages (mesh.stage > 1) with a mixture-of-experts model are not supported "
+                              "yet: the experts' auxiliary losses do not pass through the pipeline")
+        if self.model.n_layers % (S * R):
+            raise ConfigError(f"model.n_layers={self.model.n_layers} is not divisible by mesh.stage={S} x "
+                              f"train.pipeline_repeats={R}")
+        if M < S:
+            raise ConfigError(f"train.pipeline_microbatches={M} is fewer than mesh.stage={S} (every stage needs a "
+                              "micro-batch in flight)")
+        if (t.batch_size // t.grad_accum) % M:
+            raise ConfigError(f"micro-batch {t.batch_size // t.grad_accum} (train.batch_size / train.grad_accum) is "
+                              f"not divisible by train.pipeline_microbatches={M}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -432,7 +458,8 @@ RANGES: dict[str, Range] = {
     "data.max_bytes": _NONNEG, "data.eval_fraction": _UNIT, "data.seed": _NONNEG,
     **{f"train.{k}": _POS for k in ("batch_size", "seq_len", "grad_accum", "eps", "keep_checkpoints")},
     **{f"train.{k}": _NONNEG for k in ("steps", "lr", "warmup_steps", "weight_decay", "grad_clip", "seed",
-                                       "log_every", "checkpoint_every", "eval_every")},
+                                       "log_every", "checkpoint_every", "eval_every", "pipeline_microbatches")},
+    "train.pipeline_repeats": _POS,
     "train.min_lr_ratio": Range(0, 1, high_inclusive=True), "train.b1": _UNIT, "train.b2": _UNIT,
     "mesh.num_devices": _NONNEG,
     "distributed.num_processes": _NONNEG, "distributed.process_id": Range(-1), "distributed.cpu_devices": _NONNEG,

@@ -74,9 +74,9 @@ def _cost_dict(c) -> dict:
 
 def with_mesh(cfg: Config, sizes: dict, slices: int = 1) -> Config:
     """cfg with the mesh shape compile chose (sizes: data/fsdp/tensor always; stage, context, expert when
-    given), over all the target's devices; over several slices the data axis spans them (MeshConfig.dcn_axes)."""
+    given), over all the target's devices; over several slices data, then stage, span them (MeshConfig.dcn_axes)."""
     axes = {a: sizes[a] for a in MESH_AXES if a in sizes}
-    return dataclasses.replace(cfg, mesh=MeshConfig(**axes, slices=slices, dcn_axes=("data",),
+    return dataclasses.replace(cfg, mesh=MeshConfig(**axes, slices=slices, dcn_axes=("data", "stage"),
                                                     rules=dict(cfg.mesh.rules)))
 
 

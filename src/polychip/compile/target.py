@@ -175,11 +175,11 @@ def fmt_mesh(sizes: dict[str, int]) -> str:
 def parse_mesh(text: str | None, n_devices: int, slices: int = 1) -> dict[str, int]:
     """'fsdp=256' / 'data=2,fsdp=64,tensor=2' -> {data, fsdp, tensor}; axes left out are 1, except that
     with no spec at all everything goes to fsdp (and, over several slices, data = one replica per
-    slice). The product must be n_devices; over slices, data (the axis crossing the data-centre
-    network) must be a multiple of the slice count."""
+    slice). The product must be n_devices; over slices, data x stage (the axes crossing the
+    data-centre network: gradient reductions and pipeline hand-offs) must be a multiple of the slice count."""
     if not text:
         return {"data": slices, "fsdp": n_devices // slices, "tensor": 1}
-    sizes = {"data": 1, "fsdp": 1, "tensor": 1}
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1}  # plus any other mesh axis the spec names (stage, context)
     for part in str(text).replace(" ", "").split(","):
         if not part:
             continue
@@ -197,9 +197,13 @@ def parse_mesh(text: str | None, n_devices: int, slices: int = 1) -> dict[str, i
         more = "" if len(examples) <= 12 else f" (and {len(examples) - 12} more, plus data=... splits)"
         raise CompileError(f"mesh {text!r} uses {prod} devices but the target has {n_devices}; "
                            f"valid (fsdp x tensor) meshes: {'; '.join(examples[:12])}{more}")
-    if sizes["data"] % slices:
+    left = slices
+    for a in ("data", "stage"):  # the axes that may cross slices, outermost first (MeshConfig.dcn_axes)
+        left //= math.gcd(left, sizes.get(a, 1))
+    if left != 1:
         raise CompileError(f"mesh {text!r}: the target has {slices} slices joined by the data-centre network, which "
-                           f"only the data axis crosses; data={sizes['data']} must be a multiple of {slices}")
+                           f"only the data and stage axes cross; data x stage = "
+                           f"{sizes['data'] * sizes.get('stage', 1)} must be a multiple of {slices}")
     return sizes
 
 

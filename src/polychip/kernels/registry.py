@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -103,15 +104,32 @@ def register(op: str, name: str, **opts):
 
 
 @dataclass(frozen=True)
+class SeqSplit:
+    """How an op runs when the mesh axes its first argument's `seq` axis is split over (the
+    `context` axis) split it: per shard, under shard_map, with `wrap(call, arrays, axes)` given this
+    shard's arrays by name (a dict), the mesh axes of the split, and `call(arrays) -> out` the
+    implementation; `wrap` exchanges what the op needs across those axes (attention: all-gather K/V,
+    offset the queries) and returns this shard's output, laid out like the first argument.
+    `query(query, ways)` is the query the implementation is picked by, for one of `ways` chunks."""
+
+    wrap: Callable
+    query: Callable[[dict, int], dict]
+
+
+@dataclass(frozen=True)
 class Op:
     """An op as its api.py declares it. `args`: each array argument's name and logical axes, in call
-    order (`...` stands for as many unnamed dimensions as the array has left). `partial_sums`: the
+    order (`...` stands for as many unnamed dimensions as the array has left; names before it are
+    dropped from the right when the array has fewer dimensions). `partial_sums`: the
     outputs are sums over the first argument's leading dimension (a loss sum), added up across its
-    shards when the op runs per shard."""
+    shards when the op runs per shard. `seq_split`: see `SeqSplit`."""
 
     name: str
     args: tuple[tuple[str, tuple], ...]
     partial_sums: bool = False
+    #: How the op runs with its arguments' `seq` axis split over mesh axes (context parallelism);
+    #: None: the op declares no `seq` axis or XLA partitions it.
+    seq_split: "SeqSplit | None" = None
 
     def axes(self, arg: str, ndim: int) -> tuple:
         """Logical axes of argument `arg` with `ndim` dimensions (a scalar is replicated: ())."""
@@ -120,14 +138,18 @@ class Op:
             return ()
         if ... in ax:
             i = ax.index(...)
-            ax = ax[:i] + (None,) * (ndim - len(ax) + 1) + ax[i + 1:]
+            after = ax[i + 1:]
+            # Fewer dimensions than names: the leading names are kept as far as they go (a row-wise op
+            # declared ("batch", "seq", ..., None) called on [N, D] is ("batch", None)).
+            before = ax[:max(0, min(i, ndim - len(after)))]
+            ax = before + (None,) * (ndim - len(before) - len(after)) + after
         if len(ax) != ndim:
             raise ValueError(f"{self.name}: argument {arg} has {ndim} dimensions; its declared axes are {ax}")
         return ax
 
 
 def declare(name: str, *, reference: Callable, backends: tuple[str, ...], args: dict[str, tuple],
-            partial_sums: bool = False) -> Op:
+            partial_sums: bool = False, seq_split: SeqSplit | None = None) -> Op:
     """Register op `name`: `reference` (the plain-jnp ground truth, tried last by "auto") and the
     `KERNELS` of each module polychip.kernels.<name>.<backend> that imports. A module whose toolchain
     is missing is skipped (one entry fewer, never a broken `import polychip`); an ImportError of our
@@ -142,7 +164,7 @@ def declare(name: str, *, reference: Callable, backends: tuple[str, ...], args: 
             continue
         for k in module.KERNELS:
             _add(dataclasses.replace(k, op=name))
-    return Op(name, tuple(args.items()), partial_sums)
+    return Op(name, tuple(args.items()), partial_sums, seq_split)
 
 
 def implementations(op: str) -> list[Impl]:
@@ -229,36 +251,59 @@ class KernelPolicy:
     def call(self, op: Op, *args: Any, query: dict, **kwargs: Any):
         """Run `op` the one way every op runs: pick the implementation for `query` (shapes, dtypes,
         options; see `resolve`), pass it the target's device_kind if it wants one, and run it per
-        shard when it needs that (`per_shard`).
+        shard when it needs that (`per_shard`): a custom call XLA cannot partition, or an op whose
+        `seq` axis the layout splits (context parallelism, through the op's `SeqSplit`).
 
         Positional args, and keyword args named in `op.args` that are not None, are the arrays, laid
         out by their declared logical axes; every other keyword arg is a static option."""
         names = [n for n, _ in op.args]
         if len(args) > len(names):
             raise TypeError(f"{op.name} takes {len(names)} array arguments, got {len(args)} positional")
-        impl = self.pick(op.name, **query)
         arrays = dict(zip(names, args))
         arrays.update((k, v) for k, v in kwargs.items() if k in names and v is not None)
         static = {k: v for k, v in kwargs.items() if k not in arrays}
+        axes = tuple(op.axes(k, jnp.ndim(v)) for k, v in arrays.items())
+        split = self.seq_split_axes(op, tuple(arrays.values()), axes)
+        if split:
+            query = op.seq_split.query(query, math.prod(self.layout.mesh.shape[a] for a in split))
+        impl = self.pick(op.name, **query)
         if impl.wants_device_kind:
             static["device_kind"] = self.target.device_kind
-        n_pos, keys = len(args), tuple(arrays)
+        positional = names[:len(args)]
+
+        def call(named: dict):
+            kw = {**static, **{k: v for k, v in named.items() if k not in positional}}
+            return impl.fn(*(named[k] for k in positional), **kw)
+
+        keys = tuple(arrays)
 
         def run(*values):
-            return impl.fn(*values[:n_pos], **dict(zip(keys[n_pos:], values[n_pos:])), **static)
+            named = dict(zip(keys, values))
+            return call(named) if not split else op.seq_split.wrap(call, named, split)
 
-        axes = tuple(op.axes(k, jnp.ndim(v)) for k, v in arrays.items())
-        return self.per_shard(impl, run, tuple(arrays.values()), axes, psum_outputs=op.partial_sums)
+        return self.per_shard(impl, run, tuple(arrays.values()), axes, psum_outputs=op.partial_sums,
+                              force=bool(split))
 
-    def per_shard(self, impl: Impl, fn: Callable, args: tuple, axes: tuple, psum_outputs: bool = False):
+    def seq_split_axes(self, op: Op, args: tuple, axes: tuple) -> tuple[str, ...]:
+        """The mesh axes the first argument's `seq` axis is split over in this call (() when none, or
+        when the op declares no SeqSplit)."""
+        if op.seq_split is None or self.layout is None or "seq" not in axes[0]:
+            return ()
+        spec = shard_specs(self.layout, axes, tuple(jnp.shape(a) for a in args))[0]
+        part = spec[axes[0].index("seq")] if len(spec) > axes[0].index("seq") else None
+        return () if part is None else (tuple(part) if isinstance(part, tuple) else (part,))
+
+    def per_shard(self, impl: Impl, fn: Callable, args: tuple, axes: tuple, psum_outputs: bool = False,
+                  force: bool = False):
         """fn(*args), run per shard under shard_map when `impl` is a custom call XLA cannot partition
-        (Mosaic, Triton) and the layout's mesh has more than one device; otherwise a plain call.
+        (Mosaic, Triton) and the layout's mesh has more than one device, or when `force` (fn then
+        holds collectives over the mesh's axes: a split `seq`); otherwise a plain call.
 
         args: arrays; axes: each one's logical axis names (see `shard_specs`). The output is laid out
         like args[0]; with psum_outputs the outputs are per-shard partial sums (e.g. a loss sum) added
         up over the mesh axes args[0]'s first dimension is split on, and returned replicated."""
         layout = self.layout
-        if not impl.manual_partition or layout is None or layout.mesh.size == 1:
+        if not (impl.manual_partition or force) or layout is None or layout.mesh.size == 1:
             return fn(*args)
         from jax.sharding import PartitionSpec as P
 

@@ -38,7 +38,7 @@ from polychip.kernels.attention import attention
 from polychip.kernels.cross_entropy import cross_entropy
 from polychip.kernels.registry import KernelPolicy
 from polychip.kernels.rms_norm import rms_norm
-from polychip.model import moe
+from polychip.model import moe, pipeline
 from polychip.model.quant import QArray, upcast
 from polychip.model.remat import remat, tag
 from polychip.model.rope import apply_rope, inv_frequencies
@@ -63,6 +63,8 @@ class Runtime:
     compute_dtype: str = "float32"
     remat: str = "none"
     unroll_layers: bool | None = None  # None: unroll when the model has <= UNROLL_MAX_LAYERS layers
+    pipeline_microbatches: int = 0  # when the mesh has stages: micro-batches (0: one per stage)
+    pipeline_repeats: int = 1  # circular pipeline repeats (model/pipeline.py)
 
     def constrain(self, x, axes):
         return x if self.layout is None else self.layout.constrain(x, axes)
@@ -300,14 +302,19 @@ def hidden_states(params: dict, tokens, cfg: ModelConfig, rt: Runtime, positions
 
     attend = None if cache is None else contiguous_cache_attend(rt, cache_pos, cfg)
 
-    def body(carry, xs):
+    def body(carry, xs, positions=positions):
         lp, lc = xs
         x, lc, aux = block(carry, lp, positions, cfg, rt, inv_freq, attend, lc)
         return x, (lc, aux)
 
     body = remat(body, rt.remat)
     unroll = rt.unroll_layers if rt.unroll_layers is not None else cfg.n_layers <= UNROLL_MAX_LAYERS
-    x, (new_cache, aux) = jax.lax.scan(body, x, (params["layers"], cache), unroll=bool(unroll))
+    if cache is None and pipeline.stages(rt) > 1:
+        # MoE auxiliary losses do not pass through the pipeline's carry: Config.check_pipeline refuses MoE.
+        x, new_cache, aux = pipeline.pipeline(body, params["layers"], param_axes(cfg)["layers"], x, positions,
+                                              rt, unroll=bool(unroll)), None, {}
+    else:
+        x, (new_cache, aux) = jax.lax.scan(body, x, (params["layers"], cache), unroll=bool(unroll))
     x = norm(x, params["final_norm"], cfg, rt)
     return x, new_cache, aux
 

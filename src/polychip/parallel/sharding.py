@@ -4,7 +4,9 @@ Every weight and the main activations carry logical axis names (batch, seq, embe
 head_dim, mlp, vocab, layers, norm). `DEFAULT_RULES` maps each to mesh axes of the (data, fsdp,
 tensor) mesh, in the spirit of MaxText's logical_axis_rules: parameters are sharded over `fsdp` on
 their embed dimension (ZeRO-3 style; XLA inserts the all-gathers) and over `tensor` on heads / MLP
-hidden / vocab (Megatron-style), the batch over `data` x `fsdp`.
+hidden / vocab (Megatron-style), the batch over `data` x `fsdp`. The layer stack is split over
+`stage` (pipeline, model/pipeline.py) and the activations' sequence over `context` (context-parallel
+attention, kernels/attention/context.py); both axes have size 1 unless the mesh asks for them.
 
 A mesh axis that does not divide a dimension is dropped for that array (replicated instead) rather
 than failing: e.g. 2 KV heads on a tensor axis of 4. `Layout.dropped` records it for reports.
@@ -25,9 +27,12 @@ MESH_AXES = ("data", "stage", "fsdp", "context", "expert", "tensor")
 
 DEFAULT_RULES: dict[str, Any] = {
     "batch": ("data", "fsdp"),
-    "seq": None,
-    "embed": "fsdp",
-    "embed_lookup": "fsdp",  # the embedding table during the token lookup (None: gathered; multi-slice)
+    "seq": "context",  # activations' sequence: split for context-parallel attention (long context)
+    # Weights are also split over `context` (ZeRO-3 across the sequence chunks, as MaxText's rules do):
+    # context devices hold different tokens, not different weights, so they would otherwise repeat them.
+    "embed": ("fsdp", "context"),
+    # The embedding table during the token lookup: as stored (None: gathered; what multi-slice meshes use).
+    "embed_lookup": ("fsdp", "context"),
     "act_embed": None,  # activations' model dimension: replicated (sequence parallelism is future work)
     "heads": "tensor",
     "kv_heads": "tensor",
@@ -37,7 +42,10 @@ DEFAULT_RULES: dict[str, Any] = {
     "act_heads": "tensor",
     "vocab": "tensor",
     "act_vocab": "tensor",
-    "layers": None,
+    # The layer stack is stored split over pipeline stages (contiguous groups); `stage` names the
+    # stage dim of the pipeline's [stage, repeat, layer, ...] view of it (model/pipeline.py).
+    "layers": "stage",
+    "stage": "stage",
     "norm": None,
     "cache_batch": ("data", "fsdp"),
     "cache_seq": None,

@@ -76,7 +76,9 @@ class StepSpec:
 
     @property
     def batch_sharding(self) -> Any:
-        return self.layout.sharding(("batch", "seq"))
+        # By shape: the T+1 tokens of a row do not split over `context` (the activations do, inside).
+        t = self.cfg.train
+        return self.layout.sharding(("batch", "seq"), (t.batch_size, t.seq_len + 1))
 
     @property
     def abstract_batch(self) -> jax.ShapeDtypeStruct:
@@ -177,7 +179,8 @@ def make_runtime(cfg: Config, policy: KernelPolicy, layout: Layout | None) -> T.
     """The kernel policy learns the layout too: kernels XLA cannot partition then run per shard."""
     unroll = {"auto": None, "scan": False, "unroll": True}[cfg.train.layer_loop]
     return T.Runtime(policy=policy.with_layout(layout), layout=layout, compute_dtype=cfg.train.compute_dtype,
-                     remat=cfg.train.remat, unroll_layers=unroll)
+                     remat=cfg.train.remat, unroll_layers=unroll,
+                     pipeline_microbatches=cfg.train.pipeline_microbatches, pipeline_repeats=cfg.train.pipeline_repeats)
 
 
 def train_step_fn(cfg: Config, rt: T.Runtime, opt: optax.GradientTransformation) -> Callable:

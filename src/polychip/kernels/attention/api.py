@@ -10,14 +10,17 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from polychip.kernels.attention import reference
+from polychip.kernels.attention.context import SEQ_SPLIT
 from polychip.kernels.registry import KernelPolicy, declare
 
 # Priority order (lower first): pallas_tpu 10, pallas_gpu 20 (auto=False until run on a GPU), sdpa 40,
 # xla 50, reference 100, then the Pallas CPU interpreters (200, 210; only an override selects them).
 # Per shard, heads split only when query and KV heads split alike (GQA groups; see shard_specs).
-BTHD = ("batch", None, "act_heads", None)
+# A `seq` split (the `context` mesh axis) runs as context-parallel attention (context.py).
+BTHD = ("batch", "seq", "act_heads", None)
 OP = declare("attention", reference=reference.attention, backends=("pallas_tpu", "pallas_gpu", "xla"),
-             args={"q": BTHD, "k": BTHD, "v": BTHD, "q_offset": ("batch",), "kv_lengths": ("batch",)})
+             args={"q": BTHD, "k": BTHD, "v": BTHD, "q_offset": ("batch",), "kv_lengths": ("batch",)},
+             seq_split=SEQ_SPLIT)
 
 
 def attention(q, k, v, *, policy: KernelPolicy, causal=True, sliding_window=None, soft_cap=None, q_offset=None,

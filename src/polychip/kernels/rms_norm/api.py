@@ -15,7 +15,7 @@ from polychip.kernels.registry import KernelPolicy, declare
 from polychip.kernels.rms_norm import reference
 
 OP = declare("rms_norm", reference=reference.rms_norm, backends=("pallas_tpu", "pallas_gpu"),
-             args={"x": ("batch", ...), "scale": (None,)})
+             args={"x": ("batch", "seq", ..., None), "scale": (None,)})  # rows split as the activations are
 
 
 def rms_norm(x, scale, *, eps: float, policy: KernelPolicy):
