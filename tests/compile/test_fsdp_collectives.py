@@ -15,6 +15,7 @@ from polychip.compile import hlo as hlo_mod
 from polychip.compile.lower import with_mesh
 from polychip.compile.target import parse_target, tpu_devices
 from polychip.config import build_config
+from polychip.estimate.hlo import parse_module
 from polychip.kernels.registry import Target
 from polychip.model import transformer as T
 from polychip.train.step import StepSpec
@@ -44,7 +45,7 @@ def _param_sizes(cfg) -> set[int]:
 
 def _all_reduces(text: str):
     """[(computation, [element counts of the all-reduced arrays])]."""
-    comps, _ = hlo_mod.parse_module(text)
+    comps, _ = parse_module(text)
     out = []
     for name, instrs in comps.items():
         for ins in instrs:
