@@ -36,6 +36,31 @@ def run_train_steps(cfg, batches, devices=None, target=None):
     return losses, spec, state, b
 
 
+def steps_and_grads(cfg, n_steps=3, metrics=("loss",)):
+    """Train n_steps random batches through the one step builder, and take the first batch's gradients
+    (the oracle the mesh / pipeline / context / expert equality tests compare). Returns (per-step metrics:
+    a float per step for one name, else a tuple in `metrics` order; first gradients on the host; final
+    state; the StepSpec)."""
+    import jax
+
+    from polychip.model import transformer as T
+    from polychip.train.step import StepSpec
+
+    spec = StepSpec.build(cfg)
+    state = spec.init_state()
+    grads = jax.jit(jax.grad(lambda p, b: T.loss_fn(p, b, cfg.model, spec.runtime)[0]),
+                    in_shardings=(spec.shardings["params"], spec.batch_sharding))
+    out, g0 = [], None
+    for i, local in enumerate(random_batches(cfg, n_steps)):
+        batch = spec.put_batch(local)
+        if i == 0:
+            g0 = jax.device_get(grads(state["params"], batch))
+        state, m = spec.jitted(state, batch)
+        vals = tuple(float(m[k]) for k in metrics)
+        out.append(vals[0] if len(vals) == 1 else vals)
+    return out, g0, state, spec
+
+
 def random_batches(cfg, n, seed=0):
     """n random token batches [B, T+1] for cfg (numpy, reproducible from seed)."""
     import numpy as np

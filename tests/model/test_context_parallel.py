@@ -12,7 +12,7 @@ from polychip.model import transformer as T
 from polychip.parallel.mesh import make_mesh
 from polychip.parallel.sharding import Layout
 from polychip.train.step import StepSpec
-from tests.model.parallel_run import losses_and_grads
+from tests.conftest import steps_and_grads
 
 
 def _cfg(context=1, fsdp=1, tensor=1, **extra):
@@ -22,7 +22,11 @@ def _cfg(context=1, fsdp=1, tensor=1, **extra):
     return build_config("tiny", overrides=over + [f"{k.replace('__', '.')}={v}" for k, v in extra.items()])
 
 
-_run = losses_and_grads
+
+
+def _run(cfg, n_steps=2):
+    """(losses, first gradients) through the one step builder."""
+    return steps_and_grads(cfg, n_steps)[:2]
 
 
 CASES = {

@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 from polychip.config import build_config
 from polychip.model import transformer as T
 from polychip.train.step import StepSpec
-from tests.conftest import random_batches
+from tests.conftest import steps_and_grads
 
 # (data, fsdp, expert, tensor); moe-tiny has 4 experts.
 MESHES = [(1, 2, 4, 1), (1, 4, 2, 1), (2, 1, 2, 2)]
@@ -22,19 +22,8 @@ def _cfg(mesh, *extra):
 
 
 def _run(mesh, *extra, n_steps=3):
-    cfg = _cfg(mesh, *extra)
-    spec = StepSpec.build(cfg)
-    state = spec.init_state()
-    grads = jax.jit(jax.grad(lambda p, b: T.loss_fn(p, b, cfg.model, spec.runtime)[0]),
-                    in_shardings=(spec.shardings["params"], spec.batch_sharding))
-    losses, g0 = [], None
-    for i, local in enumerate(random_batches(cfg, n_steps)):
-        batch = spec.put_batch(local)
-        if i == 0:
-            g0 = jax.device_get(grads(state["params"], batch))
-        state, m = spec.jitted(state, batch)
-        losses.append((float(m["loss"]), float(m["moe_aux_loss"])))
-    return losses, g0, state
+    """([(loss, moe_aux_loss)] per step, first gradients, final state)."""
+    return steps_and_grads(_cfg(mesh, *extra), n_steps, metrics=("loss", "moe_aux_loss"))[:3]
 
 
 @pytest.fixture(scope="module")

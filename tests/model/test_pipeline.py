@@ -9,7 +9,7 @@ from polychip.config import ConfigError, build_config
 from polychip.model import pipeline
 from polychip.model import transformer as T
 from polychip.train.step import StepSpec
-from tests.model.parallel_run import losses_and_grads
+from tests.conftest import steps_and_grads
 
 
 def _cfg(stage=1, fsdp=1, data=1, micro=0, repeats=1, layers=8, **extra):
@@ -19,7 +19,11 @@ def _cfg(stage=1, fsdp=1, data=1, micro=0, repeats=1, layers=8, **extra):
     return build_config("tiny", overrides=over + [f"{k.replace('__', '.')}={v}" for k, v in extra.items()])
 
 
-_run = losses_and_grads
+
+
+def _run(cfg, n_steps=2):
+    """(losses, first gradients) through the one step builder."""
+    return steps_and_grads(cfg, n_steps)[:2]
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from polychip.config import build_config
-from polychip.model import transformer as T
 from polychip.parallel.mesh import make_mesh, resolve_shape
 from polychip.parallel.sharding import Layout, ShardingError
-from polychip.train.step import StepSpec
-from tests.conftest import random_batches
+from tests.conftest import steps_and_grads
 
 MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
 
@@ -23,20 +21,7 @@ def _cfg(mesh):
 
 
 def _run(mesh, n_steps=3):
-    cfg = _cfg(mesh)
-    spec = StepSpec.build(cfg)
-    rt = spec.runtime
-    state = spec.init_state()
-    grads = jax.jit(jax.grad(lambda p, b: T.loss_fn(p, b, cfg.model, rt)[0]),
-                    in_shardings=(spec.shardings["params"], spec.batch_sharding))
-    losses, g0 = [], None
-    for i, local in enumerate(random_batches(cfg, n_steps)):
-        batch = spec.put_batch(local)
-        if i == 0:
-            g0 = jax.device_get(grads(state["params"], batch))
-        state, m = spec.jitted(state, batch)
-        losses.append(float(m["loss"]))
-    return losses, g0, state
+    return steps_and_grads(_cfg(mesh), n_steps)[:3]
 
 
 @pytest.fixture(scope="module")

@@ -5,29 +5,17 @@ import numpy as np
 import pytest
 
 from polychip.config import MeshConfig, build_config
-from polychip.model import transformer as T
 from polychip.parallel.mesh import dcn_shape, make_mesh
 from polychip.parallel.sharding import ShardingError
 from polychip.train.step import StepSpec
-from tests.conftest import random_batches
+from tests.conftest import steps_and_grads
 from tests.parallel.replica_groups import collectives, spans
 
 BASE = ["train.batch_size=8", "train.seq_len=32", "train.warmup_steps=0", "train.lr=1e-2", "train.steps=3"]
 
 
 def _run(*overrides):
-    cfg = build_config("tiny", overrides=[*BASE, *overrides])
-    spec = StepSpec.build(cfg)
-    state = spec.init_state()
-    grads = jax.jit(jax.grad(lambda p, b: T.loss_fn(p, b, cfg.model, spec.runtime)[0]),
-                    in_shardings=(spec.shardings["params"], spec.batch_sharding))
-    losses, g0 = [], None
-    for i, local in enumerate(random_batches(cfg, 3)):
-        batch = spec.put_batch(local)
-        if i == 0:
-            g0 = jax.device_get(grads(state["params"], batch))
-        state, m = spec.jitted(state, batch)
-        losses.append(float(m["loss"]))
+    losses, g0, _, spec = steps_and_grads(build_config("tiny", overrides=[*BASE, *overrides]), 3)
     return losses, g0, spec
 
 
