@@ -89,11 +89,20 @@ def test_family_parity_both_ways(family, tmp_path):
 
     option, off = FAMILIES[family][3], FAMILIES[family][4]
     assert getattr(cfg, option) != off
+    assert_option_matters(family, cfg, params, tokens, ref, option, off)
+    assert_exported_equal(family, FAMILIES[family][1], cfg, params, model, tokens, ref, tmp_path)
+
+
+def assert_option_matters(family, cfg, params, tokens, ref, option, off):
+    """The sensitivity control: the family's option switched off moves the logits far past the tolerance."""
     err_off = rel_err(px_logits(dataclasses.replace(cfg, **{option: off}), params, tokens), ref)
     assert err_off > 100 * TOL, f"{family}: {option} did not matter (err {err_off:.3g})"
 
+
+def assert_exported_equal(family, model_cls, cfg, params, model, tokens, ref, tmp_path):
+    """polychip -> save_hf -> transformers' from_pretrained: every tensor bit-exact, logits within TOL."""
     save_hf(tmp_path / "px", cfg, params, dtype="float32")
-    back = getattr(transformers, FAMILIES[family][1]).from_pretrained(
+    back = getattr(transformers, model_cls).from_pretrained(
         tmp_path / "px", attn_implementation="eager", dtype=torch.float32).eval()
     want, got = model.state_dict(), back.state_dict()
     assert set(got) == set(want)

@@ -12,8 +12,9 @@ import jax
 import pytest
 
 from polychip.config import MODEL_PRESETS
-from polychip.model.hf import HFError, config_from_hf, config_to_hf, iter_hf_names, load_hf, save_hf
-from tests.model.test_hf_families import COMMON, TOL, hf_logits, px_logits, rel_err, tokens_for
+from polychip.model.hf import HFError, config_from_hf, config_to_hf, iter_hf_names, load_hf
+from tests.model.test_hf_families import (COMMON, TOL, assert_exported_equal, assert_option_matters, hf_logits,
+                                          px_logits, rel_err, tokens_for)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -56,18 +57,8 @@ def test_moe_family_parity_both_ways(family, tmp_path):
     assert rel_err(px_logits(cfg, params, tokens), ref) <= TOL, family
     assert cfg.n_params == sum(p.numel() for p in model.parameters()) == sum(x.size for x in jax.tree.leaves(params))
 
-    option, off = FAMILIES[family][3], FAMILIES[family][4]
-    err_off = rel_err(px_logits(dataclasses.replace(cfg, **{option: off}), params, tokens), ref)
-    assert err_off > 100 * TOL, f"{family}: {option} did not matter (err {err_off:.3g})"
-
-    save_hf(tmp_path / "px", cfg, params, dtype="float32")
-    back = getattr(transformers, FAMILIES[family][1]).from_pretrained(
-        tmp_path / "px", attn_implementation="eager", dtype=torch.float32).eval()
-    want, got = model.state_dict(), back.state_dict()
-    assert set(got) == set(want)
-    for k in want:
-        assert torch.equal(got[k], want[k]), f"{family}: {k} changed in the polychip -> HF round trip"
-    assert rel_err(hf_logits(back, tokens), ref) <= TOL
+    assert_option_matters(family, cfg, params, tokens, ref, FAMILIES[family][3], FAMILIES[family][4])
+    assert_exported_equal(family, FAMILIES[family][1], cfg, params, model, tokens, ref, tmp_path)
 
 
 def test_qwen2_moe_unnormalised_gates_matter(tmp_path):
