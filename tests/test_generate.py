@@ -49,6 +49,20 @@ def test_sample_filters_statistically():
     np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.03)
 
 
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (3, 1.0), (0, 0.9)])
+def test_sample_per_row_keys_draw_as_rows_alone(top_k, top_p):
+    """The serving step passes one key per row: each row draws what a batch of one with its key draws,
+    in every branch (plain draw, top-k / top-p sort), and temperature-0 rows stay greedy among them."""
+    logits = jax.random.normal(jax.random.key(1), (6, 50))
+    keys = jax.random.split(jax.random.key(2), 6)
+    temp = jnp.array([0.8, 0.0, 1.2, 0.8, 0.0, 2.0])
+    tk, tp = jnp.full((6,), top_k, jnp.int32), jnp.full((6,), top_p)
+    rows = np.asarray(sample(logits, keys, temp, tk, tp))
+    alone = [int(sample(logits[i:i + 1], keys[i], temp[i:i + 1], tk[i:i + 1], tp[i:i + 1])[0]) for i in range(6)]
+    assert rows.tolist() == alone
+    assert rows[1] == int(jnp.argmax(logits[1])) and rows[4] == int(jnp.argmax(logits[4]))
+
+
 def test_budget_eos_and_context_limits(model):
     cfg, p = model
     g = Generator(cfg, p)

@@ -119,20 +119,41 @@ def token_budget(prompt: list[int], sp: SamplingParams, max_len: int) -> int:
 
 def sample(logits, key, temperature, top_k, top_p):
     """logits [B, V] float32; temperature/top_p [B] float; top_k [B] int (0 = off) -> tokens [B] int32.
+    key: one PRNG key for the batch, or one per row ([B] keys, each row drawing as a batch of one would).
 
     Rows with temperature 0 take the argmax. Filtering follows the usual order: top-k, then top-p on
     the renormalised distribution (the most likely token is always kept)."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    # An all-greedy batch skips the sort over the vocabulary (15.8 ms per token for SmolLM2's 49k vocab on
-    # one CPU core, more than the model's decode step): lax.cond runs only the branch it takes.
-    return jax.lax.cond(jnp.all(temperature <= 0), lambda: greedy,
-                        lambda: _sample_filtered(logits, key, temperature, top_k, top_p, greedy))
+    # Only what the batch needs runs (lax.cond executes the branch it takes): an all-greedy batch draws
+    # nothing, and a batch without top-k / top-p draws from the scaled logits directly; only top-k / top-p
+    # sort the vocabulary (15.8 ms per row for SmolLM2's 49k vocabulary on one CPU core, more than the
+    # model's decode step). Plain draws and sorted draws differ for the same key, not in distribution.
+    sampling = temperature > 0
+    filtered = jnp.any(sampling & (((top_k > 0) & (top_k < logits.shape[-1])) | (top_p < 1.0)))
+    branch = jnp.where(jnp.any(sampling), jnp.where(filtered, 2, 1), 0)
+    return jax.lax.switch(branch, [lambda: greedy,
+                                   lambda: _sample_plain(logits, key, temperature, greedy),
+                                   lambda: _sample_filtered(logits, key, temperature, top_k, top_p, greedy)])
+
+
+def _categorical(key, logits):
+    """One draw per row: from one key for the batch, or per-row keys [B] (each as a batch of one)."""
+    if key.ndim:
+        return jax.vmap(lambda k, lg: jax.random.categorical(k, lg))(key, logits)
+    return jax.random.categorical(key, logits, axis=-1)
+
+
+def _scaled(logits, temperature):
+    return logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+
+
+def _sample_plain(logits, key, temperature, greedy):
+    return jnp.where(temperature > 0, _categorical(key, _scaled(logits, temperature)).astype(jnp.int32), greedy)
 
 
 def _sample_filtered(logits, key, temperature, top_k, top_p, greedy):
-    B, V = logits.shape
-    t = jnp.where(temperature > 0, temperature, 1.0)[:, None]
-    scaled = logits / t
+    V = logits.shape[-1]
+    scaled = _scaled(logits, temperature)
     order = jnp.argsort(-scaled, axis=-1)
     sorted_l = jnp.take_along_axis(scaled, order, axis=-1)
     rank = jnp.arange(V)[None, :]
@@ -141,7 +162,7 @@ def _sample_filtered(logits, key, temperature, top_k, top_p, greedy):
     probs = jax.nn.softmax(sorted_l, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # probability mass strictly above this token
     sorted_l = jnp.where((before < top_p[:, None]) | (rank == 0), sorted_l, -jnp.inf)
-    choice = jax.random.categorical(key, sorted_l, axis=-1)
+    choice = _categorical(key, sorted_l)
     sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
     return jnp.where(temperature > 0, sampled, greedy)
 

@@ -108,14 +108,12 @@ def forward(params: dict, kv: dict, tokens, positions, n_valid, block_tables, la
 def _sample_rows(logits, key_data, temperature, top_k, top_p):
     """Per-row keys (each request has its own seed): key_data [B, 2] uint32 -> (tokens [B], next key_data).
 
-    Each row does what Generator does for one sequence: key, sub = split(key); sample(..., sub)."""
-
-    def one(lg, kd, t, k, p):
-        key, sub = jax.random.split(jax.random.wrap_key_data(kd))
-        tok = sample(lg[None], sub, t[None], k[None], p[None])[0]
-        return tok, jax.random.key_data(key)
-
-    return jax.vmap(one)(logits, key_data, temperature, top_k, top_p)
+    Each row does what Generator does for one sequence: key, sub = split(key); sample(..., sub). The
+    batch goes to `sample` whole, not vmapped row by row: under vmap its lax.cond on "all rows greedy"
+    would become a select that runs the sort over the vocabulary for every row on every step."""
+    keys = jax.vmap(jax.random.split)(jax.random.wrap_key_data(key_data))  # [B, 2]
+    tok = sample(logits, keys[:, 1], temperature, top_k, top_p)
+    return tok, jax.random.key_data(keys[:, 0])
 
 
 class StepArgs(NamedTuple):
