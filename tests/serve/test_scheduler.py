@@ -27,7 +27,7 @@ def run(sch, batch, tok):
 
 
 def test_chunked_prefill_then_batched_decode_and_blocks_back():
-    ecfg = EngineConfig(max_batch=2, page_size=4, prefill_chunk=8)
+    ecfg = EngineConfig(max_batch=2, page_size=4, prefill_chunk=8, prefill_rows=1)
     pool = BlockPool(8, 4)  # 7 usable
     sch = Scheduler(ecfg, pool)
     a, b, c = seq(1, list(range(10)), 2), seq(2, [5, 6, 7], 3), seq(3, [1], 1)
@@ -51,6 +51,26 @@ def test_chunked_prefill_then_batched_decode_and_blocks_back():
     assert run(sch, sch.schedule("prefill"), 3) == [(3, 3, "length")]
     assert run(sch, sch.schedule("decode"), 0) == [(2, 0, "length")]
     assert not sch.has_work() and pool.all_returned()
+
+
+def test_prefill_batches_the_first_prompts_chunks():
+    """prefill_rows prompts share a prefill step, each with its own next chunk at its own position; a
+    prompt that finishes moves to decode while a longer one keeps its row in the next step."""
+    ecfg = EngineConfig(max_batch=4, page_size=4, prefill_chunk=8, prefill_rows=2)
+    sch = Scheduler(ecfg, BlockPool(16, 4))
+    a, b, c = seq(1, list(range(10)), 1), seq(2, [5, 6, 7], 2), seq(3, [1, 2], 1)
+    for s in (a, b, c):
+        sch.add(s)
+    assert sch.admit() == [a, b, c]
+    p = sch.schedule("prefill")
+    assert (p.seqs, p.size, p.width) == ([a, b], 2, 8)
+    assert [(r.tokens, r.start) for r in p.rows] == [(list(range(8)), 0), ([5, 6, 7], 0)]
+    assert run(sch, p, 4) == [(2, 4, None)]  # a's middle chunk samples nothing; b starts decoding
+    p = sch.schedule("prefill")
+    assert (p.seqs, p.size, p.width) == ([a, c], 2, 8)
+    assert [(r.tokens, r.start) for r in p.rows] == [([8, 9], 8), ([1, 2], 0)]
+    assert run(sch, p, 5) == [(1, 5, "length"), (3, 5, "length")]
+    assert sch.schedule("prefill") is None and [r.start for r in sch.schedule("decode").rows] == [3]
 
 
 def test_stop_token_is_not_emitted_and_fifo_waits_for_blocks():

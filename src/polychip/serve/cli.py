@@ -33,7 +33,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "--kv-memory-fraction of free device memory)")
     g.add_argument("--kv-memory-fraction", type=float, default=0.85,
                    help="share of free device memory for the KV cache when --kv-blocks is not given")
-    g.add_argument("--prefill-chunk", type=int, default=64, help="most prompt tokens per engine step (default 64)")
+    g.add_argument("--prefill-chunk", type=int, default=64,
+                   help="most tokens of one prompt per engine step (default 64)")
+    g.add_argument("--prefill-rows", type=int, default=4, help="most prompts prefilled together per step (default 4)")
     g.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429 (default 256)")
     g.add_argument("--no-prefix-cache", action="store_true", help="do not reuse KV blocks of shared prompt prefixes")
     g = p.add_argument_group("limits")
@@ -71,6 +73,7 @@ def build_server(args):
     ecfg = EngineConfig(max_batch=args.max_batch, page_size=args.page_size, kv_blocks=args.kv_blocks,
                         max_model_len=args.max_model_len,
                         kv_memory_fraction=args.kv_memory_fraction, prefill_chunk=args.prefill_chunk,
+                        prefill_rows=args.prefill_rows,
                         max_queue=args.max_queue, prefix_cache=not args.no_prefix_cache,
                         compute_dtype=inference_dtypes(args.dtype)[1])
     engine = Engine(cfg, params, ecfg, KernelPolicy.create())

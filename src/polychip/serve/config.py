@@ -29,8 +29,11 @@ class EngineConfig:
     kv_blocks: int | None = None
     #: Most of the device's free memory (after weights) the KV cache may take when kv_blocks is None.
     kv_memory_fraction: float = 0.85
-    #: Most prompt tokens processed per engine iteration (the largest prefill bucket).
+    #: Most tokens of one prompt processed per engine iteration (the widest prefill bucket).
     prefill_chunk: int = 64
+    #: Most prompts prefilled together in one step (each its own next chunk, padded to one width):
+    #: requests arriving together start together instead of one per iteration.
+    prefill_rows: int = 4
     #: Most requests waiting for admission; beyond it submit() raises QueueFull.
     max_queue: int = 256
     #: Reuse KV blocks of identical prompt prefixes.
@@ -43,11 +46,15 @@ class EngineConfig:
         return _pow2_buckets(1, self.max_batch)
 
     def chunk_buckets(self) -> tuple[int, ...]:
-        """Prefill chunk lengths the runner compiles ([1, C] each)."""
+        """Prefill chunk lengths the runner compiles."""
         return _pow2_buckets(min(16, self.prefill_chunk), self.prefill_chunk)
 
+    def prefill_row_buckets(self) -> tuple[int, ...]:
+        """Prefill batch sizes the runner compiles ([R, C] for each R here and C in chunk_buckets)."""
+        return _pow2_buckets(1, min(self.prefill_rows, self.max_batch))
+
     def validate(self) -> None:
-        for name in ("max_batch", "page_size", "prefill_chunk", "max_queue"):
+        for name in ("max_batch", "page_size", "prefill_chunk", "prefill_rows", "max_queue"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"serve: {name} must be >= 1, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len < 2:

@@ -8,8 +8,9 @@ with continuous batching, chunked prefill and prefix caching.
             tokens = runner.execute(batch)           one jitted step on the device
             scheduler.update(batch, tokens) -> accept each token: emit it, or finish the request
 
-Shapes are bucketed (decode batch sizes; prefill chunk lengths), so the jit cache holds
-len(batch_buckets) + len(chunk_buckets) programs, all compiled by `warmup()` before serving.
+Shapes are bucketed (decode batch sizes; prefill rows and chunk lengths), so the jit cache holds
+len(batch_buckets) + len(prefill_row_buckets) x len(chunk_buckets) programs, all compiled by
+`warmup()` before serving.
 
 Sinks are called on the engine thread with events ("token", id, logprobs), ("done", finish_reason)
 or ("error", message); the HTTP layer forwards them to its event loop. logprobs is None unless the
@@ -228,7 +229,8 @@ class Engine:
             self._finish(s, "error", "the server is shutting down")
 
     def _iteration(self) -> bool:
-        """Admit, then one prefill chunk, then one decode step; True when anything ran."""
+        """Admit, then one prefill step (a chunk of each of up to prefill_rows prompts), then one decode step;
+        True when anything ran."""
         admitted = self.scheduler.admit()
         if admitted:
             with self._lock:

@@ -105,9 +105,10 @@ class ModelRunner:
         return StepOut(np.asarray(prompt[1:], np.int32), np.zeros((0, 2), np.uint32), lp, top_ids, top_lp)
 
     def warmup(self, ecfg: EngineConfig) -> list[dict]:
-        """Compile every bucket: decode [B, 1] per batch bucket, prefill [1, C] per chunk bucket."""
+        """Compile every bucket: decode [B, 1] per batch bucket, prefill [R, C] per row and chunk bucket."""
         compiled = []
-        shapes = [("decode", b, 1) for b in ecfg.batch_buckets()] + [("prefill", 1, c) for c in ecfg.chunk_buckets()]
+        shapes = [("decode", b, 1) for b in ecfg.batch_buckets()] + [
+            ("prefill", r, c) for r in ecfg.prefill_row_buckets() for c in ecfg.chunk_buckets()]
         for kind, B, Tn in shapes:
             t0 = time.perf_counter()
             self.execute(Batch(kind, [], [], B, Tn))

@@ -7,8 +7,9 @@ Policy:
     nothing is ever preempted (preemption policy: none; the head of the queue waits for blocks);
   * prefix reuse: the prompt's full blocks whose chained hash is cached are taken by reference
     (at least one prompt token is always recomputed: its logits give the first output token);
-  * chunked prefill: one prompt's next chunk (at most `prefill_chunk` tokens) per iteration, so a
-    long prompt is interleaved with decode steps instead of stalling them;
+  * chunked, batched prefill: the next chunk (at most `prefill_chunk` tokens) of each of the first
+    `prefill_rows` prompts per iteration, so a long prompt is interleaved with decode steps instead
+    of stalling them, and requests that arrive together start together;
   * decode: every sequence past its prefill, one token each, batched.
 
 Batches are padded to the shape buckets of EngineConfig, so the runner only ever sees shapes it
@@ -132,13 +133,16 @@ class Scheduler:
     def schedule(self, kind: str) -> Batch | None:
         """The next batch of `kind`: the head prompt's next chunk, or one token for every decoding sequence."""
         if kind == "prefill":
-            if not self.prefilling:
+            seqs = list(self.prefilling)[: self.ecfg.prefill_rows]
+            if not seqs:
                 return None
-            s = self.prefilling[0]
-            c = min(self.ecfg.prefill_chunk, len(s.prompt) - s.computed)
-            width = next(b for b in self.ecfg.chunk_buckets() if b >= c)
-            row = Row(s.prompt[s.computed:s.computed + c], s.computed, s.blocks, s.key_data, s.step_sampling)
-            return Batch("prefill", [s], [row], 1, width)
+            rows = []
+            for s in seqs:
+                c = min(self.ecfg.prefill_chunk, len(s.prompt) - s.computed)
+                rows.append(Row(s.prompt[s.computed:s.computed + c], s.computed, s.blocks, s.key_data, s.step_sampling))
+            width = next(b for b in self.ecfg.chunk_buckets() if b >= max(len(r.tokens) for r in rows))
+            size = next(b for b in self.ecfg.prefill_row_buckets() if b >= len(rows))
+            return Batch("prefill", seqs, rows, size, width)
         if not self.decoding:
             return None
         # A sequence that just got its first token from prefill is here with 1 output token.
@@ -153,18 +157,20 @@ class Scheduler:
             for i, s in enumerate(batch.seqs):
                 s.key_data = key_data[i]
             return [(s, int(tokens[i])) for i, s in enumerate(batch.seqs)]
-        s, row = batch.seqs[0], batch.rows[0]
-        s.computed += len(row.tokens)
-        full = min(s.computed // self.ecfg.page_size, len(s.hashes))
-        for i in range(s.registered, full):
-            self.pool.register(s.blocks[i], s.hashes[i])
-        s.registered = max(s.registered, full)
-        if s.computed < len(s.prompt):
-            return []  # a middle chunk: its sample is discarded, its key not advanced
-        self.prefilling.popleft()
-        s.key_data = key_data[0]
-        self.decoding.append(s)
-        return [(s, int(tokens[0]))]
+        done = []
+        for i, (s, row) in enumerate(zip(batch.seqs, batch.rows)):
+            s.computed += len(row.tokens)
+            full = min(s.computed // self.ecfg.page_size, len(s.hashes))
+            for j in range(s.registered, full):
+                self.pool.register(s.blocks[j], s.hashes[j])
+            s.registered = max(s.registered, full)
+            if s.computed < len(s.prompt):
+                continue  # a middle chunk: its sample is discarded, its key not advanced
+            self.prefilling.remove(s)
+            s.key_data = key_data[i]
+            self.decoding.append(s)
+            done.append((s, int(tokens[i])))
+        return done
 
     @staticmethod
     def accept(s: Sequence, token: int) -> tuple[bool, str | None]:
