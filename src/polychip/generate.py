@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from polychip.config import ModelConfig
-from polychip.infer import (GenerationConfig, SamplingParams, builtin_generation_config, load_for_inference, sample,
-                            token_budget)
+from polychip.infer import (GenerationConfig, SamplingParams, builtin_generation_config, inference_layout,
+                            load_for_inference, sample, token_budget)
 from polychip.kernels.registry import KernelPolicy
 from polychip.model import transformer as T
 
@@ -45,7 +45,7 @@ class Generator:
     def __init__(self, cfg: ModelConfig, params: Any, tokenizer: Any = None, policy: KernelPolicy | None = None,
                  compute_dtype: str = "float32", gcfg: GenerationConfig | None = None):
         self.cfg = cfg
-        self.params = params
+        self.params = inference_layout(params)
         self.tok = tokenizer
         #: EOS ids, BOS rule and chat template (infer.load_generation_config); default: a run folder's.
         self.gcfg = gcfg if gcfg is not None or tokenizer is None else builtin_generation_config(tokenizer)

@@ -194,6 +194,13 @@ def load_for_inference(path: str | Path, dtype: str = "float32") -> tuple[ModelC
     return cfg, _quantize(params, quant), load_tokenizer(p / "tokenizer.json")
 
 
+def inference_layout(params: Any, platform: str | None = None) -> Any:
+    """params laid out for the inference steps of this platform (None: JAX's default backend): on a CPU,
+    the layers unstacked into a tuple (transformer.unstack_layers: XLA's CPU backend copies each layer's
+    weights out of a stacked array inside the layer scan); elsewhere unchanged (one scanned program)."""
+    return T.unstack_layers(params) if (platform or jax.default_backend()) == "cpu" else params
+
+
 def _quantize(params: Any, quant: str | None) -> Any:
     if quant is None:
         return params

@@ -75,7 +75,7 @@ def _from_micro(a):
 
 
 def pipeline(body: Callable, layers: dict, layer_axes: dict, x, positions, rt, *, unroll: bool = False):
-    """Run the layer stack as an S-stage pipeline. body(carry, (lp, None), positions=p) -> (carry, None)
+    """Run the layer stack as an S-stage pipeline. body(carry, lp, positions=p) -> (carry, aux)
     is the layer loop's body (remat already applied); x [B, T, D], positions [B, T] -> x [B, T, D]."""
     S, R = stages(rt), rt.pipeline_repeats
     L = jax.tree.leaves(layers)[0].shape[0]
@@ -88,7 +88,7 @@ def pipeline(body: Callable, layers: dict, layer_axes: dict, x, positions, rt, *
     act = ("stage", "batch", "seq", "act_embed")
 
     def run_stage(w_s, h, p):
-        return jax.lax.scan(lambda c, lp: body(c, (lp, None), positions=p), h, w_s, unroll=unroll)[0]
+        return jax.lax.scan(lambda c, lp: body(c, lp, positions=p), h, w_s, unroll=unroll)[0]
 
     run_stages = jax.vmap(run_stage, spmd_axis_name=STAGE_AXIS)
     stage_ids = jnp.arange(S)

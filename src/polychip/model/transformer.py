@@ -265,17 +265,49 @@ def block(x, lp, positions, cfg: ModelConfig, rt: Runtime, inv_freq, attend=None
 
 
 def contiguous_cache_attend(rt: Runtime, cache_pos, cfg: ModelConfig):
-    """attend() for a per-layer contiguous cache {"k","v"}: [B, S, K, Dh]: write the new keys/values at
-    cache_pos, then attend over the whole cache with the queries offset to cache_pos (decoding)."""
+    """attend() for a contiguous cache {"k","v"}: [L, B, S, K, Dh] and state (cache, layer): write the new
+    keys/values into the layer's slice at cache_pos (in place), then attend over that layer's cache with the
+    queries offset to cache_pos (decoding)."""
 
-    def attend(q, k, v, cache):
-        ck = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_pos, axis=1)
-        cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_pos, axis=1)
-        o = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), policy=rt.policy, causal=True, q_offset=cache_pos,
-                      **attention_options(cfg))
-        return o, {"k": ck, "v": cv}
+    def attend(q, k, v, state):
+        cache, i = state
+        at = (i, 0, cache_pos, 0, 0)
+        ck = jax.lax.dynamic_update_slice(cache["k"], k[None].astype(cache["k"].dtype), at)
+        cv = jax.lax.dynamic_update_slice(cache["v"], v[None].astype(cache["v"].dtype), at)
+        o = attention(q, ck[i].astype(q.dtype), cv[i].astype(q.dtype), policy=rt.policy, causal=True,
+                      q_offset=cache_pos, **attention_options(cfg))
+        return o, ({"k": ck, "v": cv}, i)
 
     return attend
+
+
+def layer_loop(step, carry, layers, unroll: bool = False):
+    """lax.scan over the layers, step(carry, layer params, layer index) -> (carry, y); returns (carry, ys).
+
+    `layers` is the stacked tree ([L, ...] leaves), scanned with a traced index, or a tuple of per-layer
+    trees (`unstack_layers`), looped over in Python with an int index (one unrolled program)."""
+    if isinstance(layers, tuple):
+        ys = []
+        for i, lp in enumerate(layers):
+            carry, y = step(carry, lp, i)
+            ys.append(y)
+        return carry, (None if ys[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *ys))
+    n = jax.tree.leaves(layers)[0].shape[0]
+    return jax.lax.scan(lambda c, xs: step(c, *xs), carry, (layers, jnp.arange(n, dtype=jnp.int32)), unroll=unroll)
+
+
+def unstack_layers(params: dict) -> dict:
+    """params with "layers" as a tuple of per-layer trees instead of one tree stacked on a layer axis.
+
+    For inference on CPU (infer.inference_layout): inside lax.scan, XLA's CPU backend copies every layer's
+    weights out of the stacked arrays before each matmul (a dynamic-slice fusion per weight; jax.profiler
+    on SmolLM2's float32 decode step: 58 of 88 ms), while separate arrays are read in place. hidden_states
+    and the paged serving step loop over a tuple in Python. Quantised weights (QArray) slice the same way."""
+    layers = params["layers"]
+    if isinstance(layers, tuple):
+        return params
+    n = jax.tree.leaves(layers)[0].shape[0]
+    return {**params, "layers": tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n))}
 
 
 def hidden_states(params: dict, tokens, cfg: ModelConfig, rt: Runtime, positions=None, cache=None, cache_pos=None):
@@ -300,21 +332,31 @@ def hidden_states(params: dict, tokens, cfg: ModelConfig, rt: Runtime, positions
     x = embed_tokens(params, tokens, cfg, dt)
     x = rt.constrain(x, ("batch", "seq", "act_embed"))
 
-    attend = None if cache is None else contiguous_cache_attend(rt, cache_pos, cfg)
-
-    def body(carry, xs, positions=positions):
-        lp, lc = xs
-        x, lc, aux = block(carry, lp, positions, cfg, rt, inv_freq, attend, lc)
-        return x, (lc, aux)
-
-    body = remat(body, rt.remat)
     unroll = rt.unroll_layers if rt.unroll_layers is not None else cfg.n_layers <= UNROLL_MAX_LAYERS
-    if cache is None and pipeline.stages(rt) > 1:
-        # MoE auxiliary losses do not pass through the pipeline's carry: Config.check_pipeline refuses MoE.
-        x, new_cache, aux = pipeline.pipeline(body, params["layers"], param_axes(cfg)["layers"], x, positions,
-                                              rt, unroll=bool(unroll)), None, {}
+    if cache is not None or isinstance(params["layers"], tuple):
+        # Inference: the cache (whole, [L, ...]) is carried and each layer writes its slice in place.
+        attend = None if cache is None else contiguous_cache_attend(rt, cache_pos, cfg)
+
+        def step(carry, lp, i):
+            x, c = carry
+            x, state, _ = block(x, lp, positions, cfg, rt, inv_freq, attend, None if c is None else (c, i))
+            return (x, None if state is None else state[0]), None
+
+        (x, new_cache), _ = layer_loop(step, (x, cache), params["layers"], unroll)
+        aux = {}
     else:
-        x, (new_cache, aux) = jax.lax.scan(body, x, (params["layers"], cache), unroll=bool(unroll))
+        def body(carry, lp, positions=positions):
+            x, _, aux = block(carry, lp, positions, cfg, rt, inv_freq)
+            return x, aux
+
+        body = remat(body, rt.remat)
+        if pipeline.stages(rt) > 1:
+            # MoE auxiliary losses do not pass through the pipeline's carry: Config.check_pipeline refuses MoE.
+            x, aux = pipeline.pipeline(body, params["layers"], param_axes(cfg)["layers"], x, positions, rt,
+                                       unroll=bool(unroll)), {}
+        else:
+            x, aux = jax.lax.scan(body, x, params["layers"], unroll=bool(unroll))
+        new_cache = None
     x = norm(x, params["final_norm"], cfg, rt)
     return x, new_cache, aux
 

@@ -92,14 +92,12 @@ def forward(params: dict, kv: dict, tokens, positions, n_valid, block_tables, la
                           **opts)
         return o, (kp, vp, layer)
 
-    def body(carry, xs):
+    def body(carry, lp, layer):
         x, kp, vp = carry
-        lp, layer = xs
         x, (kp, vp, _), _ = T.block(x, lp, positions, cfg, rt, inv_freq, attend, (kp, vp, layer))
         return (x, kp, vp), None
 
-    layers = jnp.arange(cfg.n_layers, dtype=jnp.int32)
-    (x, kp, vp), _ = jax.lax.scan(body, (x, kv["k"], kv["v"]), (params["layers"], layers))
+    (x, kp, vp), _ = T.layer_loop(body, (x, kv["k"], kv["v"]), params["layers"])
     x = jnp.take_along_axis(x, last_idx[:, None, None], axis=1)  # [B, 1, D]
     x = T.norm(x, params["final_norm"], cfg, rt)
     return T.output_logits(x, params, cfg)[:, 0], {"k": kp, "v": vp}

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from polychip.config import ConfigError, ModelConfig
-from polychip.infer import MAX_LOGPROBS
+from polychip.infer import MAX_LOGPROBS, inference_layout
 from polychip.model import transformer as T
 from polychip.serve import paged_model as PM
 from polychip.serve.config import EngineConfig
@@ -56,7 +56,7 @@ def kv_blocks_for(cfg: ModelConfig, ecfg: EngineConfig, max_len: int) -> int:
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, params: Any, rt: T.Runtime, num_blocks: int, page_size: int,
                  max_len: int | None = None):
-        self.cfg, self.params, self.rt = cfg, params, rt
+        self.cfg, self.params, self.rt = cfg, inference_layout(params), rt
         self.num_blocks, self.page_size = num_blocks, page_size
         self.max_len = max_len or cfg.max_seq_len
         self.dtype = T.DTYPES[rt.compute_dtype]
