@@ -134,11 +134,14 @@ class Generator:
 
 
 def generate_uncached(cfg: ModelConfig, params, prompt: list[int], n: int, policy: KernelPolicy | None = None) -> list[int]:
-    """Greedy decoding recomputing the whole sequence each step (the test oracle for the cache)."""
+    """Greedy decoding recomputing the whole sequence each step (the test oracle for the cache).
+
+    Every step runs the full forward pass over the sequence so far, zero-padded to len(prompt) + n (one
+    compiled shape; causal attention keeps the padding out of the logits read at the last real token)."""
     rt = T.Runtime(policy or KernelPolicy.create())
-    f = jax.jit(lambda p, t: T.logits(p, t, cfg, rt)[0])
-    seq = list(prompt)
-    for _ in range(n):
-        lg = f(params, jnp.asarray([seq], jnp.int32))
-        seq.append(int(jnp.argmax(lg[0, -1])))
-    return seq[len(prompt):]
+    f = jax.jit(lambda p, t, i: T.logits(p, t, cfg, rt)[0][0, i])
+    seq = np.zeros((1, len(prompt) + n), np.int32)
+    seq[0, :len(prompt)] = prompt
+    for i in range(len(prompt), len(prompt) + n):
+        seq[0, i] = int(jnp.argmax(f(params, jnp.asarray(seq), i - 1)))
+    return seq[0, len(prompt):].tolist()
