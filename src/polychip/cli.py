@@ -174,6 +174,7 @@ def cmd_generate(args) -> int:
     sp = _sampling_args(args, gcfg)
     gen = Generator(cfg, params, tok, KernelPolicy.create(), compute_dtype=inference_dtypes(args.dtype)[1],
                     gcfg=gcfg)
+    del params  # the Generator holds them (on a CPU, re-laid out per layer: keep one copy, not two)
     if args.chat:
         msgs = ([{"role": "system", "content": check_text(args.system, "--system")}] if args.system else [])
         r = gen.chat(msgs + [{"role": "user", "content": prompt}], sp)
