@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from polychip.config import ConfigError, ModelConfig
 from polychip.kernels.attention import attention
 from polychip.kernels.cross_entropy import cross_entropy
+from polychip.kernels.int8_matmul import int8_matmul
 from polychip.kernels.registry import KernelPolicy
 from polychip.kernels.rms_norm import rms_norm
 from polychip.model import moe, pipeline
@@ -179,11 +180,11 @@ def soft_cap(x, cap: float):
     return x if not cap else cap * jnp.tanh(x / cap)
 
 
-def output_logits(h, params: dict, cfg: ModelConfig):
+def output_logits(h, params: dict, cfg: ModelConfig, policy: KernelPolicy | None = None):
     """Final hidden states [..., D] -> logits [..., V] float32 (soft-capped when cfg.final_softcap)."""
     w = output_weight(params, cfg)
     if isinstance(w, QArray):
-        out = dense(h, w, out_dtype=jnp.float32)
+        out = dense(h, w, out_dtype=jnp.float32, policy=policy)
     else:
         out = jnp.einsum("...d,dv->...v", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
     return soft_cap(out, cfg.final_softcap)
@@ -192,7 +193,7 @@ def output_logits(h, params: dict, cfg: ModelConfig):
 # ----------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------
-def dense(x, w, n_in: int = 1, out_dtype=None):
+def dense(x, w, n_in: int = 1, out_dtype=None, policy: KernelPolicy | None = None):
     """x [..., *w.shape[:n_in]] contracted with w [*in, *out] -> [..., *out], as one 2-D matmul.
 
     Leading (token) dims and the weight's in/out dims are flattened first (free reshapes of
@@ -204,11 +205,14 @@ def dense(x, w, n_in: int = 1, out_dtype=None):
 
     w may be a float array (cast to x's dtype) or a QArray: the int8 weight is converted to x's dtype
     inside the matmul and the per-output-channel scales multiply the [M, N] product, which equals
-    x @ (q * scale) because each output column has one scale (model/quant.py)."""
+    x @ (q * scale) because each output column has one scale (model/quant.py). With a `policy`, int8
+    weights go through the kernel registry's int8_matmul (a hand-written CPU kernel for decode shapes)."""
     lead, ins, outs = x.shape[:x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
     K, N = math.prod(ins), math.prod(outs)
     pet = out_dtype or x.dtype
-    if isinstance(w, QArray):  # q is [N, K] (output-major; see QArray for why)
+    if isinstance(w, QArray) and w.scale is not None and policy is not None:
+        y = int8_matmul(x.reshape(-1, K), w.q.reshape(N, K), w.scale.reshape(N), policy=policy).astype(pet)
+    elif isinstance(w, QArray):  # q is [N, K] (output-major; see QArray for why)
         y = jnp.dot(x.reshape(-1, K), upcast(w.q.reshape(N, K).T, x.dtype), preferred_element_type=pet)
         if w.scale is not None:
             y = y * w.scale.reshape(N).astype(pet)
@@ -238,7 +242,8 @@ def block(x, lp, positions, cfg: ModelConfig, rt: Runtime, inv_freq, attend=None
     this layer's mixture-of-experts auxiliary losses ({} for a dense MLP)."""
     x = tag(x, "layer_input")
     h = norm(x, lp["attn_norm"], cfg, rt)
-    q, k, v = dense(h, lp["wq"]), dense(h, lp["wk"]), dense(h, lp["wv"])
+    pol = rt.policy
+    q, k, v = dense(h, lp["wq"], policy=pol), dense(h, lp["wk"], policy=pol), dense(h, lp["wv"], policy=pol)
     if cfg.qkv_bias:
         q, k, v = q + lp["bq"].astype(h.dtype), k + lp["bk"].astype(h.dtype), v + lp["bv"].astype(h.dtype)
     q = rt.constrain(q, ("batch", "seq", "act_heads", "head_dim"))
@@ -250,16 +255,16 @@ def block(x, lp, positions, cfg: ModelConfig, rt: Runtime, inv_freq, attend=None
     else:
         o, state = attend(q, k, v, state)
     o = tag(o, "context")
-    x = x + tag(dense(o, lp["wo"], n_in=2), "out_proj")
+    x = x + tag(dense(o, lp["wo"], n_in=2, policy=pol), "out_proj")
     x = rt.constrain(x, ("batch", "seq", "act_embed"))
     h = norm(x, lp["mlp_norm"], cfg, rt)
     aux = {}
     if cfg.n_experts:
         y, aux = moe.feed_forward(h, lp, cfg, rt, _ACTIVATIONS[cfg.mlp_act])
     else:
-        g, u = tag(dense(h, lp["w_gate"]), "mlp_gate"), tag(dense(h, lp["w_up"]), "mlp_up")
+        g, u = tag(dense(h, lp["w_gate"], policy=pol), "mlp_gate"), tag(dense(h, lp["w_up"], policy=pol), "mlp_up")
         a = rt.constrain(_ACTIVATIONS[cfg.mlp_act](g) * u, ("batch", "seq", "act_mlp"))
-        y = dense(a, lp["w_down"])
+        y = dense(a, lp["w_down"], policy=pol)
     x = rt.constrain(x + tag(y, "mlp_out"), ("batch", "seq", "act_embed"))
     return x, state, aux
 
@@ -364,7 +369,7 @@ def hidden_states(params: dict, tokens, cfg: ModelConfig, rt: Runtime, positions
 def logits(params: dict, tokens, cfg: ModelConfig, rt: Runtime, **kw):
     """tokens [B, T] -> logits [B, T, V] float32 (and the new cache when one was given)."""
     h, new_cache, _ = hidden_states(params, tokens, cfg, rt, **kw)
-    out = output_logits(h, params, cfg)
+    out = output_logits(h, params, cfg, rt.policy)
     out = rt.constrain(out, ("batch", "seq", "act_vocab"))
     return out, new_cache
 

@@ -100,7 +100,7 @@ def forward(params: dict, kv: dict, tokens, positions, n_valid, block_tables, la
     (x, kp, vp), _ = T.layer_loop(body, (x, kv["k"], kv["v"]), params["layers"])
     x = jnp.take_along_axis(x, last_idx[:, None, None], axis=1)  # [B, 1, D]
     x = T.norm(x, params["final_norm"], cfg, rt)
-    return T.output_logits(x, params, cfg)[:, 0], {"k": kp, "v": vp}
+    return T.output_logits(x, params, cfg, rt.policy)[:, 0], {"k": kp, "v": vp}
 
 
 def _sample_rows(logits, key_data, temperature, top_k, top_p):
