@@ -76,7 +76,8 @@ class Generator:
         # reads the whole cache, so sizing it for the model's full context made each step read up to 40x
         # more than it needs (issue 11: SmolLM2's 8192 context for ~200-token turns).
         cache_len = T.cache_length(n + budget, self.cfg)
-        cache = T.init_cache(self.cfg, 1, cache_len, T.DTYPES[self.rt.compute_dtype])
+        cache = T.init_cache(self.cfg, 1, cache_len, T.DTYPES[self.rt.compute_dtype],
+                             per_layer=isinstance(self.params["layers"], tuple))
         padded = np.zeros((1, _bucket(n, cache_len)), np.int32)
         padded[0, :n] = prompt
         t, k, p, seed = sp.step_values(self.cfg.vocab_size)

@@ -153,9 +153,14 @@ def test_unstacked_layers_give_the_stacked_logits_and_cache(mode):
     np.testing.assert_allclose(logits(flat, tokens, cfg, RT)[0], logits(params, tokens, cfg, RT)[0], rtol=1e-5, atol=1e-5)
     rt = Runtime(KernelPolicy.create(), unroll_layers=False)  # the stacked side scans, the other loops
     cache = init_cache(cfg, 2, 16)
-    (a, ca), (b, cb) = (logits(p, tokens, cfg, rt, cache=cache, cache_pos=jnp.int32(3)) for p in (flat, params))
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    b, cb = logits(params, tokens, cfg, rt, cache=cache, cache_pos=jnp.int32(3))
+    for c in (cache, init_cache(cfg, 2, 16, per_layer=True)):  # a stacked cache, or one per layer
+        a, ca = logits(flat, tokens, cfg, rt, cache=c, cache_pos=jnp.int32(3))
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        if isinstance(ca, tuple):
+            ca = {k: jnp.stack([layer[k] for layer in ca]) for k in ("k", "v")}
+        for k in ("k", "v"):
+            np.testing.assert_allclose(ca[k], cb[k], rtol=1e-5, atol=1e-5)
     for k in ("k", "v"):
-        np.testing.assert_allclose(ca[k], cb[k], rtol=1e-5, atol=1e-5)
-        assert float(jnp.abs(ca[k][:, :, 3:12]).min(axis=(0, 1, 3, 4)).min()) > 0  # written at positions 3..11
-        assert not np.asarray(ca[k][:, :, :3]).any() and not np.asarray(ca[k][:, :, 12:]).any()
+        assert float(jnp.abs(cb[k][:, :, 3:12]).min(axis=(0, 1, 3, 4)).min()) > 0  # written at positions 3..11
+        assert not np.asarray(cb[k][:, :, :3]).any() and not np.asarray(cb[k][:, :, 12:]).any()

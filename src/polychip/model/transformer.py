@@ -270,18 +270,22 @@ def block(x, lp, positions, cfg: ModelConfig, rt: Runtime, inv_freq, attend=None
 
 
 def contiguous_cache_attend(rt: Runtime, cache_pos, cfg: ModelConfig):
-    """attend() for a contiguous cache {"k","v"}: [L, B, S, K, Dh] and state (cache, layer): write the new
-    keys/values into the layer's slice at cache_pos (in place), then attend over that layer's cache with the
-    queries offset to cache_pos (decoding)."""
+    """attend() for a contiguous cache and state (cache, layer): write the new keys/values into the layer's
+    cache at cache_pos (in place), then attend over it with the queries offset to cache_pos (decoding).
+    The cache is {"k","v"}: [L, B, S, K, Dh], or a tuple of per-layer {"k","v"}: [B, S, K, Dh] (the
+    unstacked inference layout, where reading a layer's slice of a stacked cache would copy it)."""
 
     def attend(q, k, v, state):
         cache, i = state
-        at = (i, 0, cache_pos, 0, 0)
-        ck = jax.lax.dynamic_update_slice(cache["k"], k[None].astype(cache["k"].dtype), at)
-        cv = jax.lax.dynamic_update_slice(cache["v"], v[None].astype(cache["v"].dtype), at)
-        o = attention(q, ck[i].astype(q.dtype), cv[i].astype(q.dtype), policy=rt.policy, causal=True,
-                      q_offset=cache_pos, **attention_options(cfg))
-        return o, ({"k": ck, "v": cv}, i)
+        per_layer = isinstance(cache, tuple)
+        c = cache[i] if per_layer else cache
+        at = (0, cache_pos, 0, 0) if per_layer else (i, 0, cache_pos, 0, 0)
+        new = {n: jax.lax.dynamic_update_slice(c[n], (t if per_layer else t[None]).astype(c[n].dtype), at)
+               for n, t in (("k", k), ("v", v))}
+        ck, cv = (new["k"], new["v"]) if per_layer else (new["k"][i], new["v"][i])
+        o = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), policy=rt.policy, causal=True, q_offset=cache_pos,
+                      **attention_options(cfg))
+        return o, ((*cache[:i], new, *cache[i + 1:]) if per_layer else new, i)
 
     return attend
 
@@ -428,8 +432,12 @@ def cache_length(n_tokens: int, cfg: ModelConfig, min_len: int = MIN_CACHE_LEN) 
     return min(n, cfg.max_seq_len)
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
-    """Zeroed contiguous KV cache {"k", "v"}: [L, batch, max_len, K, Dh] (size max_len with cache_length)."""
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32, per_layer: bool = False):
+    """Zeroed contiguous KV cache {"k", "v"}: [L, batch, max_len, K, Dh] (size max_len with cache_length),
+    or with per_layer a tuple of L {"k", "v"}: [batch, max_len, K, Dh] (for unstacked layers)."""
+    if per_layer:
+        shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+        return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers))
     shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
