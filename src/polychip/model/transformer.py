@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from polychip.config import ConfigError, ModelConfig
 from polychip.kernels.attention import attention
 from polychip.kernels.cross_entropy import cross_entropy
-from polychip.kernels.int8_matmul import int8_matmul
+from polychip.kernels.quant_matmul import quant_matmul
 from polychip.kernels.registry import KernelPolicy
 from polychip.kernels.rms_norm import rms_norm
 from polychip.model import moe, pipeline
@@ -205,13 +205,15 @@ def dense(x, w, n_in: int = 1, out_dtype=None, policy: KernelPolicy | None = Non
 
     w may be a float array (cast to x's dtype) or a QArray: the int8 weight is converted to x's dtype
     inside the matmul and the per-output-channel scales multiply the [M, N] product, which equals
-    x @ (q * scale) because each output column has one scale (model/quant.py). With a `policy`, int8
-    weights go through the kernel registry's int8_matmul (a hand-written CPU kernel for decode shapes)."""
+    x @ (q * scale) because each output column has one scale (model/quant.py). With a `policy` and float32
+    activations, quantised weights go through the kernel registry's quant_matmul (hand-written CPU
+    kernels for decode shapes)."""
     lead, ins, outs = x.shape[:x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
     K, N = math.prod(ins), math.prod(outs)
     pet = out_dtype or x.dtype
-    if isinstance(w, QArray) and w.scale is not None and policy is not None:
-        y = int8_matmul(x.reshape(-1, K), w.q.reshape(N, K), w.scale.reshape(N), policy=policy).astype(pet)
+    if isinstance(w, QArray) and policy is not None and x.dtype == jnp.float32:
+        scale = None if w.scale is None else w.scale.reshape(N)
+        y = quant_matmul(x.reshape(-1, K), w.q.reshape(N, K), scale, policy=policy).astype(pet)
     elif isinstance(w, QArray):  # q is [N, K] (output-major; see QArray for why)
         y = jnp.dot(x.reshape(-1, K), upcast(w.q.reshape(N, K).T, x.dtype), preferred_element_type=pet)
         if w.scale is not None:

@@ -1,3 +1,0 @@
-from polychip.kernels.int8_matmul.api import int8_matmul
-
-__all__ = ["int8_matmul"]
