@@ -25,14 +25,20 @@ MATMUL_N = 2048
 REPEATS = 5
 
 
-def _cpu_model() -> str:
+def cpuinfo_field(name: str) -> str | None:
+    """The value of the first `name` line of /proc/cpuinfo ("model name", "flags", ...); None where the
+    file is unreadable (not Linux) or has no such line."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
+            if line.lower().startswith(name):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown-cpu"
+    return None
+
+
+def _cpu_model() -> str:
+    return cpuinfo_field("model name") or platform.processor() or platform.machine() or "unknown-cpu"
 
 
 def _core_count() -> int:

@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from polychip.config import ConfigError
+# A QArray's stored values in a float dtype: the one dequantisation, shared with the kernels' reference.
+from polychip.kernels.quant_matmul.reference import dequant as upcast
 
 QUANT_MODES = ("int8", "bf16")
 #: Load-time dtype names: (parameter dtype before quantisation, compute dtype, quantisation mode or None).
@@ -81,15 +83,6 @@ class QArray:
 def bf16_bits(w):
     """float weights -> their bfloat16 roundings' bit patterns as uint16 (see `upcast`)."""
     return jax.lax.bitcast_convert_type(jnp.asarray(w, jnp.float32).astype(jnp.bfloat16), jnp.uint16)
-
-
-def upcast(q, dtype):
-    """A QArray's stored values in `dtype`. bfloat16 bits (uint16) widen by a 16-bit shift into float32: an
-    integer op XLA CPU fuses into the consuming matmul like the int8 conversion, whereas a bfloat16 convert
-    there is rewritten into a bfloat16 dot that the CPU emulates (SmolLM2 decode: 1.3 tok/s vs 15 for int8)."""
-    if q.dtype == jnp.uint16:
-        return jax.lax.bitcast_convert_type(q.astype(jnp.uint32) << 16, jnp.float32).astype(dtype)
-    return q.astype(dtype)
 
 
 def quantize(w, n_in: int, n_lead: int = 0, mode: str = "int8") -> QArray:

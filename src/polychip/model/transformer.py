@@ -345,7 +345,8 @@ def hidden_states(params: dict, tokens, cfg: ModelConfig, rt: Runtime, positions
 
     unroll = rt.unroll_layers if rt.unroll_layers is not None else cfg.n_layers <= UNROLL_MAX_LAYERS
     if cache is not None or isinstance(params["layers"], tuple):
-        # Inference: the cache (whole, [L, ...]) is carried and each layer writes its slice in place.
+        # Inference: the whole cache (stacked [L, ...], or a tuple per layer) is carried and each layer
+        # writes its own part in place.
         attend = None if cache is None else contiguous_cache_attend(rt, cache_pos, cfg)
 
         def step(carry, lp, i):

@@ -131,7 +131,8 @@ class Scheduler:
         return admitted
 
     def schedule(self, kind: str) -> Batch | None:
-        """The next batch of `kind`: the head prompt's next chunk, or one token for every decoding sequence."""
+        """The next batch of `kind`: the next chunk of each of the first `prefill_rows` prompts, or one
+        token for every decoding sequence."""
         if kind == "prefill":
             seqs = list(self.prefilling)[: self.ecfg.prefill_rows]
             if not seqs:

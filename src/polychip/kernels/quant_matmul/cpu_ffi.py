@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from polychip.files import cache_dir
+from polychip.hardware.detect import cpuinfo_field
 from polychip.kernels.registry import kernel
 
 SOURCE = Path(__file__).with_name("quant_matmul.cc")
@@ -41,12 +42,7 @@ _state: dict[str, str | None] = {}  # "reason": None once built and registered, 
 
 
 def _missing_cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return list(CPU_FLAGS)
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    have = set(line.split(":", 1)[-1].split())
+    have = set((cpuinfo_field("flags") or "").split())
     return [f for f in CPU_FLAGS if f not in have]
 
 
