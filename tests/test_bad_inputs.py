@@ -188,6 +188,7 @@ CASES = [
         ("kv-blocks-0", ["--kv-blocks", "0"], "kv_blocks"),
         ("kv-fraction", ["--kv-memory-fraction", "2"], "kv_memory_fraction"),
         ("prefill-chunk-0", ["--prefill-chunk", "0"], "prefill_chunk"), ("max-queue-0", ["--max-queue", "0"], "max_queue"),
+        ("prefill-rows-0", ["--prefill-rows", "0"], "prefill_rows"),
         ("request-bytes-0", ["--max-request-bytes", "0"], "--max-request-bytes"),
         ("tokens-limit-neg", ["--max-tokens-limit", "-1"], "--max-tokens-limit"),
         ("empty-api-key", ["--api-key", " "], "--api-key"), ("dtype", ["--dtype", "fp8"], "invalid choice"),
