@@ -108,17 +108,20 @@ def main(argv: list[str] | None = None) -> int:
                     help="llama-bench binary (default: the one bench/llamacpp_build.sh builds into the cache); "
                          "its row is left out when the file is missing")
     ap.add_argument("--single-thread", action="store_true",
-                    help="one compute thread for torch and XLA (on a machine shared with other jobs, torch's "
-                         "spinning thread pool slowed 6x with 2 threads on 2 busy cores)")
+                    help="one compute thread for torch, for XLA's ops and for polychip's CPU matmul kernel (on a "
+                         "machine shared with other jobs, torch's spinning thread pool slowed 6x with 2 threads "
+                         "on 2 busy cores)")
     args = ap.parse_args(argv)
     if args.tokens < 1 or args.runs < 1:
         print("error: --tokens and --runs must be >= 1", file=sys.stderr)
         return 2
 
     if args.single_thread:
-        # Must be set before jax is first imported (the polychip runners import it).
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+        # Must be set before jax is first imported (the polychip runners import it): Eigen's threads off
+        # for XLA's own ops, and one thread per call of polychip's CPU matmul kernel (which otherwise splits
+        # its rows over the CPUs). XLA's runtime keeps its dispatch threads; the matmuls run on one.
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+        os.environ["POLYCHIP_CPU_KERNEL_THREADS"] = "1"
     import torch
     from transformers import AutoTokenizer
 

@@ -195,10 +195,22 @@ def load_for_inference(path: str | Path, dtype: str = "float32") -> tuple[ModelC
 
 
 def inference_layout(params: Any, platform: str | None = None) -> Any:
-    """params laid out for the inference steps of this platform (None: JAX's default backend): on a CPU,
-    the layers unstacked into a tuple (transformer.unstack_layers: XLA's CPU backend copies each layer's
-    weights out of a stacked array inside the layer scan); elsewhere unchanged (one scanned program)."""
-    return T.unstack_layers(params) if (platform or jax.default_backend()) == "cpu" else params
+    """params laid out for the inference steps of this platform (None: JAX's default backend); elsewhere
+    than on a CPU, unchanged (one scanned program). On a CPU:
+    - float32 matmul weights stored output-major (model/quant.py's "f32" QArray, the layout of the int8
+      and bfloat16 ones), so that decode steps run them through the kernel registry's quant_matmul (its
+      AVX-512 kernel streams the weights with software prefetch over XLA's intra-op threads; XLA's own
+      one-row dot ran on one core: SmolLM2's float32 decode step 29 -> 23 ms on two cores);
+    - the layers unstacked into a tuple (transformer.unstack_layers: XLA's CPU backend copies each
+      layer's weights out of a stacked array inside the layer scan).
+    Idempotent: params already laid out are returned as they are."""
+    if (platform or jax.default_backend()) != "cpu" or isinstance(params["layers"], tuple):
+        return params
+    from polychip.model.quant import is_quantized, quantize_params
+
+    if not is_quantized(params) and params["layers"]["wq"].dtype == jnp.float32:
+        params = quantize_params(params, "f32")
+    return T.unstack_layers(params)
 
 
 def _quantize(params: Any, quant: str | None) -> Any:

@@ -13,6 +13,10 @@ Symmetric round-to-nearest with scale = max|w| / 127 per channel (the LLM.int8()
 weight quantisation, Dettmers et al. 2022, section 3.1, without the outlier decomposition, which
 targets activations).
 
+Float32 weights laid out output-major ("f32" mode: a QArray of float32 values, no scale) are what
+infer.inference_layout gives a float32 model on a CPU, so that its decode matmuls take the same kernel
+(nothing is quantised).
+
 Weight-only bfloat16 ("bf16" mode) is the same QArray with bfloat16 values and no scale: what a
 `--dtype bfloat16` load means on a CPU, whose XLA backend has no bf16 matmul units and converts a bf16
 operand slowly unless the conversion is fused into the matmul, which it is for the output-major
@@ -33,7 +37,7 @@ from polychip.config import ConfigError
 # A QArray's stored values in a float dtype: the one dequantisation, shared with the kernels' reference.
 from polychip.kernels.quant_matmul.reference import dequant as upcast
 
-QUANT_MODES = ("int8", "bf16")
+QUANT_MODES = ("int8", "bf16", "f32")
 #: Load-time dtype names: (parameter dtype before quantisation, compute dtype, quantisation mode or None).
 INFERENCE_DTYPES = {
     "float32": ("float32", "float32", None),
@@ -59,7 +63,8 @@ class QArray:
     so one QArray serves the lookup (rows of q) and the output projection."""
 
     q: Any
-    #: float32 [*lead, N], or None for weight-only bfloat16 (q then holds the bfloat16 bits as uint16).
+    #: float32 [*lead, N], or None for weight-only bfloat16 (q then holds the bfloat16 bits as uint16) and
+    #: for output-major float32 (q float32).
     scale: Any
     in_shape: tuple[int, ...] = field(metadata=dict(static=True))
     out_shape: tuple[int, ...] = field(metadata=dict(static=True))
@@ -87,13 +92,16 @@ def bf16_bits(w):
 
 def quantize(w, n_in: int, n_lead: int = 0, mode: str = "int8") -> QArray:
     """Symmetric int8 of a logical [*lead, *in, *out] weight with one scale per output channel (the
-    max |w| over the n_in contracted dims / 127), or ("bf16") the weight in bfloat16, output-major.
+    max |w| over the n_in contracted dims / 127), or ("bf16") the weight in bfloat16, or ("f32") in
+    float32, output-major.
     Host (numpy) or device (jax) arrays."""
     xp = np if isinstance(w, np.ndarray) else jnp
     lead, ins, outs = w.shape[:n_lead], w.shape[n_lead:n_lead + n_in], w.shape[n_lead + n_in:]
     wf = xp.swapaxes(w.astype(xp.float32).reshape(*lead, math.prod(ins), math.prod(outs)), -1, -2)
     if mode == "bf16":
         return QArray(bf16_bits(wf), None, tuple(ins), tuple(outs))
+    if mode == "f32":
+        return QArray(wf, None, tuple(ins), tuple(outs))
     amax = xp.max(xp.abs(wf), axis=-1)
     scale = xp.where(amax > 0, amax / 127.0, 1.0).astype(xp.float32)
     q = xp.clip(xp.round(wf / scale[..., None]), -127, 127).astype(xp.int8)
@@ -111,7 +119,8 @@ def quantize_params(params: dict, mode: str = "int8") -> dict:
         raise ConfigError("params are already quantised")
     layers = dict(params["layers"])
     for key, n_in in _LAYER_IN_DIMS.items():
-        layers[key] = quantize(layers[key], n_in, n_lead=1, mode=mode)
+        if key in layers:  # a mixture-of-experts layer has its experts' weights instead of the MLP's
+            layers[key] = quantize(layers[key], n_in, n_lead=1, mode=mode)
     out = dict(params, layers=layers)
     if "lm_head" in params:
         out["lm_head"] = quantize(params["lm_head"], 1, mode=mode)  # [D, V]

@@ -1,12 +1,17 @@
-"""The weight-only quantised matmul as AVX-512 C++ kernels (quant_matmul.cc: int8 + scales, bfloat16)
+"""The weight-only matmul as AVX-512 C++ kernels (quant_matmul.cc: int8 + scales, bfloat16 bits, float32)
 called through XLA's FFI, for CPUs.
 
 Why: XLA's CPU backend fuses the int8 (or bfloat16-bits) -> float32 conversion into the dot but emits it
 as a scalar-ish loop (about 5 GMAC/s on one core here), so weight-only int8 and bfloat16 decoding of
-SmolLM2 were barely faster than float32 (whose dots run at memory speed). The kernel widens each 16 weights in registers and keeps
-R activation rows x NB weight rows of float32 accumulators in flight, so it runs at the speed the bytes
-arrive. One core, M = 1, 576 x 1536 weights, medians of 50 calls: 57-65 us, against 149-183 us for
-XLA's int8 path and 250-290 us for float32 (bench/generate.py shows the effect on a whole model).
+SmolLM2 were barely faster than float32. The kernel widens each 16 weights in registers and keeps R
+activation rows x NB weight rows of float32 accumulators in flight, prefetches the weight rows ahead in
+software, and splits the output rows over helper threads (at most the CPUs XLA's intra-op pool has, at
+most $POLYCHIP_CPU_KERNEL_THREADS). Decode decides the speed: one step reads every weight once, so the
+kernel's job is to stream bytes at the memory's speed. Measured here (2 cores; one core reads about
+14 GB/s from DRAM, two about 28 GB/s), SmolLM2's decode matmuls, all of them: int8 17.2 -> 6.6 ms on
+one thread with the prefetch (the interleaved rows had defeated the hardware prefetcher); the whole
+float32 decode step 29 -> 22 ms on two threads against XLA's one-row dots (output-major float32 weights,
+infer.inference_layout), which is 537 MB of weights at about 26 GB/s.
 
 It is used for few rows (M <= MAX_ROWS: decode steps, small batches); at prefill sizes XLA's GEMM is
 faster. Built on first use with the system C++ compiler into polychip's cache (keyed by the source,
@@ -26,18 +31,23 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from polychip.config import ConfigError
 from polychip.files import cache_dir
 from polychip.hardware.detect import cpuinfo_field
 from polychip.kernels.registry import kernel
 
 SOURCE = Path(__file__).with_name("quant_matmul.cc")
 #: FFI target per stored weight dtype: (target name, symbol in the library).
-TARGETS = {"int8": ("polychip_int8_matmul", "Int8Matmul"), "uint16": ("polychip_bf16_matmul", "Bf16Matmul")}
-FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-w")
+TARGETS = {"int8": ("polychip_int8_matmul", "Int8Matmul"), "uint16": ("polychip_bf16_matmul", "Bf16Matmul"),
+           "float32": ("polychip_f32_matmul", "F32Matmul")}
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-pthread", "-w")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "fma")
 #: Most activation rows sent to the kernel (beyond, XLA's GEMM reuses each weight across more rows).
 MAX_ROWS = 16
+#: Environment variable capping the threads of one kernel call (see max_threads).
+THREADS_ENV = "POLYCHIP_CPU_KERNEL_THREADS"
 _state: dict[str, str | None] = {}  # "reason": None once built and registered, else why not
 
 
@@ -92,10 +102,22 @@ def ensure_registered() -> str | None:
     return reason
 
 
+def max_threads() -> int:
+    """Most threads one kernel call uses: $POLYCHIP_CPU_KERNEL_THREADS when set to a positive integer,
+    else 0 (no limit but XLA's intra-op pool, i.e. the CPUs this process may run on)."""
+    raw = os.environ.get(THREADS_ENV, "").strip()
+    if not raw:
+        return 0
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(f"{THREADS_ENV}={raw!r}: expected a positive integer (threads per CPU kernel call)")
+    return int(raw)
+
+
 def quant_matmul(x, q, scale=None):
     out = jax.ShapeDtypeStruct((x.shape[0], q.shape[0]), jnp.float32)
     call = jax.ffi.ffi_call(TARGETS[str(q.dtype)][0], out)
-    return call(x, q) if scale is None else call(x, q, scale.astype(jnp.float32))
+    args = (x, q) if scale is None else (x, q, scale.astype(jnp.float32))
+    return call(*args, max_threads=np.int32(max_threads()))
 
 
 def _supported(target, query) -> str | None:

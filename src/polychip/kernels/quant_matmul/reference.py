@@ -1,6 +1,6 @@
 """Weight-only quantised matmul in plain jnp: x [M, K] float32 and output-major weights q [N, K], either
-int8 with one float32 scale per output channel (scale [N]) or bfloat16 bit patterns as uint16 (scale
-None) -> x @ dequant(q).T, [M, N] float32.
+int8 with one float32 scale per output channel (scale [N]), bfloat16 bit patterns as uint16 or float32
+(scale None) -> x @ dequant(q).T, [M, N] float32.
 
 Each output channel has one scale, so it multiplies the [M, N] product instead of the weights (what
 model/quant.py's QArray relies on); XLA fuses the conversion into the matmul."""
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 
 def dequant(q, dtype):
-    """Stored weight values (int8, or bfloat16 bits as uint16) in `dtype`. bfloat16 bits widen by a 16-bit
+    """Stored weight values (int8, bfloat16 bits as uint16, or float) in `dtype`. bfloat16 bits widen by a 16-bit
     shift into float32: an integer op XLA CPU fuses into the consuming matmul like the int8 conversion,
     whereas a bfloat16 convert there is rewritten into a bfloat16 dot that the CPU emulates (SmolLM2
     decode: 1.3 tok/s vs 15 for int8). model/quant.py's `upcast` is this function."""
