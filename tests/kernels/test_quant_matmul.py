@@ -79,6 +79,9 @@ def test_registry_uses_the_kernel_for_decode_rows_only():
     assert resolve("quant_matmul", cpu, dict(q, m=1), None).name == "cpu_ffi"
     assert resolve("quant_matmul", cpu, dict(q, m=1, weights="uint16"), None).name == "cpu_ffi"
     assert resolve("quant_matmul", cpu, dict(q, m=64), None).name == "reference"
+    assert resolve("quant_matmul", cpu, dict(q, m=16), None).name == "cpu_ffi"
+    assert resolve("quant_matmul", cpu, dict(q, m=8, weights="float32"), None).name == "cpu_ffi"
+    assert resolve("quant_matmul", cpu, dict(q, m=16, weights="float32"), None).name == "reference"
     assert resolve("quant_matmul", cpu, dict(q, m=1, dtype="bfloat16"), None).name == "reference"
     assert resolve("quant_matmul", Target("tpu"), dict(q, m=1), None).name == "reference"
     x, w, scale = _inputs(2, 64, 48, "int8")
