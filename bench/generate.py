@@ -4,7 +4,8 @@ SmolLM2-135M-Instruct (the fixture scripts/build_fixtures.py builds; built here 
 chat-templated prompt, batch 1, greedy, exactly --tokens new tokens (EOS ignored on both sides so every
 run does the same work). Each engine is warmed up once (compilation), then timed --runs times; the
 table gives the median tok/s (new tokens / wall time of the whole call, prefill included) and its
-ratio to transformers float32.
+ratio to transformers float32, and the weight bytes each engine streams per second (weights x tok/s:
+decoding a token reads every weight once, so on a CPU decode speed is bounded by memory bandwidth).
 
 polychip rows use polychip.generate.Generator as `polychip generate` runs it: the KV cache sized by
 polychip.model.transformer.cache_length(prompt + tokens) (a power of two, not the model's 8192-token
@@ -79,13 +80,16 @@ def transformers_runner(folder: Path, ids: list[int], n: int):
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     inp = torch.tensor([ids])
+    # Bytes of weights read per decoded token: all of them for a model with tied embeddings (SmolLM2: the
+    # table is the output projection); an untied table's lookup reads one row, so this overstates those.
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
     def run():
         with torch.no_grad():
             out = model.generate(inp, max_new_tokens=n, min_new_tokens=n, do_sample=False)
         return out[0, len(ids):].tolist()
 
-    return run
+    return run, nbytes
 
 
 def polychip_runner(folder: Path, ids: list[int], n: int, dtype: str):
@@ -93,10 +97,13 @@ def polychip_runner(folder: Path, ids: list[int], n: int, dtype: str):
     from polychip.infer import load_for_inference
     from polychip.model.quant import inference_dtypes
 
+    import jax
+
     cfg, params, _ = load_for_inference(folder, dtype)
     gen = Generator(cfg, params, None, compute_dtype=inference_dtypes(dtype)[1])
     sp = SamplingParams(temperature=0.0, max_tokens=n)
-    return lambda: gen.generate_ids(ids, sp, eos_id=None)[0]
+    nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(gen.params))
+    return (lambda: gen.generate_ids(ids, sp, eos_id=None)[0]), nbytes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,10 +147,12 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, ref_tokens = [], None
     for name, make in engines:
-        secs, toks = timed(make(), args.runs)
+        fn, nbytes = make()
+        secs, toks = timed(fn, args.runs)
         ref_tokens = toks if ref_tokens is None else ref_tokens
         same = next((i for i, (a, b) in enumerate(zip(toks, ref_tokens)) if a != b), len(toks))
-        rows.append({"engine": name, "seconds": secs, "tok_s": args.tokens / secs, "same_tokens_as_hf": same})
+        rows.append({"engine": name, "seconds": secs, "tok_s": args.tokens / secs, "same_tokens_as_hf": same,
+                     "weight_gb_s": nbytes * args.tokens / secs / 1e9})
         print(f"  {name:<41} {args.tokens / secs:8.1f} tok/s   ({secs:.2f} s)   "
               f"greedy tokens equal to transformers' for the first {same}", flush=True)
     if args.llamacpp.is_file():
@@ -154,10 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"  llama.cpp: no binary at {args.llamacpp} (bash bench/llamacpp_build.sh builds it); row left out")
     base = rows[0]["tok_s"]
-    print("\n| engine | tok/s | vs transformers float32 |\n|---|---|---|")
+    # Decoding one token reads every weight once, so weight bytes x tok/s is the memory traffic each engine
+    # sustains (prefill included in its time, so slightly understated): on a CPU, decode is bound by it.
+    print("\n| engine | tok/s | vs transformers float32 | weights streamed, GB/s |\n|---|---|---|---|")
     for r in rows:
         r["ratio"] = r["tok_s"] / base
-        print(f"| {r['engine']} | {r['tok_s']:.1f} | {r['ratio']:.2f}x |")
+        gbs = f"{r['weight_gb_s']:.1f}" if r.get("weight_gb_s") else "-"
+        print(f"| {r['engine']} | {r['tok_s']:.1f} | {r['ratio']:.2f}x | {gbs} |")
     if args.json:
         from polychip.files import atomic_write_json
 

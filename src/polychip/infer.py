@@ -199,8 +199,9 @@ def inference_layout(params: Any, platform: str | None = None) -> Any:
     than on a CPU, unchanged (one scanned program). On a CPU:
     - float32 matmul weights stored output-major (model/quant.py's "f32" QArray, the layout of the int8
       and bfloat16 ones), so that decode steps run them through the kernel registry's quant_matmul (its
-      AVX-512 kernel streams the weights with software prefetch over XLA's intra-op threads; XLA's own
-      one-row dot ran on one core: SmolLM2's float32 decode step 29 -> 23 ms on two cores);
+      AVX-512 kernel streams the weights with software prefetch over helper threads; XLA's own one-row
+      dot ran on one core: SmolLM2's float32 decode step, sampling included, 27.0 -> 22.2 ms on two
+      cores). Only where that kernel can run: XLA's dot on the transposed layout took 32.6 ms;
     - the layers unstacked into a tuple (transformer.unstack_layers: XLA's CPU backend copies each
       layer's weights out of a stacked array inside the layer scan).
     Idempotent: params already laid out are returned as they are."""
@@ -208,7 +209,9 @@ def inference_layout(params: Any, platform: str | None = None) -> Any:
         return params
     from polychip.model.quant import is_quantized, quantize_params
 
-    if not is_quantized(params) and params["layers"]["wq"].dtype == jnp.float32:
+    from polychip.kernels.quant_matmul.cpu_ffi import ensure_registered
+
+    if not is_quantized(params) and params["layers"]["wq"].dtype == jnp.float32 and ensure_registered() is None:
         params = quantize_params(params, "f32")
     return T.unstack_layers(params)
 

@@ -10,7 +10,7 @@ most $POLYCHIP_CPU_KERNEL_THREADS). Decode decides the speed: one step reads eve
 kernel's job is to stream bytes at the memory's speed. Measured here (2 cores; one core reads about
 14 GB/s from DRAM, two about 28 GB/s), SmolLM2's decode matmuls, all of them: int8 17.2 -> 6.6 ms on
 one thread with the prefetch (the interleaved rows had defeated the hardware prefetcher); the whole
-float32 decode step 29 -> 22 ms on two threads against XLA's one-row dots (output-major float32 weights,
+float32 decode step 27.0 -> 22.2 ms on two threads against XLA's one-row dots (output-major float32 weights,
 infer.inference_layout), which is 537 MB of weights at about 26 GB/s.
 
 It is used for few rows (M <= MAX_ROWS for the weight type: decode steps, small batches); beyond, XLA's
