@@ -232,6 +232,18 @@ def test_bad_input_is_one_line_exit_2(argv, needle, inputs, capsys, monkeypatch,
     assert_one_line_error(*run_cli(argv, capsys), needle)
 
 
+def test_a_bad_kernel_thread_cap_is_one_line_exit_2(inputs, capsys, monkeypatch):
+    # Read when the CPU matmul kernel is traced (a float32 model decodes through it on CPU), so this one
+    # compiles the tiny model first.
+    from polychip.kernels.quant_matmul import cpu_ffi
+
+    if cpu_ffi.ensure_registered() is not None:
+        pytest.skip(f"the CPU kernel is not used here: {cpu_ffi.ensure_registered()}")
+    monkeypatch.setenv(cpu_ffi.THREADS_ENV, "two")
+    argv = ["generate", "--checkpoint", inputs["run"], "--prompt", "hi", "--max-tokens", "2"]
+    assert_one_line_error(*run_cli(argv, capsys), "POLYCHIP_CPU_KERNEL_THREADS='two'")
+
+
 def test_the_sweep_is_large_enough():
     assert len(CASES) >= 80
 
