@@ -14,19 +14,14 @@ float32 decode step 27.0 -> 22.2 ms on two threads against XLA's one-row dots (o
 infer.inference_layout), which is 537 MB of weights at about 26 GB/s.
 
 It is used for few rows (M <= MAX_ROWS for the weight type: decode steps, small batches); beyond, XLA's
-GEMM is faster (it converts int8 and bfloat16 weights slowly, so those keep the kernel longer). Built on first use with the system C++ compiler into polychip's cache (keyed by the source,
-flags and jaxlib version), then registered as an FFI target; a machine without g++, without AVX-512 or
-whose build fails gets the reason from `supported_on` and the reference runs instead. Inference only:
-the custom call has no gradient.
+GEMM is faster (it converts int8 and bfloat16 weights slowly, so those keep the kernel longer). Built
+and registered by kernels/native.py; a machine without g++, without AVX-512 or whose build fails gets the
+reason from `supported_on` and the reference runs instead. Inference only: the custom call has no
+gradient.
 """
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import jax
@@ -34,74 +29,24 @@ import jax.numpy as jnp
 import numpy as np
 
 from polychip.config import ConfigError
-from polychip.files import cache_dir
-from polychip.hardware.detect import cpuinfo_field
+from polychip.kernels import native
 from polychip.kernels.registry import kernel
 
 SOURCE = Path(__file__).with_name("quant_matmul.cc")
 #: FFI target per stored weight dtype: (target name, symbol in the library).
 TARGETS = {"int8": ("polychip_int8_matmul", "Int8Matmul"), "uint16": ("polychip_bf16_matmul", "Bf16Matmul"),
            "float32": ("polychip_f32_matmul", "F32Matmul")}
-FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-pthread", "-w")
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "fma")
 #: Most activation rows sent to the kernel per stored weight type; beyond, XLA's GEMM is faster. SmolLM2's
 #: float32 serving step, kernel vs XLA: 25.7 vs 33.7 ms at 1 row, 51.4 vs 54.9 at 8, 90.7 vs 73.7 at 16;
 #: int8 at 16 rows: 67.6 vs 189 ms.
 MAX_ROWS = {"int8": 16, "uint16": 16, "float32": 8}
 #: Environment variable capping the threads of one kernel call (see max_threads).
 THREADS_ENV = "POLYCHIP_CPU_KERNEL_THREADS"
-_state: dict[str, str | None] = {}  # "reason": None once built and registered, else why not
-
-
-def _missing_cpu_flags() -> list[str]:
-    have = set((cpuinfo_field("flags") or "").split())
-    return [f for f in CPU_FLAGS if f not in have]
-
-
-def library_path() -> Path:
-    import jaxlib
-
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + jaxlib.__version__.encode()).hexdigest()
-    return cache_dir("kernels") / f"quant_matmul-{key[:16]}.so"
-
-
-def _build(out: Path) -> None:
-    """Compile to a temporary file beside `out`, then rename (concurrent builders never see half a file)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
-    try:
-        subprocess.run(["g++", *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp], check=True,
-                       capture_output=True, text=True, timeout=300)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def ensure_registered() -> str | None:
-    """Build (once per cache) and register the FFI target; None when usable, else the reason."""
-    if "reason" in _state:
-        return _state["reason"]
-    reason = None
-    missing = _missing_cpu_flags()
-    if missing:
-        reason = f"this CPU lacks {', '.join(missing)}"
-    elif shutil.which("g++") is None:
-        reason = "no g++ to build the kernel"
-    else:
-        try:
-            path = library_path()
-            if not path.is_file():
-                _build(path)
-            lib = ctypes.cdll.LoadLibrary(str(path))
-            for name, symbol in TARGETS.values():
-                jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
-        except (OSError, subprocess.SubprocessError) as e:
-            detail = getattr(e, "stderr", "") or str(e)
-            reason = f"building the kernel failed: {detail.strip().splitlines()[-1] if detail.strip() else e}"
-    _state["reason"] = reason
-    return reason
+    """Build (once per cache) and register the FFI targets; None when usable, else the reason."""
+    return native.ensure_registered(SOURCE, TARGETS.values())
 
 
 def max_threads() -> int:
