@@ -13,12 +13,12 @@ from polychip.kernels.attention import reference
 from polychip.kernels.attention.context import SEQ_SPLIT
 from polychip.kernels.registry import KernelPolicy, declare
 
-# Priority order (lower first): pallas_tpu 10, pallas_gpu 20 (auto=False until run on a GPU), sdpa 40,
-# xla 50, reference 100, then the Pallas CPU interpreters (200, 210; only an override selects them).
+# Priority order (lower first): pallas_tpu 10, pallas_gpu 20 (auto=False until run on a GPU), cpu_ffi 30
+# (one-token decode on CPU), sdpa 40, xla 50, reference 100, then the Pallas CPU interpreters (200, 210; only an override selects them).
 # Per shard, heads split only when query and KV heads split alike (GQA groups; see shard_specs).
 # A `seq` split (the `context` mesh axis) runs as context-parallel attention (context.py).
 BTHD = ("batch", "seq", "act_heads", None)
-OP = declare("attention", reference=reference.attention, backends=("pallas_tpu", "pallas_gpu", "xla"),
+OP = declare("attention", reference=reference.attention, backends=("pallas_tpu", "pallas_gpu", "cpu_ffi", "xla"),
              args={"q": BTHD, "k": BTHD, "v": BTHD, "q_offset": ("batch",), "kv_lengths": ("batch",)},
              seq_split=SEQ_SPLIT)
 
