@@ -1,12 +1,15 @@
 """On-disk cache of compile results, keyed by everything that affects them.
 
 Key = sha256 of: the full config dict, target text, mesh sizes, the step's shapes (mode, batch, seq),
-the jax / jaxlib / libtpu versions, and CACHE_VERSION (bump it when what we store changes).
+the jax / jaxlib / libtpu versions, polychip's own source (every .py, .cc and .json file of the package:
+a change to the model or a kernel changes the compiled program, and an entry keyed without it was
+returned stale after one), and CACHE_VERSION (bump it when what we store changes).
 Location: $POLYCHIP_CACHE_DIR or ~/.cache/polychip/compile. One JSON file per entry, written
 atomically; a corrupt entry is treated as a miss and overwritten.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import warnings
@@ -33,8 +36,23 @@ def versions() -> dict:
     return {p: _version(p) for p in ("jax", "jaxlib", "libtpu", "optax")}
 
 
+def fingerprint(root: Path) -> str:
+    """sha256 over the .py, .cc and .json files under root (relative path and bytes, in path order)."""
+    h = hashlib.sha256()
+    for p in sorted(q for q in root.rglob("*") if q.suffix in (".py", ".cc", ".json") and q.is_file()):
+        h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def source_fingerprint() -> str:
+    """fingerprint of the polychip package's source; computed once per process."""
+    return fingerprint(Path(__file__).resolve().parents[1])
+
+
 def key(payload: dict) -> str:
-    body = json.dumps({"v": CACHE_VERSION, "versions": versions(), **payload}, sort_keys=True, default=str)
+    body = json.dumps({"v": CACHE_VERSION, "versions": versions(), "source": source_fingerprint(), **payload},
+                      sort_keys=True, default=str)
     return hashlib.sha256(body.encode()).hexdigest()[:32]
 
 
