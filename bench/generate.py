@@ -93,11 +93,11 @@ def transformers_runner(folder: Path, ids: list[int], n: int):
 
 
 def polychip_runner(folder: Path, ids: list[int], n: int, dtype: str):
+    import jax
+
     from polychip.generate import Generator, SamplingParams
     from polychip.infer import load_for_inference
     from polychip.model.quant import inference_dtypes
-
-    import jax
 
     cfg, params, _ = load_for_inference(folder, dtype)
     gen = Generator(cfg, params, None, compute_dtype=inference_dtypes(dtype)[1])

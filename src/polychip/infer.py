@@ -207,9 +207,8 @@ def inference_layout(params: Any, platform: str | None = None) -> Any:
     Idempotent: params already laid out are returned as they are."""
     if (platform or jax.default_backend()) != "cpu" or isinstance(params["layers"], tuple):
         return params
-    from polychip.model.quant import is_quantized, quantize_params
-
     from polychip.kernels.quant_matmul.cpu_ffi import ensure_registered
+    from polychip.model.quant import is_quantized, quantize_params
 
     if not is_quantized(params) and params["layers"]["wq"].dtype == jnp.float32 and ensure_registered() is None:
         params = quantize_params(params, "f32")

@@ -6,9 +6,10 @@
 // Each 16 weights are widened to float32 in registers (int8: sign-extend + convert; bfloat16: zero-extend
 // + shift left 16) and fused-multiplied into float32 accumulators: the weights are read once, at their
 // stored width, and never written out in float32, which XLA's CPU backend does not manage for a fused
-// convert + dot at few rows (cpu_ffi.py has the figures). The output rows are split over XLA's intra-op
-// thread pool for large weights, and the weight rows ahead are prefetched in software. XLA FFI handlers
-// (xla/ffi/api/ffi.h from jaxlib's headers); cpu_ffi.py builds and registers them.
+// convert + dot at few rows (cpu_ffi.py has the figures). For large weights the output rows are split over
+// helper threads (Helpers; as many as XLA's intra-op pool has threads), and the weight rows ahead are
+// prefetched in software. XLA FFI handlers (xla/ffi/api/ffi.h from jaxlib's headers); kernels/native.py
+// builds them and cpu_ffi.py registers them.
 #include <immintrin.h>
 
 #include <algorithm>
