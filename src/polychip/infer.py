@@ -203,7 +203,9 @@ def inference_layout(params: Any, platform: str | None = None) -> Any:
       dot ran on one core: SmolLM2's float32 decode step, sampling included, 27.0 -> 22.2 ms on two
       cores). Only where that kernel can run: XLA's dot on the transposed layout took 32.6 ms;
     - the layers unstacked into a tuple (transformer.unstack_layers: XLA's CPU backend copies each
-      layer's weights out of a stacked array inside the layer scan).
+      layer's weights out of a stacked array inside the layer scan);
+    - each layer's q/k/v and gate/up projections fused into one weight each where they are QArrays
+      (transformer.fuse_projections: fewer, larger kernel calls).
     Idempotent: params already laid out are returned as they are."""
     if (platform or jax.default_backend()) != "cpu" or isinstance(params["layers"], tuple):
         return params
@@ -212,7 +214,7 @@ def inference_layout(params: Any, platform: str | None = None) -> Any:
 
     if not is_quantized(params) and params["layers"]["wq"].dtype == jnp.float32 and ensure_registered() is None:
         params = quantize_params(params, "f32")
-    return T.unstack_layers(params)
+    return T.fuse_projections(T.unstack_layers(params))
 
 
 def _quantize(params: Any, quant: str | None) -> Any:

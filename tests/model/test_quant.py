@@ -137,17 +137,20 @@ def test_attn_softcap_changes_attention_only_when_it_binds():
     assert rel_err(loose, base) < 1e-5 and rel_err(tight, base) > 1e-2
 
 
-@pytest.mark.parametrize("mode", [None, "int8", "bf16"])
+@pytest.mark.parametrize("mode", [None, "int8", "bf16", "f32"])
 def test_unstacked_layers_give_the_stacked_logits_and_cache(mode):
-    """The CPU inference layout (per-layer weights, a Python loop) computes what the scanned stack does,
-    for float and quantised weights, with and without a KV cache (written in place per layer)."""
-    from polychip.model.transformer import init_cache, unstack_layers
+    """The CPU inference layout (per-layer weights, a Python loop, q/k/v and gate/up fused into one weight
+    each where they are QArrays) computes what the scanned stack does, for float and quantised weights,
+    with and without a KV cache (written in place per layer)."""
+    from polychip.model.transformer import fuse_projections, init_cache, unstack_layers
 
-    cfg = tiny()
+    cfg = tiny()  # GQA (4 query, 2 KV heads): the fused q/k/v splits at unequal widths
     params = init_params(cfg, jax.random.key(0))
     params = params if mode is None else quantize_params(params, mode)
-    flat = unstack_layers(params)
+    flat = fuse_projections(unstack_layers(params))
     assert isinstance(flat["layers"], tuple) and len(flat["layers"]) == cfg.n_layers
+    fused = {"wqkv", "w_gateup"} <= set(flat["layers"][0])
+    assert fused == (mode is not None) and fused != bool({"wq", "wk", "wv", "w_gate", "w_up"} & set(flat["layers"][0]))
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
     # Separately fused programs: equal up to float32 rounding.
     np.testing.assert_allclose(logits(flat, tokens, cfg, RT)[0], logits(params, tokens, cfg, RT)[0], rtol=1e-5, atol=1e-5)
