@@ -116,7 +116,7 @@ def _memory_figures(r: StepReport, c: CompiledStep, spec: TargetSpec) -> None:
         f["hbm_per_device"] = fig(cap, "B", "model", f"catalog: {chip.name} {chip.hbm_bytes / 1e9:.1f} GB per chip"
                                   + (f" / {dpc} devices" if dpc > 1 else ""))
         r.fits = used <= cap
-        f["hbm_margin_per_device"] = fig(cap - used, "B", "compiled", "negative: does not fit")
+        f["hbm_margin_per_device"] = fig(cap - used, "B", "compiled", "spare" if r.fits else "negative: does not fit")
 
 
 def _flops_figures(r: StepReport, c: CompiledStep, mf: float, n_dev: int) -> None:

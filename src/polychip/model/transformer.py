@@ -194,14 +194,16 @@ def output_logits(h, params: dict, cfg: ModelConfig, policy: KernelPolicy | None
 # Forward
 # ----------------------------------------------------------------------------------------------
 def dense(x, w, n_in: int = 1, out_dtype=None, policy: KernelPolicy | None = None):
-    """x [..., *w.shape[:n_in]] contracted with w [*in, *out] -> [..., *out], as one 2-D matmul.
+    """x [..., *w.shape[:n_in]] contracted with w [*in, *out] -> [..., *out].
 
-    Leading (token) dims and the weight's in/out dims are flattened first (free reshapes of
+    Where the policy says so (KernelPolicy.flat_matmuls: CPU targets, and without a policy), as one 2-D
+    matmul: leading (token) dims and the weight's in/out dims are flattened first (free reshapes of
     contiguous arrays), so forward and both backward products are plain [M, K] x [K, N] GEMMs with
     a single contracting dim. An einsum over [B, T, D] contracts two dims (batch and seq) for the
     weight gradient, and XLA's CPU backend then materialises a transposed copy of the
     [B*T, out] activation gradient with a strided (cache-missing) loop: the `small` preset's MLP
-    backward measured 2.3x slower than this form. The math (and the FLOPs) are the einsum's.
+    backward measured 2.3x slower than this form. Elsewhere, one dot_general over the activation's own
+    shape: the same math and FLOPs, and TPU's layout assignment copies less (see flat_matmuls).
 
     w may be a float array (cast to x's dtype) or a QArray: the int8 weight is converted to x's dtype
     inside the matmul and the per-output-channel scales multiply the [M, N] product, which equals
@@ -218,8 +220,11 @@ def dense(x, w, n_in: int = 1, out_dtype=None, policy: KernelPolicy | None = Non
         y = jnp.dot(x.reshape(-1, K), upcast(w.q.reshape(N, K).T, x.dtype), preferred_element_type=pet)
         if w.scale is not None:
             y = y * w.scale.reshape(N).astype(pet)
-    else:
+    elif policy is None or policy.flat_matmuls:
         y = jnp.dot(x.reshape(-1, K), w.reshape(K, N).astype(x.dtype), preferred_element_type=pet)
+    else:
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        return jax.lax.dot_general(x, w.astype(x.dtype), (contract, ((), ())), preferred_element_type=pet)
     return y.reshape(*lead, *outs)
 
 
