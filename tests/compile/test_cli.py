@@ -74,3 +74,28 @@ def test_gpu_compile_and_plan_give_one_step_time(tmp_path):
                  f"train.grad_accum={e.grad_accum}", "--json", str(out)]) == 0
     step = json.loads(out.read_text())["steps"][0]["figures"]["step_time"]
     assert step["value"] == pytest.approx(e.step_time_s, rel=1e-9)
+
+
+def test_a_compiler_failure_is_one_line_not_a_traceback(monkeypatch, capsys):
+    """A program the TPU compiler fails on (libtpu 0.0.42.1: host offload inside a pipeline stage, e.g.
+    `--model 1b --target 'v6e:2x2*2' --mesh stage=2,fsdp=2,context=2 train.remat=offload_layer_input`) gives
+    no fit and no estimate: one line and exit 2, with the compiler's message cut to its two ends."""
+    import jax
+
+    from polychip.compile import lower
+
+    class Lowered:
+        def compile(self):
+            raise jax.errors.JaxRuntimeError("INTERNAL: during context [post-optimization]: " + "x" * 2000
+                                             + " Bitcast cannot have different memory spaces")
+
+    class Jitted:
+        def lower(self, *args):
+            return Lowered()
+
+    real = lower._compile
+    monkeypatch.setattr(lower, "_compile", lambda name, jitted, *a, **kw: real(name, Jitted(), *a, **kw))
+    assert main(["compile", "--model", "tiny", "--target", "v5e:2x2", "--no-cache"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("polychip: error: the XLA TPU compiler failed on this configuration") and "\n" not in err
+    assert "INTERNAL: during context" in err and "different memory spaces" in err and len(err) < 800

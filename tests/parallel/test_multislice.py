@@ -62,3 +62,22 @@ def test_only_reductions_cross_slices():
     crossing = {kind for kind, groups, _ in found if spans(groups, slice_of)}
     assert crossing == {"all-reduce"}
     assert any(kind == "all-gather" and not spans(g, slice_of) for kind, g, _ in found)
+
+
+@pytest.mark.parametrize("cfg, sizes, gathered", [
+    (MeshConfig(data=2, fsdp=4, slices=2), {"data": 2, "stage": 1, "fsdp": 4, "tensor": 1, "context": 1,
+                                            "expert": 1}, True),
+    (MeshConfig(stage=2, fsdp=4, slices=2, dcn_axes=("data", "stage")),
+     {"data": 1, "stage": 2, "fsdp": 4, "tensor": 1, "context": 1, "expert": 1}, False),
+    (MeshConfig(data=2, fsdp=4), {"data": 2, "stage": 1, "fsdp": 4, "tensor": 1, "context": 1, "expert": 1}, False),
+])
+def test_embedding_table_is_gathered_only_when_the_batch_crosses_slices(cfg, sizes, gathered):
+    """The sharded lookup's backward all-to-all moves the batch's activation gradient: over slices that
+    split the batch it would cross the data-centre network, so the table is gathered there; slices joined
+    by pipeline stages only (or one slice) keep the sharded lookup (6.7 GB of HBM per chip on llama3-405b)."""
+    from polychip.train.step import layout_rules
+
+    rules = layout_rules(cfg, sizes)
+    assert ("embed_lookup" in rules and rules["embed_lookup"] is None) == gathered
+    user = {"embed_lookup": ["fsdp"]}  # the user's rule wins
+    assert layout_rules(MeshConfig(**{**cfg.__dict__, "rules": user}), sizes) == user

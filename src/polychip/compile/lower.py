@@ -160,7 +160,20 @@ def _compile(name: str, jitted, args: tuple, trace_fn, n_devices: int, on_phase=
     try:
         compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 - only the compiler's OOM refusal is a result; the rest re-raise
+        import jax
+
+        from polychip.compile.errors import CompileError
+
         oom = parse_oom(str(e)) if "RESOURCE_EXHAUSTED" in str(e) else None
+        if oom is None and isinstance(e, jax.errors.JaxRuntimeError):
+            # The compiler failed on a program it should build (an internal error, not a refusal of the
+            # user's sizes): no fit and no estimate exist for it. Say so in one line, with the compiler's.
+            text = " ".join(str(e).split())
+            text = text if len(text) <= 400 else f"{text[:180]} ... {text[-200:]}"
+            raise CompileError(f"the XLA TPU compiler failed on this configuration, so there is no fit or estimate "
+                               f"for it: {text} (a compiler limitation "
+                               f"for this combination; another remat policy or mesh may compile; --debug shows "
+                               f"the whole message)") from e
         if oom is None:
             raise
         t2 = time.perf_counter()
