@@ -224,18 +224,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Int8Matmul, Int8MatmulImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(Bf16Matmul, UnscaledImpl<ffi::U16>,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Attr<int32_t>("max_threads")
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+// The binding of the unscaled kernels: x float32 [M, K] and weights of type T [N, K].
+template <ffi::DataType T>
+static auto UnscaledBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Attr<int32_t>("max_threads")
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<T>>()
+      .template Ret<ffi::Buffer<ffi::F32>>();  // `template`: the binding type depends on T here
+}
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(F32Matmul, UnscaledImpl<ffi::F32>,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Attr<int32_t>("max_threads")
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Bf16Matmul, UnscaledImpl<ffi::U16>, UnscaledBinding<ffi::U16>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(F32Matmul, UnscaledImpl<ffi::F32>, UnscaledBinding<ffi::F32>());
