@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from polychip.compile import hlo as hlo_mod
 from polychip.compile import program_flops
+from polychip.compile.errors import CompileError
 from polychip.compile.target import TargetSpec, tpu_devices
 from polychip.config import Config, MeshConfig
 from polychip.parallel.sharding import MESH_AXES
@@ -161,8 +162,6 @@ def _compile(name: str, jitted, args: tuple, trace_fn, n_devices: int, on_phase=
         compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 - only the compiler's OOM refusal is a result; the rest re-raise
         import jax
-
-        from polychip.compile.errors import CompileError
 
         oom = parse_oom(str(e)) if "RESOURCE_EXHAUSTED" in str(e) else None
         if oom is None and isinstance(e, jax.errors.JaxRuntimeError):

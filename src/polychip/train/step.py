@@ -146,17 +146,17 @@ class StepSpec:
         return jax.make_array_from_process_local_data(self.batch_sharding, local)
 
 
-def layout_rules(mesh: MeshConfig, sizes: dict[str, int] | None = None) -> dict:
+def layout_rules(mesh: MeshConfig, sizes: dict[str, int]) -> dict:
     """mesh.rules, plus what a multi-slice mesh needs unless the user said otherwise: when the batch is split
     across slices (a DCN axis other than `stage` spans more than one), the embedding table gathered for the
     lookup, so that only gradient reductions cross slices (model.transformer.hidden_states). Slices joined
     by pipeline stages only keep the sharded lookup, whose backward all-to-all stays inside a slice: for
     llama3-405b over 2 v6e slices, gathering the 4 GB table and its gradient cost 6.7 GB of HBM per chip.
-    `sizes`: the mesh's axis sizes (None: as if the batch crossed slices)."""
+    `sizes`: the mesh's axis sizes."""
     if mesh.slices <= 1:
         return dict(mesh.rules)
-    span = dcn_shape(mesh, sizes) if sizes is not None else None
-    if span is not None and all(span[a] == 1 for a in mesh.dcn_axes if a != "stage"):
+    span = dcn_shape(mesh, sizes)
+    if all(span[a] == 1 for a in mesh.dcn_axes if a != "stage"):
         return dict(mesh.rules)
     return {"embed_lookup": None, **mesh.rules}
 
