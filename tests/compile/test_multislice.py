@@ -9,6 +9,7 @@ whose bytes are those of this device's shard of the gradients.
 import math
 import re
 
+import jax
 import pytest
 
 from polychip.compile.lower import with_mesh
@@ -66,3 +67,41 @@ def test_every_dcn_transfer_is_a_gradient_all_reduce(compiled):
     # and the loss/norm scalars: no activations.
     shard = 4 * T.count_params(T.abstract_params(step.cfg.model)) / 4
     assert shard <= sent <= 1.5 * shard
+
+
+@pytest.fixture(scope="module")
+def pipelined():
+    """2 pipeline stages, one per v5e:2x2 slice, fsdp 4 within each; 2 micro-batches of 4 rows."""
+    spec = parse_target("v5e:2x2*2")
+    devices = tpu_devices(spec)
+    sizes = parse_mesh("stage=2,fsdp=4", spec.n_devices, spec.num_slices)
+    cfg = with_mesh(build_config("tiny", overrides=REF + ["train.pipeline_microbatches=2"]), sizes, spec.num_slices)
+    step = StepSpec.build(cfg, devices=devices, target=Target(platform="tpu", device_kind=devices[0].device_kind),
+                          check=False)
+    hlo = step.jitted.lower(step.abstract_state, step.abstract_batch).compile().as_text()
+    return step, hlo
+
+
+def test_pipeline_stages_hand_activations_across_slices(pipelined):
+    """Stage s sits on slice s, in-slice collectives stay in a slice, and stage-to-stage hand-offs cross the
+    DCN as one-to-one transfers of one micro-batch's activations on each device: f32[1 row, 64 tokens,
+    64 features] (4 rows per micro-batch over fsdp 4), in every iteration of the M + S - 1 = 3 of the
+    forward loop and of its backward."""
+    from polychip.estimate.hlo import ops_from_hlo
+
+    step, hlo = pipelined
+    mesh = step.layout.mesh
+    slice_of = [d.slice_index for d in mesh.devices.flat]
+    stage = list(mesh.axis_names).index("stage")
+    for s in range(2):
+        assert {d.slice_index for d in mesh.devices.take(s, axis=stage).flat} == {s}
+    assert not [line for _, groups, line in collectives(hlo, len(slice_of)) if spans(groups, slice_of)]
+
+    ops = ops_from_hlo(hlo, n_devices=8, devices_per_slice=4)
+    handoffs = [o for o in ops if o.link == "inter" and o.collective == "collective-permute" and o.bytes == 4 * 64 * 64]
+    assert sum(o.count for o in handoffs) >= 2 * 3
+    # What else crosses: reductions of the stage-replicated embedding / head / norm gradients and the loss,
+    # and the tokens and the last stage's output: no transfer as large as a device's shard of its stage's
+    # layer weights (each stage keeps its own, and their gradients).
+    layer_shard = sum(4 * a.size for a in jax.tree.leaves(T.abstract_params(step.cfg.model)["layers"])) / 8
+    assert not [o for o in ops if o.link == "inter" and o.bytes >= layer_shard]

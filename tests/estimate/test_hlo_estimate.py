@@ -497,3 +497,40 @@ ENTRY %main (b: bf16[4,256,1024], u: bf16[1,256,1024], i: s32[]) -> bf16[1,256,1
                 host_bandwidth=1e6 * 1.048576)
     est = estimate_step(ops_from_hlo(text, 1), m)
     assert est.by_link[HOST] == pytest.approx(0.5)
+
+
+# A 3-slice TPU program's cross-slice collectives, as XLA:TPU writes them: megascale send / recv pairs
+# (host transfers handled by the DCN runtime), tagged with the collective's kind and slices. Shapes are this
+# device's payload: bf16[1024,256] = 524,288 bytes; s32[128] = 512 bytes.
+DCN = """HloModule dcn
+
+ENTRY %main (g: bf16[1024,256], a: s32[128]) -> bf16[1024,256] {
+  %g = bf16[1024,256]{1,0} parameter(0)
+  %a = s32[128]{0} parameter(1)
+  %t0 = token[] after-all()
+  %send.1 = (bf16[1024,256]{1,0}, u32[], token[]) send(%g, %t0), channel_id=1, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",_xla_megascale_reduce_operation="SUM",_xla_megascale_target="{1,2,3}x{0:3}",_xla_megascale_transfer_type="ALL_REDUCE"}
+  %recv.1 = (bf16[1024,256]{1,0}, u32[], token[]) recv(%t0), channel_id=1, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",_xla_megascale_reduce_operation="SUM",_xla_megascale_target="{1,2,3}x{0:3}",_xla_megascale_transfer_type="ALL_REDUCE"}
+  %send-done.1 = token[] send-done(%send.1), channel_id=1, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime"}
+  %recv-done.1 = (bf16[1024,256]{1,0}, token[]) recv-done(%recv.1), channel_id=1, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime"}
+  %send.2 = (bf16[1024,256]{1,0}, u32[], token[]) send(%g, %t0), channel_id=2, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",_xla_megascale_target="{1,2,3}x{0:3}",_xla_megascale_transfer_type="ALL_GATHER"}
+  %send.3 = (s32[128]{0}, u32[], token[]) send(%a, %t0), channel_id=3, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",_xla_megascale_target={{100000->200000},{200000->300000},{300000->100000}},_xla_megascale_transfer_type="ONE_TO_ONE"}
+  ROOT %r = bf16[1024,256]{1,0} get-tuple-element(%recv-done.1), index=0
+}
+"""
+
+
+def test_cross_slice_transfers_are_dcn_collectives():
+    ops = ops_from_hlo(DCN, n_devices=12, devices_per_slice=4)
+    dcn = {o.name: o for o in ops if o.kind == "collective"}
+    assert set(dcn) == {"send.1", "send.2", "send.3"}  # recv and -done halves move nothing more
+    assert all(o.link == INTER for o in dcn.values())
+    # all-reduce over 3 slices: 2 x 2/3 x 524,288; all-gather: this device's part is one of 3, so it sends
+    # it to the 2 others: 2 x 524,288; one-to-one: the payload.
+    assert (dcn["send.1"].collective, dcn["send.1"].bytes) == ("all-reduce", pytest.approx(699_050.667, rel=1e-6))
+    assert (dcn["send.2"].collective, dcn["send.2"].bytes) == ("all-gather", 1_048_576)
+    assert (dcn["send.3"].collective, dcn["send.3"].bytes) == ("collective-permute", 512)
+    # and nothing of them is charged as HBM compute
+    assert sum(o.bytes for o in ops if o.kind == "compute") == 0
+    # 1 GB/s across slices: (699,050.667 + 1,048,576 + 512) bytes = 1.748138667 ms
+    est = estimate_step(ops, M, Calibration(overlap=0.0))
+    assert est.by_link[INTER] == pytest.approx(1.748138667e-3)

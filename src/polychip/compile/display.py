@@ -23,6 +23,7 @@ _LABELS = [
     ("compiler_optimal_seconds", "compiler optimal_seconds"),
     ("hbm_traffic_per_device", "HBM traffic / device"),
     ("collective_bytes_per_device", "collective bytes / device"),
+    ("dcn_collective_bytes_per_device", "  of which across slices (DCN)"),
     ("estimate_flops_per_device", "est. FLOPs / device (HLO ops)"),
     ("declared_flops_per_device", "  of which Pallas kernels"),
     ("t_ops", "est. time: ops"),

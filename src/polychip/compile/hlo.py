@@ -16,7 +16,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from polychip.estimate.hlo import walk_module
-from polychip.estimate.ops import Op
+from polychip.estimate.ops import INTER, Op
 
 
 @dataclass
@@ -27,6 +27,8 @@ class HloStats:
     loops: list = field(default_factory=list)
     #: kind -> bytes each device sends per step (loop trips included).
     collective_bytes: dict = field(default_factory=dict)
+    #: The part of collective_bytes that crosses slices (DCN), by kind.
+    dcn_collective_bytes: dict = field(default_factory=dict)
     #: HBM bytes read + written per step (loop trips included).
     hbm_traffic_bytes: float = 0.0
     #: The same walk with every loop body counted once (comparable with cost_analysis' "bytes accessed").
@@ -52,13 +54,16 @@ def analyse(text: str, n_devices: int, devices_per_slice: int | None = None) -> 
     ops, loops = walk_module(text, n_devices, devices_per_slice, attention_causal=True)
     once, _ = walk_module(text, n_devices, devices_per_slice, loop_trips=False)
     coll: dict[str, float] = defaultdict(float)
+    dcn: dict[str, float] = defaultdict(float)
     by_op: dict[str, float] = defaultdict(float)
     for o in ops:
         if o.kind == "collective":
             coll[o.collective] += o.bytes * o.count
+            if o.link == INTER:
+                dcn[o.collective] += o.bytes * o.count
         else:
             by_op[o.name] += o.bytes * o.count
-    return HloStats(loops=loops, collective_bytes=dict(coll),
+    return HloStats(loops=loops, collective_bytes=dict(coll), dcn_collective_bytes=dict(dcn),
                     hbm_traffic_bytes=sum(o.bytes * o.count for o in ops if o.kind == "compute"),
                     hbm_traffic_bytes_loops_once=sum(o.bytes * o.count for o in once if o.kind == "compute"),
                     traffic_by_op=sorted(by_op.items(), key=lambda kv: -kv[1])[:8],

@@ -198,6 +198,10 @@ def _traffic_figures(r: StepReport, h: dict) -> None:
                                       "dynamic-(update-)slices charged for the slice, Pallas kernels as declared")
     f["collective_bytes_per_device"] = fig(sum(h["collective_bytes"].values()), "B", "compiled", ", ".join(
         f"{k} {fmt_value(v, 'B')}" for k, v in sorted(h["collective_bytes"].items())))
+    dcn = h.get("dcn_collective_bytes") or {}
+    if dcn:
+        f["dcn_collective_bytes_per_device"] = fig(sum(dcn.values()), "B", "compiled", ", ".join(
+            f"{k} {fmt_value(v, 'B')}" for k, v in sorted(dcn.items())))
 
 
 def _estimate_figures(r: StepReport, c: CompiledStep, spec: TargetSpec, mf: float, tokens: int, dtype: str) -> None:

@@ -26,6 +26,14 @@ Per top-level instruction of a control-flow computation (entry, loop bodies, cal
   gathered / scattered size, 2(n-1)/n for all-reduce, the payload for collective-permute), link INTER
   when one of its groups holds devices of more than one slice (device ids are global and slices are
   contiguous blocks of `devices_per_slice` ids), else INTRA.
+- A cross-slice collective of a multi-slice TPU program is not an HLO collective: XLA:TPU lowers it to
+  host-transfer send / recv pairs for the DCN ("megascale") runtime, tagged with the collective's kind
+  (`_xla_megascale_transfer_type`: ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER, ALL_TO_ALL, ONE_TO_ONE for a
+  collective-permute) and its slices (`_xla_megascale_target`, e.g. `{1,2}x{0:3}`: slices 1 and 2). Each
+  send is one INTER collective Op: its payload is this device's part, so the ring bytes are
+  (n-1)/n x 2 x payload for an all-reduce, (n-1) x payload for an all-gather (the payload is one of n
+  parts), (n-1)/n x payload for reduce-scatter and all-to-all, the payload for one-to-one; n = the
+  slices named, else all of them. The recv and the -done halves move nothing more.
 """
 from __future__ import annotations
 
@@ -417,6 +425,9 @@ class _Walker:
                 for c in (cond, body):
                     if c:
                         self.walk(c.group(1), mult * k, stack)
+            elif ins.opcode in ("send", "recv", "send-done", "recv-done") and "_xla_megascale" in ins.attrs:
+                if ins.opcode == "send":
+                    self._dcn_transfer(ins, mult)
             elif ins.opcode == "fusion":
                 self._fusion(ins, shapes, mult, stack)
             elif ins.opcode == "custom-call":
@@ -443,6 +454,22 @@ class _Walker:
         size = 2 if base == "collective-permute" else max(len(g) for g in groups)
         self._add(ins, mult, kind="collective", bytes=collective_bytes(ins, base, shapes, size),
                   link=link_of(groups, self.dps), collective=base)
+
+    def _dcn_transfer(self, ins: Instr, mult: float) -> None:
+        """A megascale send: one cross-slice collective (see the module docstring)."""
+        kind = re.search(r'_xla_megascale_transfer_type="?(\w+)', ins.attrs)
+        kind = kind.group(1) if kind else "ONE_TO_ONE"
+        parts = tuple_elements(ins.type_text)
+        payload = shape_bytes(parts[0] if parts else ins.type_text)
+        named = re.search(r'_xla_megascale_target="\{([0-9,]*)\}x', ins.attrs)
+        n = len([s for s in named.group(1).split(",") if s]) if named else \
+            (self.n // self.dps if self.dps else 1)
+        frac = (n - 1) / n if n > 1 else 0.0
+        base, nbytes = {"ALL_REDUCE": ("all-reduce", 2 * frac * payload),
+                        "ALL_GATHER": ("all-gather", (n - 1) * payload),
+                        "REDUCE_SCATTER": ("reduce-scatter", frac * payload),
+                        "ALL_TO_ALL": ("all-to-all", frac * payload)}.get(kind, ("collective-permute", payload))
+        self._add(ins, mult, kind="collective", bytes=nbytes, link=INTER, collective=base)
 
     def _custom_call(self, ins: Instr, shapes: dict, mult: float) -> None:
         target = re.search(r'custom_call_target="([^"]*)"', ins.attrs)
