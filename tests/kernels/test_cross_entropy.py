@@ -110,3 +110,41 @@ def test_tpu_kernels_compile_for_v6e_deviceless():
                           S((N,), jnp.float32)).compile()
     text = compiled.as_text()
     assert text.count("tpu_custom_call") >= 3, "expected the fwd, dh and dw Mosaic kernels"
+
+
+def test_vocab_split_rule_by_hand():
+    from polychip.kernels.cross_entropy.api import vocab_split_prefers_reference as prefers
+
+    # llama3-405b on 2 v6e slices, tensor 4, tokens over fsdp 8 x context 8: 131,072 / 64 tokens x 32,064
+    # vocab columns x 4 B = 263 MB of logits against 16,384 x 128,256 x 2 B = 4.2 GB of projection.
+    assert prefers(131_072, 16_384, 128_256, 2, vocab_ways=4, token_ways=64)
+    assert not prefers(131_072, 16_384, 128_256, 2, vocab_ways=1, token_ways=64)  # no split: fused
+    # 4,096 tokens on one device against a small projection (256 x 4,096 x 4 B = 4 MB): logits 16.8 MB
+    assert not prefers(4096, 256, 4096, 4, vocab_ways=2, token_ways=1)
+
+
+@pytest.mark.parametrize("tokens, fused", [(64, False), (8192, True)])
+def test_auto_keeps_a_split_vocab_split_when_the_logits_are_small(tokens, fused):
+    """On a tensor-4 mesh of the 8 CPU devices, "auto" runs the per-shard chunked kernel (a shard_map, the
+    whole projection on every device) only when its logits per device outgrow the projection; else the
+    XLA-partitioned reference, and both give the reference's loss."""
+    from polychip.kernels.cross_entropy.api import cross_entropy
+    from polychip.parallel.mesh import make_mesh
+    from polychip.parallel.sharding import Layout
+    from polychip.config import MeshConfig
+
+    layout = Layout.create(make_mesh(MeshConfig(data=1, fsdp=2, tensor=4, num_devices=8), jax.devices()[:8]))
+    policy = KernelPolicy.create(Target("cpu")).with_layout(layout)
+    assert policy.ways("vocab") == 4 and policy.ways("batch", "seq") == 2
+    D, V = 32, 512
+    k = jax.random.split(jax.random.PRNGKey(0), 3)
+    h = jax.random.normal(k[0], (tokens, D), jnp.float32)
+    w = jax.random.normal(k[1], (D, V), jnp.float32) / 8
+    y = jax.random.randint(k[2], (tokens,), 0, V)
+    m = jnp.ones((tokens,), jnp.float32)
+    fn = jax.jit(functools.partial(cross_entropy, policy=policy))
+    text = str(jax.make_jaxpr(fn)(h, w, y, m))
+    assert ("shard_map" in text) == fused
+    got, _ = fn(h, w, y, m)
+    want, _ = reference.cross_entropy(h, w, y, m)
+    np.testing.assert_allclose(got, want, rtol=1e-5)

@@ -247,6 +247,13 @@ class KernelPolicy:
         2.5 GB of HBM per chip (33.69 -> 31.13 GB with MaxText's recipe settings)."""
         return self.target.platform == "cpu"
 
+    def ways(self, *logical: str) -> int:
+        """Into how many parts the layout splits a dimension carrying these logical axes (1 without a layout)."""
+        if self.layout is None:
+            return 1
+        axes = {a for name in logical for a in self.layout.mesh_axes(name)}
+        return math.prod(int(self.layout.mesh.shape[a]) for a in axes)
+
     def pick(self, op: str, **query: Any) -> Impl:
         return resolve(op, self.target, query, self.override(op))
 
