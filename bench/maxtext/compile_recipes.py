@@ -16,7 +16,7 @@ is stopped once the optimised HLO is dumped (--full: run to the end); one whose 
 --max-rss-gib is killed and recorded as such (status "aborted_rss") so the next
 run does not retry it unless --retry-failed.
 
-    /work/maxtext-venv/bin/python bench/maxtext/compile_recipes.py [--only NAME ...] [--list]
+    /work/maxtext-venv/bin/python bench/maxtext/compile_recipes.py [--recipes FILE] [--only NAME ...] [--list]
 """
 from __future__ import annotations
 
@@ -218,6 +218,8 @@ def backfill(name: str, r: dict, groups: dict, meta: dict, meta_p: Path) -> None
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", nargs="*", help="recipe names (default: all, smallest first)")
+    ap.add_argument("--recipes", type=Path, default=HERE / "recipes.yaml",
+                    help="recipe file (default: the published recipes; moe_compare.yaml: like-for-like MoE configs)")
     ap.add_argument("--list", action="store_true", help="list recipes and cache state, compile nothing")
     ap.add_argument("--retry-failed", action="store_true", help="recompile recipes recorded as failed")
     ap.add_argument("--max-rss-gib", type=float, default=10.0)
@@ -225,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full", action="store_true",
                     help="let each compile run to the end (code generation) instead of stopping at the HLO")
     args = ap.parse_args(argv)
-    recipes, groups = load_recipes()
+    recipes, groups = load_recipes(args.recipes)
     names = args.only or sorted(recipes, key=lambda n: recipes[n].get("compile_order", 99))
     missing = [n for n in names if n not in recipes]
     if missing:

@@ -180,3 +180,19 @@ def test_planner_serving_times_are_the_estimators():
     weights = 2 * (l8.n_params - l8.vocab_size * l8.d_model) / 2
     assert dec.t_memory == pytest.approx((weights + kv) / h100.hbm_bandwidth, rel=0.05)
     assert perf.serve_bound(l8, h100, 3, 16, 1000, 200, "bfloat16") is None  # 3 divides no head count
+
+
+def test_fp8_linear_layers_run_at_the_chips_fp8_rate():
+    cat = load_catalog()
+    h100, v6e = cat["h100"], cat["tpu-v6e"]
+    assert A.fp8_rate(h100, "float8") == pytest.approx(1979 / 989) and A.fp8_rate(h100, "bfloat16") == 1.0
+    assert A.fp8_rate(v6e, "float8") == 1.0  # v6e's catalog fp8 figure equals its bf16 one
+    o = ops(dtype="float8", chip=h100)
+    assert o["fwd q_proj"].peak_scale == o["bwd mlp_down"].peak_scale == pytest.approx(1979 / 989)
+    # attention's core, the output layer and elementwise ops stay bf16
+    assert o["fwd attention"].peak_scale == o["fwd logits"].peak_scale == o["fwd norms"].peak_scale == 1.0
+    # by hand: a 1 GFLOP op with peak_scale 2 on a 1 TFLOP/s machine takes 0.5 ms
+    m = Machine(peak_flops=1e12, hbm_bandwidth=1e15, intra_bandwidth=None, inter_bandwidth=None)
+    assert estimate_step([Op("mm", flops=1e9, peak_scale=2.0)], m).t_step == pytest.approx(0.5e-3)
+    with pytest.raises(ValueError, match="float8"):
+        ops(dtype="int4", chip=h100)

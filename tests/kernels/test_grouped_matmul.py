@@ -123,3 +123,26 @@ def test_tpu_kernels_compile_deviceless_with_estimate():
     assert costs["pallas_tpu"]["tgmm"] and not costs["xla"]["tgmm"]  # our Mosaic kernels only in the Pallas program
     assert costs["pallas_tpu"]["custom_calls"] >= 3
     print({n: {k: f"{c[k]:.3g}" for k in ("flops", "bytes accessed")} for n, c in costs.items()})
+
+
+def test_tpu_kernels_declare_the_rows_hint():
+    """An expert-parallel receive buffer padded to ep x the rows balanced routing sends: with rows=M/8 the
+    three kernels (fwd, dlhs, drhs) declare 3 x 2 x (M/8) x K x N FLOPs, as the estimator reads them."""
+    topologies = pytest.importorskip("jax.experimental.topologies")
+    pytest.importorskip("libtpu")
+    from jax.sharding import SingleDeviceSharding
+
+    from polychip.estimate.hlo import ops_from_hlo
+
+    dev = topologies.get_topology_desc("v6e:2x2", platform="tpu").devices[0]
+    s = SingleDeviceSharding(dev)
+    M, K, N, G = 2048, 512, 512, 4
+    args = (jax.ShapeDtypeStruct((M, K), jnp.bfloat16, sharding=s), jax.ShapeDtypeStruct((G, K, N), jnp.bfloat16, sharding=s),
+            jax.ShapeDtypeStruct((G,), jnp.int32, sharding=s))
+    declared = {}
+    for rows in (None, M // 8):
+        loss = lambda a, b, g, rows=rows: pallas_tpu.grouped_matmul(a, b, g, rows=rows).astype(jnp.float32).sum()  # noqa: E731
+        text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*args).compile().as_text()
+        declared[rows] = sum(o.flops * o.count for o in ops_from_hlo(text, 1) if o.source == "declared")
+    assert declared[None] == 3 * 2 * M * K * N
+    assert declared[M // 8] == 3 * 2 * (M // 8) * K * N

@@ -263,16 +263,30 @@ def layer_params(cfg: ModelConfig) -> float:
     return cfg.d_model * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * cfg.d_model * cfg.d_ff
 
 
-def _layer_ops(x: _Dims, pol: RematPolicy, count: float) -> list[Op]:
-    """Forward, backward and remat recompute of one layer (per micro-batch, `count` executions)."""
+def fp8_rate(chip, dtype: str) -> float:
+    """Matrix-unit rate of an fp8 linear layer relative to bf16: chip.peak("float8") / peak("bfloat16") when
+    `dtype` is float8 (H100: 2x; v6e: 1x, its catalog fp8 figure equals bf16), else 1."""
+    if dtype != "float8" or chip is None or not chip.peak("float8") or not chip.peak("bfloat16"):
+        return 1.0
+    return chip.peak("float8") / chip.peak("bfloat16")
+
+
+def _layer_ops(x: _Dims, pol: RematPolicy, count: float, linear_rate: float = 1.0) -> list[Op]:
+    """Forward, backward and remat recompute of one layer (per micro-batch, `count` executions).
+    linear_rate: the projections' and MLP's matmul rate (fp8_rate); attention's core stays bf16."""
     fwd = _layer_forward(x)
     redo = set(recomputed(pol))
-    ops = [_op(f"fwd {n}", fl, by, count) for n, fl, by, _ in fwd]
+    linear = set(_matmuls(x))
+
+    def op(name, n, fl, by):
+        return replace(_op(name, fl, by, count), peak_scale=linear_rate if n in linear else 1.0)
+
+    ops = [op(f"fwd {n}", n, fl, by) for n, fl, by, _ in fwd]
     for n, fl, by, _ in fwd:
         bwd_flops = fl * (2.5 if n == "attention" else 2.0)
-        ops.append(_op(f"bwd {n}", bwd_flops, 2 * by, count))
+        ops.append(op(f"bwd {n}", n, bwd_flops, 2 * by))
         if n in redo:
-            ops.append(_op(f"remat {n}", fl, by, count))
+            ops.append(op(f"remat {n}", n, fl, by))
     return ops
 
 
@@ -362,7 +376,9 @@ def train_ops(cfg: ModelConfig, lay: Layout, batch: int, seq: int, remat: str | 
     """The ops of one training step on one device (the busiest: every stage is assumed equal).
 
     batch: global sequences per optimiser step; grad_accum: micro-batches (also the pipeline's).
-    dtype: compute dtype (bf16 activations either way). chip: a catalog Chip, for its matrix unit's tile
+    dtype: the linear layers' matmul dtype, bfloat16 or float8 (Transformer Engine-style fp8 training: the
+    projections and MLP matmuls at the chip's fp8 rate, `fp8_rate`; attention's core, the output layer, the
+    elementwise ops and the activations stay bf16). chip: a catalog Chip, for its matrix unit's tile
     (None: no padding). Offloaded activations are HOST ops (price them with `machine(chip)`, which knows
     the host link)."""
     check_layout(cfg, lay, batch, seq, grad_accum)
@@ -370,7 +386,9 @@ def train_ops(cfg: ModelConfig, lay: Layout, batch: int, seq: int, remat: str | 
     A = grad_accum
     L = -(-cfg.n_layers // lay.stage)  # the busiest stage (Megatron splits 126 layers over 8 stages unevenly)
     x = _Dims.of(cfg, lay, batch / lay.replicas / A, seq, 1 if chip is None else matrix_tile(chip))
-    ops = _layer_ops(x, pol, L * A) + _head_ops(cfg, x, A)
+    if dtype not in ("bfloat16", "float8"):
+        raise ValueError(f"training dtype {dtype!r}: bfloat16 or float8")
+    ops = _layer_ops(x, pol, L * A, fp8_rate(chip, dtype)) + _head_ops(cfg, x, A)
     if lay.stage > 1:
         frac = (lay.stage - 1) / (A * lay.virtual)
         ops += [_op("pipeline bubble (idle)", o.flops * frac, o.bytes * frac, o.count) for o in ops]

@@ -41,6 +41,9 @@ class Op:
     link: str = ""
     collective: str = ""
     source: str = "hlo"
+    #: The op's matrix-unit rate relative to the machine's peak: 2.0 for an fp8 matmul on a chip whose
+    #: float8 peak is twice its bfloat16 peak (estimate.analytic, `dtype="float8"`); 1.0 otherwise.
+    peak_scale: float = 1.0
     #: A collective the very next op waits on (tensor-parallel activations between dependent matmuls):
     #: no compute runs beside it, so the overlap rule never hides it.
     blocking: bool = False
@@ -151,7 +154,7 @@ def estimate_step(ops: list[Op], m: Machine, cal: Calibration = Calibration(), t
                 by_link[op.link or INTRA] += t
             t_block += t if op.blocking else 0.0
         else:
-            tf, tm = op.flops / peak, op.bytes / bw
+            tf, tm = op.flops / (peak * op.peak_scale), op.bytes / bw
             t = op.count * max(tf, tm)
             if tf >= tm:
                 t_fl += t

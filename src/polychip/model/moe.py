@@ -85,11 +85,12 @@ def aux_losses(z, p, experts, cfg: ModelConfig) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Experts
 # ----------------------------------------------------------------------------------------------
-def _swiglu_experts(xs, sizes, wg, wu, wd, act, policy):
-    """xs [M, D] sorted by expert, sizes [E] -> [M, D]: each row through its expert's SwiGLU."""
-    g = grouped_matmul(xs, wg, sizes, policy=policy)
-    u = grouped_matmul(xs, wu, sizes, policy=policy)
-    return grouped_matmul(act(g) * u, wd, sizes, policy=policy)
+def _swiglu_experts(xs, sizes, wg, wu, wd, act, policy, rows=None):
+    """xs [M, D] sorted by expert, sizes [E] -> [M, D]: each row through its expert's SwiGLU. rows: the
+    rows expected in groups (the kernels' cost hint; grouped_matmul)."""
+    g = grouped_matmul(xs, wg, sizes, policy=policy, rows=rows)
+    u = grouped_matmul(xs, wu, sizes, policy=policy, rows=rows)
+    return grouped_matmul(act(g) * u, wd, sizes, policy=policy, rows=rows)
 
 
 def _group_sizes(ids, n_groups: int):
@@ -97,13 +98,14 @@ def _group_sizes(ids, n_groups: int):
     return jnp.sum(ids[:, None] == jnp.arange(n_groups, dtype=ids.dtype)[None, :], axis=0, dtype=jnp.int32)
 
 
-def dispatch_local(x2, experts, gates, weights, act, policy):
-    """All experts on this device. x2 [N, D], experts/gates [N, k] -> [N, D] = sum_j gate_j * expert_j(x)."""
+def dispatch_local(x2, experts, gates, weights, act, policy, rows=None):
+    """All experts on this device. x2 [N, D], experts/gates [N, k] -> [N, D] = sum_j gate_j * expert_j(x).
+    rows: (token, expert) pairs expected among the N x k (default all; see _expert_parallel)."""
     N, k = experts.shape
     E = weights[0].shape[0]
     flat = experts.reshape(-1)
     order = jnp.argsort(flat, stable=True)
-    ys = _swiglu_experts(jnp.take(x2, order // k, axis=0), _group_sizes(flat, E), *weights, act, policy)
+    ys = _swiglu_experts(jnp.take(x2, order // k, axis=0), _group_sizes(flat, E), *weights, act, policy, rows)
     y = jnp.zeros_like(ys).at[order].set(ys, unique_indices=True)
     return jnp.einsum("nkd,nk->nd", y.reshape(N, k, -1), gates.astype(y.dtype))
 
@@ -134,7 +136,9 @@ def _expert_parallel(x2, experts, gates, weights, act, policy, *, ep: int, tenso
     send_e = jnp.full((ep, m), E_loc, jnp.int32).at[dest, slot].set(e_sorted - dest * E_loc)
     recv_x = jax.lax.all_to_all(send_x, "expert", 0, 0, tiled=True).reshape(ep * m, -1)
     recv_e = jax.lax.all_to_all(send_e, "expert", 0, 0, tiled=True).reshape(ep * m)
-    y = dispatch_local(recv_x, recv_e[:, None], jnp.ones((ep * m, 1), jnp.float32), weights, act, policy)
+    # Balanced routing sends each shard m pairs in all: the kernels' declared cost is for those, not the ep x m
+    # rows of the padded buffer (the Pallas kernels skip rows in no group; XLA's paths do not).
+    y = dispatch_local(recv_x, recv_e[:, None], jnp.ones((ep * m, 1), jnp.float32), weights, act, policy, rows=m)
     if tensor:
         y = jax.lax.psum(y, tensor)
     back = jax.lax.all_to_all(y.reshape(ep, m, -1), "expert", 0, 0, tiled=True)

@@ -68,7 +68,7 @@ def price_record(r: Record, chip: Chip) -> Priced | None:
         return None
     m = A.machine(chip)
     comp = [o for o in ops if o.kind != "collective"]
-    tf = np.array([o.count * o.flops / m.peak_flops for o in comp])
+    tf = np.array([o.count * o.flops / (m.peak_flops * o.peak_scale) for o in comp])
     tm = np.array([o.count * o.bytes / m.hbm_bandwidth for o in comp])
     # Collective seconds at link efficiency 1, split as estimate_step splits them.
     coll = [o for o in ops if o.kind == "collective"]

@@ -82,9 +82,9 @@ class TrainChoice:
 
 
 def price(cfg: ModelConfig, chip: Chip, lay: A.Layout, batch: int, seq: int, remat, grad_accum: int,
-          cal: Calibration, param_dtype: str = "float32") -> TrainChoice:
+          cal: Calibration, param_dtype: str = "float32", dtype: str = "bfloat16") -> TrainChoice:
     """Estimate and memory of one configuration (raises analytic.LayoutError if it cannot run)."""
-    ops = A.train_ops(cfg, lay, batch, seq, remat, grad_accum, param_dtype=param_dtype, chip=chip)
+    ops = A.train_ops(cfg, lay, batch, seq, remat, grad_accum, dtype=dtype, param_dtype=param_dtype, chip=chip)
     est = estimate_step(ops, A.machine(chip), cal)
     need = A.train_memory(cfg, lay, batch, seq, remat, grad_accum, param_dtype=param_dtype)
     room = A.usable_hbm(chip)
@@ -99,13 +99,14 @@ def _accums(per_replica: int, stage: int) -> list[int]:
 
 
 def best(cfg: ModelConfig, chip: Chip, n_chips: int, batch: int, seq: int, remats: tuple[str, ...],
-         cal: Calibration, max_tensor: int = 8, param_dtype: str = "float32") -> TrainChoice | None:
+         cal: Calibration, max_tensor: int = 8, param_dtype: str = "float32",
+         dtype: str = "bfloat16") -> TrainChoice | None:
     """The fastest fitting configuration, or None when nothing fits."""
-    return _best(cfg, chip, n_chips, batch, seq, tuple(remats), cal, max_tensor, param_dtype)
+    return _best(cfg, chip, n_chips, batch, seq, tuple(remats), cal, max_tensor, param_dtype, dtype)
 
 
 @lru_cache(maxsize=4096)
-def _best(cfg, chip, n_chips, batch, seq, remats, cal, max_tensor, param_dtype):
+def _best(cfg, chip, n_chips, batch, seq, remats, cal, max_tensor, param_dtype, dtype="bfloat16"):
     top = None
     for lay in layouts(cfg, chip, n_chips, batch, max_tensor):
         if seq % lay.context:
@@ -113,7 +114,7 @@ def _best(cfg, chip, n_chips, batch, seq, remats, cal, max_tensor, param_dtype):
         for remat in remats:
             for a in _accums(batch // lay.replicas, lay.stage):
                 try:
-                    c = price(cfg, chip, lay, batch, seq, remat, a, cal, param_dtype)
+                    c = price(cfg, chip, lay, batch, seq, remat, a, cal, param_dtype, dtype)
                 except A.LayoutError:
                     continue
                 if not c.fits:

@@ -24,6 +24,10 @@ OP = declare("grouped_matmul", reference=reference.grouped_matmul, backends=("pa
              args={"lhs": (None, None), "rhs": (None, None, None), "group_sizes": (None,)})
 
 
-def grouped_matmul(lhs, rhs, group_sizes, *, policy: KernelPolicy):
+def grouped_matmul(lhs, rhs, group_sizes, *, policy: KernelPolicy, rows: int | None = None):
+    """rows: a static hint, the rows expected in groups (default all of lhs): kernels declare their cost
+    for that many. An expert-parallel receive buffer is padded to the worst case (every pair to one
+    shard, model/moe.py), ep times the rows balanced routing sends; the Pallas kernels visit only rows
+    in groups, so declaring the padded size overstated their work ep-fold."""
     query = dict(m=lhs.shape[0], k=lhs.shape[1], n=rhs.shape[2], groups=rhs.shape[0], dtype=str(lhs.dtype))
-    return policy.call(OP, lhs, rhs, group_sizes, query=query)
+    return policy.call(OP, lhs, rhs, group_sizes, query=query, **({} if rows is None else {"rows": rows}))

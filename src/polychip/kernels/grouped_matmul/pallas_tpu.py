@@ -75,8 +75,9 @@ def _gmm_kernel(offsets, group_of, tile_of, lhs_ref, rhs_ref, out_ref, acc_ref, 
         out_ref[...] = jnp.where(mask, acc_ref[...], out_ref[...].astype(F32)).astype(out_ref.dtype)
 
 
-def gmm(lhs, rhs, group_sizes, *, interpret=False, tiles=None):
-    """lhs [M, K] @ rhs[group] [G, K, N] -> [M, N] in lhs's dtype (see module docstring)."""
+def gmm(lhs, rhs, group_sizes, *, interpret=False, tiles=None, rows=None):
+    """lhs [M, K] @ rhs[group] [G, K, N] -> [M, N] in lhs's dtype (see module docstring). rows: the rows
+    expected in groups, for the declared cost (default M; visits to rows in no group do no work)."""
     M, K = lhs.shape
     G, _, N = rhs.shape
     tm, tk, tn = tiles or tiling(M, K, N, lhs.dtype)
@@ -85,6 +86,7 @@ def gmm(lhs, rhs, group_sizes, *, interpret=False, tiles=None):
     offsets, group_of, tile_of, n_visits = visits(group_sizes, Mp, tm, visit_empty=False)
     tiles_k, tiles_n = K // tk, N // tn
     item = lhs.dtype.itemsize
+    R = M if rows is None else min(M, rows)
     out = pl.pallas_call(
         functools.partial(_gmm_kernel, tm=tm, tn=tn, tiles_k=tiles_k),
         out_shape=jax.ShapeDtypeStruct((Mp, N), lhs.dtype),
@@ -98,8 +100,8 @@ def gmm(lhs, rhs, group_sizes, *, interpret=False, tiles=None):
         # Mosaic calls are opaque to XLA's cost model: this is what the compiler schedules around.
         # lhs is read once per n-tile, each visit reads one group's [K, tn] slab (upper bound: every
         # possible visit), the output is written once.
-        cost_estimate=pl.CostEstimate(flops=2 * M * K * N, transcendentals=0,
-                                      bytes_accessed=item * (M * K * tiles_n + (Mp // tm + G - 1) * K * N + M * N)),
+        cost_estimate=pl.CostEstimate(flops=2 * R * K * N, transcendentals=0,
+                                      bytes_accessed=item * (R * K * tiles_n + (-(-R // tm) + G - 1) * K * N + R * N)),
         name="grouped_matmul",
         **_options(interpret, "parallel", "arbitrary", "arbitrary"),
     )(offsets, group_of, tile_of, lhs_p, rhs)
@@ -125,8 +127,8 @@ def _tgmm_kernel(offsets, group_of, tile_of, lhs_ref, dy_ref, out_ref, acc_ref, 
         out_ref[...] = acc_ref[...].astype(out_ref.dtype)
 
 
-def tgmm(lhs, dy, group_sizes, n_groups: int, *, interpret=False, tiles=None):
-    """Per group g: lhs[rows_g]^T @ dy[rows_g] -> [G, K, N] (the rhs gradient of gmm)."""
+def tgmm(lhs, dy, group_sizes, n_groups: int, *, interpret=False, tiles=None, rows=None):
+    """Per group g: lhs[rows_g]^T @ dy[rows_g] -> [G, K, N] (the rhs gradient of gmm); rows as for gmm."""
     M, K = lhs.shape
     N = dy.shape[1]
     tm, tk, tn = tiles or tiling(M, K, N, lhs.dtype)
@@ -134,6 +136,7 @@ def tgmm(lhs, dy, group_sizes, n_groups: int, *, interpret=False, tiles=None):
     lhs_p, dy_p = jnp.pad(lhs, ((0, Mp - M), (0, 0))), jnp.pad(dy, ((0, Mp - M), (0, 0)))
     offsets, group_of, tile_of, n_visits = visits(group_sizes, Mp, tm, visit_empty=True)
     item = lhs.dtype.itemsize
+    R = M if rows is None else min(M, rows)
     return pl.pallas_call(
         functools.partial(_tgmm_kernel, tm=tm, tk=tk),
         out_shape=jax.ShapeDtypeStruct((n_groups, K, N), lhs.dtype),
@@ -144,8 +147,8 @@ def tgmm(lhs, dy, group_sizes, n_groups: int, *, interpret=False, tiles=None):
                       pl.BlockSpec((tm, tn), lambda k, n, v, o, g, t: (t[v], n))],
             out_specs=pl.BlockSpec((None, tk, tn), lambda k, n, v, o, g, t: (g[v], k, n)),
             scratch_shapes=[pltpu.VMEM((tk, tn), F32)]),
-        cost_estimate=pl.CostEstimate(flops=2 * M * K * N, transcendentals=0,
-                                      bytes_accessed=item * ((M * K) * (N // tn) + (M * N) * (K // tk)
+        cost_estimate=pl.CostEstimate(flops=2 * R * K * N, transcendentals=0,
+                                      bytes_accessed=item * ((R * K) * (N // tn) + (R * N) * (K // tk)
                                                              + n_groups * K * N)),
         name="grouped_matmul_tgmm",
         **_options(interpret, "parallel", "parallel", "arbitrary"),
@@ -162,32 +165,35 @@ def _options(interpret, *semantics):
 def differentiable(gmm_fn, drhs_fn):
     """grouped_matmul(lhs, rhs, group_sizes, *, preferred_element_type, interpret) with a custom VJP:
     forward gmm_fn(lhs, rhs, gs, interpret=), d lhs = gmm_fn(dy, rhs^T), d rhs = drhs_fn(lhs, dy, gs,
-    rhs, interpret) (one definition for the TPU and GPU kernels)."""
+    rhs, interpret, rows) (one definition for the TPU and GPU kernels). rows: the api's static hint of
+    the rows expected in groups, for declared costs."""
 
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-    def f(lhs, rhs, group_sizes, interpret):
-        return gmm_fn(lhs, rhs, group_sizes, interpret=interpret)
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+    def f(lhs, rhs, group_sizes, interpret, rows):
+        return gmm_fn(lhs, rhs, group_sizes, interpret=interpret, rows=rows)
 
-    def fwd(lhs, rhs, group_sizes, interpret):
-        return gmm_fn(lhs, rhs, group_sizes, interpret=interpret), (lhs, rhs, group_sizes)
+    def fwd(lhs, rhs, group_sizes, interpret, rows):
+        return gmm_fn(lhs, rhs, group_sizes, interpret=interpret, rows=rows), (lhs, rhs, group_sizes)
 
-    def bwd(interpret, res, dy):
+    def bwd(interpret, rows, res, dy):
         lhs, rhs, group_sizes = res
-        dlhs = gmm_fn(dy, jnp.swapaxes(rhs, 1, 2), group_sizes, interpret=interpret)
-        return dlhs, drhs_fn(lhs, dy, group_sizes, rhs, interpret).astype(rhs.dtype), None
+        dlhs = gmm_fn(dy, jnp.swapaxes(rhs, 1, 2), group_sizes, interpret=interpret, rows=rows)
+        return dlhs, drhs_fn(lhs, dy, group_sizes, rhs, interpret, rows).astype(rhs.dtype), None
 
     f.defvjp(fwd, bwd)
 
-    def grouped_matmul(lhs, rhs, group_sizes, *, preferred_element_type=None, interpret: bool = False):
+    def grouped_matmul(lhs, rhs, group_sizes, *, preferred_element_type=None, interpret: bool = False,
+                       rows: int | None = None):
         """lhs [M, K], rhs [G, K, N], group_sizes [G] -> [M, N] (see api.py)."""
-        out = f(lhs, rhs.astype(lhs.dtype), group_sizes.astype(jnp.int32), bool(interpret))
+        out = f(lhs, rhs.astype(lhs.dtype), group_sizes.astype(jnp.int32), bool(interpret), rows)
         return out.astype(preferred_element_type or lhs.dtype)
 
     return grouped_matmul
 
 
 grouped_matmul = differentiable(
-    gmm, lambda lhs, dy, gs, rhs, interpret: tgmm(lhs, dy.astype(lhs.dtype), gs, rhs.shape[0], interpret=interpret))
+    gmm, lambda lhs, dy, gs, rhs, interpret, rows: tgmm(lhs, dy.astype(lhs.dtype), gs, rhs.shape[0],
+                                                        interpret=interpret, rows=rows))
 
 
 def _shape_reason(query) -> str | None:

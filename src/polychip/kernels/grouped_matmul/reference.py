@@ -20,7 +20,7 @@ def group_ids(group_sizes, m: int):
     return jnp.searchsorted(ends, jnp.arange(m, dtype=jnp.int32), side="right").astype(jnp.int32)
 
 
-def grouped_matmul(lhs, rhs, group_sizes, *, preferred_element_type=None):
+def grouped_matmul(lhs, rhs, group_sizes, *, preferred_element_type=None, rows=None):
     """lhs [M, K], rhs [G, K, N], group_sizes [G] int32 -> [M, N] in preferred_element_type (lhs's dtype)."""
     out_dtype = preferred_element_type or lhs.dtype
     gid = group_ids(group_sizes, lhs.shape[0])

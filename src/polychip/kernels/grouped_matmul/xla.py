@@ -8,7 +8,7 @@ import jax
 from polychip.kernels.registry import kernel
 
 
-def grouped_matmul(lhs, rhs, group_sizes, *, preferred_element_type=None):
+def grouped_matmul(lhs, rhs, group_sizes, *, preferred_element_type=None, rows=None):
     return jax.lax.ragged_dot(lhs, rhs, group_sizes.astype("int32"),
                               preferred_element_type=preferred_element_type or lhs.dtype)
 

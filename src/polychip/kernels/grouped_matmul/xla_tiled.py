@@ -19,7 +19,7 @@ def tile_rows(m: int, groups: int) -> int:
     return max(8, min(512, next_pow2(max(1, m // (2 * groups)))))
 
 
-def grouped_matmul(lhs, rhs, group_sizes, *, preferred_element_type=None):
+def grouped_matmul(lhs, rhs, group_sizes, *, preferred_element_type=None, rows=None):
     M, K = lhs.shape
     G, _, N = rhs.shape
     tm = tile_rows(M, G)
