@@ -354,6 +354,8 @@ class KernelsConfig:
     cross_entropy: str = "auto"
     #: Grouped (ragged) matmul of mixture-of-experts layers.
     grouped_matmul: str = "auto"
+    #: Expert-parallel token exchange of mixture-of-experts layers (reference: a padded all_to_all).
+    ragged_all_to_all: str = "auto"
 
     def overrides(self) -> dict[str, str]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) != "auto"}

@@ -534,3 +534,30 @@ def test_cross_slice_transfers_are_dcn_collectives():
     # 1 GB/s across slices: (699,050.667 + 1,048,576 + 512) bytes = 1.748138667 ms
     est = estimate_step(ops, M, Calibration(overlap=0.0))
     assert est.by_link[INTER] == pytest.approx(1.748138667e-3)
+
+
+RAGGED = """HloModule ragged
+
+ENTRY %main (x: bf16[1024,256], o: bf16[8192,256], a: s32[8], b: s32[8], c: s32[8], d: s32[8]) -> bf16[8192,256] {
+  %x = bf16[1024,256]{1,0} parameter(0)
+  %o = bf16[8192,256]{1,0} parameter(1)
+  %a = s32[8]{0} parameter(2)
+  %b = s32[8]{0} parameter(3)
+  %c = s32[8]{0} parameter(4)
+  %d = s32[8]{0} parameter(5)
+  ROOT %r = bf16[8192,256]{1,0} ragged-all-to-all(%x, %o, %a, %b, %c, %d), channel_id=1, replica_groups={{0,1,2,3,4,5,6,7}}
+}
+"""
+
+
+def test_ragged_all_to_all_moves_its_rows_not_its_worst_case_buffer():
+    # 1024 x 256 x 2 B = 524,288 B of rows, 7/8 of them to the other 7 devices: 458,752 B (the output buffer
+    # is 8x larger, sized for every row landing on one device). The way back (operand the large buffer,
+    # output the 1024 rows) moves the same.
+    (op,) = [o for o in ops_from_hlo(RAGGED, n_devices=8) if o.kind == "collective"]
+    assert (op.collective, op.bytes) == ("ragged-all-to-all", 458_752)
+    back = RAGGED.replace("x: bf16[1024,256], o: bf16[8192,256]", "x: bf16[8192,256], o: bf16[1024,256]").replace(
+        "%x = bf16[1024,256]", "%x = bf16[8192,256]").replace("%o = bf16[8192,256]", "%o = bf16[1024,256]").replace(
+        "-> bf16[8192,256] {", "-> bf16[1024,256] {").replace("ROOT %r = bf16[8192,256]", "ROOT %r = bf16[1024,256]")
+    (op,) = [o for o in ops_from_hlo(back, n_devices=8) if o.kind == "collective"]
+    assert op.bytes == 458_752

@@ -23,7 +23,8 @@ Per top-level instruction of a control-flow computation (entry, loop bodies, cal
   (the update) or a (dynamic-)slice / copy out of one (the result): XLA:TPU's remat offload wraps those
   in async computations, walked like calls.
 - A collective is a collective Op: the bytes one device sends under the ring algorithm ((n-1)/n of the
-  gathered / scattered size, 2(n-1)/n for all-reduce, the payload for collective-permute), link INTER
+  gathered / scattered size, 2(n-1)/n for all-reduce, the payload for collective-permute, (n-1)/n of the
+  smaller of operand and output for ragged-all-to-all, whose buffers are sized for the worst case), link INTER
   when one of its groups holds devices of more than one slice (device ids are global and slices are
   contiguous blocks of `devices_per_slice` ids), else INTRA.
 - A cross-slice collective of a multi-slice TPU program is not an HLO collective: XLA:TPU lowers it to
@@ -314,6 +315,13 @@ def collective_bytes(ins: Instr, base: str, shapes: dict[str, str], group_size: 
         return 2 * out_b * frac
     if base == "collective-permute":
         return out_b
+    if base == "ragged-all-to-all":
+        # What moves is data-dependent: at most the smaller of the rows offered (the operand) and the room to
+        # receive them (the output), either of which may be a buffer sized for the worst case; (n-1)/n of
+        # that goes to other devices when the rows spread evenly (balanced routing).
+        if len(ins.operands) < 2:
+            return 0.0
+        return min(shape_bytes(shapes.get(ins.operands[0], "")), shape_bytes(shapes.get(ins.operands[1], ""))) * frac
     return out_b * frac  # all-gather: the gathered result; all-to-all: same size in and out
 
 

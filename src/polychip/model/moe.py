@@ -14,7 +14,7 @@ Routing (one token, logits z = h @ w_router, float32):
 Dispatch is dropless (MegaBlocks, Gale et al. 2022): the N*k (token, expert) pairs are sorted by
 expert, multiplied by their expert's weights with one grouped matmul per projection (the registry's
 `grouped_matmul`), and unsorted; no capacity factor, no dropped tokens, no padding to a capacity.
-With an expert mesh axis > 1 the pairs travel to the devices owning their experts by all-to-all
+With an expert mesh axis > 1 the pairs travel to the devices owning their experts by ragged all-to-all
 (`_expert_parallel`).
 
 Auxiliary losses, per layer, over all tokens of the batch:
@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from polychip.config import ModelConfig
 from polychip.kernels.grouped_matmul import grouped_matmul
+from polychip.kernels.ragged_all_to_all import ragged_all_to_all
 
 EXPERT_KEYS = ("moe_gate", "moe_up", "moe_down")
 
@@ -115,12 +116,13 @@ def _expert_parallel(x2, experts, gates, weights, act, policy, *, ep: int, tenso
     the tokens are the same on every expert shard (the default rules split the batch over data x fsdp
     only) and each expert shard takes 1/ep of them, all-gathering the results at the end; without it
     (a rule table that also splits the batch over `expert`) each shard already holds its own tokens.
-    Every (token, expert) pair goes to the shard owning that expert with one all-to-all, the shard
-    runs its experts over what it received, and a second all-to-all brings the results back.
+    Every (token, expert) pair goes to the shard owning that expert with one ragged all-to-all (the
+    registry's `ragged_all_to_all`: XLA's ragged collective on TPU / GPU, a padded all_to_all on CPU),
+    the shard runs its experts over what it received, and a second one brings the results back.
 
-    XLA:CPU has no ragged all-to-all, so the exchange is jax.lax.all_to_all of buffers padded to the
-    worst case (every pair to one shard: n/ep*k rows per destination); padding rows carry expert id
-    E_local, which belongs to no group and yields 0."""
+    The receive buffer holds, for each source shard s, a block of m = n_c x k rows (the worst case: every
+    pair to one shard) of which the first recv_sizes[s] are s's pairs, sorted by expert; the rest carry
+    expert id E_local, which belongs to no group and yields 0."""
     n, k = experts.shape
     n_c = n // ep if split else n
     E_loc, m = weights[0].shape[0], n_c * k
@@ -130,19 +132,33 @@ def _expert_parallel(x2, experts, gates, weights, act, policy, *, ep: int, tenso
     flat = e_c.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     e_sorted = flat[order]
-    dest = e_sorted // E_loc
-    slot = jnp.arange(m) - jnp.searchsorted(dest, dest, side="left")  # rank among pairs going to `dest`
-    send_x = jnp.zeros((ep, m, x2.shape[1]), x2.dtype).at[dest, slot].set(jnp.take(x_c, order // k, axis=0))
-    send_e = jnp.full((ep, m), E_loc, jnp.int32).at[dest, slot].set(e_sorted - dest * E_loc)
-    recv_x = jax.lax.all_to_all(send_x, "expert", 0, 0, tiled=True).reshape(ep * m, -1)
-    recv_e = jax.lax.all_to_all(send_e, "expert", 0, 0, tiled=True).reshape(ep * m)
+    counts = _group_sizes(e_sorted, ep * E_loc).reshape(ep, E_loc)  # pairs per destination and its local expert
+    sizes = jnp.sum(counts, axis=1)
+    starts = jnp.cumsum(sizes) - sizes
+    # The receiver learns how many rows of each of its experts every source sends (a small all-to-all) and
+    # labels its buffer from that: rows arrive sorted by expert, so no ids travel with them.
+    recv_counts = jax.lax.all_to_all(counts, "expert", 0, 0, tiled=True)  # [source, local expert]
+    recv_sizes = jnp.sum(recv_counts, axis=1)
+    ends = jnp.cumsum(recv_counts, axis=1)
+    recv_e = jnp.sum(jnp.arange(m, dtype=jnp.int32)[None, :, None] >= ends[:, None, :], axis=-1).reshape(ep * m)
+    blocks = jnp.full((ep,), me * m, jnp.int32)  # in every destination, this shard's rows go to block `me`
+
+    def exchange(operand, output, in_off, send, out_off, recv):
+        return ragged_all_to_all(operand, output, in_off, send, out_off, recv, axis_name="expert", max_rows=m,
+                                 policy=policy)
+
+    D = x2.shape[1]
+    recv_x = exchange(jnp.take(x_c, order // k, axis=0), jnp.zeros((ep * m, D), x2.dtype), starts, sizes, blocks,
+                      recv_sizes)
     # Balanced routing sends each shard m pairs in all: the kernels' declared cost is for those, not the ep x m
-    # rows of the padded buffer (the Pallas kernels skip rows in no group; XLA's paths do not).
+    # rows of the buffer (the Pallas kernels skip rows in no group; XLA's paths do not).
     y = dispatch_local(recv_x, recv_e[:, None], jnp.ones((ep * m, 1), jnp.float32), weights, act, policy, rows=m)
     if tensor:
         y = jax.lax.psum(y, tensor)
-    back = jax.lax.all_to_all(y.reshape(ep, m, -1), "expert", 0, 0, tiled=True)
-    ys = jnp.zeros((m, x2.shape[1]), y.dtype).at[order].set(back[dest, slot], unique_indices=True)
+    # Back: block s's first recv_sizes[s] rows return to shard s, to where they started there.
+    back_at = jax.lax.all_to_all(starts, "expert", 0, 0, tiled=True)
+    back = exchange(y, jnp.zeros((m, D), y.dtype), jnp.arange(ep, dtype=jnp.int32) * m, recv_sizes, back_at, sizes)
+    ys = jnp.zeros((m, D), y.dtype).at[order].set(back, unique_indices=True)
     out = jnp.einsum("nkd,nk->nd", ys.reshape(n_c, k, -1), g_c.astype(ys.dtype))
     return jax.lax.all_gather(out, "expert", axis=0, tiled=True) if split else out
 
