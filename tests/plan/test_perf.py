@@ -137,3 +137,25 @@ def test_records_folder_and_errors(tmp_path):
         rec(layout={"fsdp": 0})
     with pytest.raises(PlanError, match="field remat must be one of"):
         rec(remat="sometimes")
+
+
+def test_fp8_training_workload_is_priced_at_the_fp8_rate():
+    import dataclasses
+
+    from polychip.plan.fleet import parse_fleet
+
+    h100, v6e = CAT["h100"], CAT["tpu-v6e"]
+    pm = PerfModel([], CAT)
+    w8 = dataclasses.replace(W, dtype="float8")
+    bf, f8 = pm.train(W, h100, 64), pm.train(w8, h100, 64)
+    assert f8.step_time_s < 0.8 * bf.step_time_s  # the linear layers run 2x faster, the rest does not
+    ops = A.train_ops(L8, f8.layout, 256, 8192, f8.remat, f8.grad_accum, dtype="float8", chip=h100, param_dtype="bfloat16")
+    assert f8.step_time_s == pytest.approx(estimate_step(ops, A.machine(h100), EstCal()).t_step, rel=1e-12)
+    # v6e's fp8 peak equals its bf16 peak: no gain
+    assert pm.train(w8, v6e, 64).step_time_s == pytest.approx(pm.train(W, v6e, 64).step_time_s)
+    fleet = parse_fleet("pools:\n  - {name: a, chip: h100, count: 64}\nworkloads:\n"
+                        "  - {name: t, kind: train, model: llama3-8b, tokens: 1e9, seq_len: 8192, batch: 256, dtype: float8}\n")
+    assert fleet.workloads[0].dtype == "float8"
+    with pytest.raises(PlanError, match="dtype"):
+        parse_fleet("pools:\n  - {name: a, chip: h100, count: 64}\nworkloads:\n"
+                    "  - {name: t, kind: train, model: llama3-8b, tokens: 1e9, seq_len: 8192, batch: 256, dtype: int4}\n")

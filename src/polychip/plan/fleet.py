@@ -31,6 +31,7 @@ Schema (YAML; quantities take units, see plan/units.py):
         max_chips: 2048          # optional
         max_tensor: 8            # optional largest tensor-parallel degree (default 8)
         remat: auto              # auto (the fastest policy that fits) | a config.REMAT_POLICIES name
+        dtype: bfloat16          # optional linear-layer matmuls: bfloat16 | float8 (at the chip's fp8 rate)
       - name: chat-70b
         kind: serve
         model: llama3-70b
@@ -94,6 +95,8 @@ class TrainWorkload:
     max_tensor: int = 8
     #: auto (the fastest config.REMAT_POLICIES policy that fits) or one policy name.
     remat: str = "auto"
+    #: Linear-layer matmul dtype: bfloat16, or float8 (priced at the chip's fp8 rate; estimate.analytic).
+    dtype: str = "bfloat16"
     line: int | None = None
     kind: str = "train"
 
@@ -195,7 +198,7 @@ _TOP = {"start", "horizon", "site", "pools", "workloads"}
 _SITE = {"power_cap", "power_overhead", "require_power"}
 _POOL = {"name", "chip", "count", "cloud", "region", "price", "pricing", "power_w", "available"}
 _TRAIN = {"name", "kind", "model", "tokens", "seq_len", "batch", "deadline", "chips", "min_chips", "max_chips",
-          "max_tensor", "remat"}
+          "max_tensor", "remat", "dtype"}
 _SERVE = {"name", "kind", "model", "rate", "prompt_tokens", "output_tokens", "ttft", "tpot", "dtype", "chips"}
 
 
@@ -291,7 +294,9 @@ def _train(p: _P, d, path: tuple, catalog: dict, start) -> TrainWorkload:
         tokens=p.conv(units.count, d["tokens"], path + ("tokens",), "token count"), seq_len=seq, batch=batch,
         deadline_h=dl, chips=_chips(p, d.get("chips"), path + ("chips",), catalog), min_chips=mn, max_chips=mx,
         max_tensor=p.int_(d.get("max_tensor", 8), path + ("max_tensor",)),
-        remat=p.str_(d.get("remat", "auto"), path + ("remat",), ("auto", *REMAT_POLICIES)), line=yamlpos.line_of(p.lines, path))
+        remat=p.str_(d.get("remat", "auto"), path + ("remat",), ("auto", *REMAT_POLICIES)),
+        dtype=p.str_(d.get("dtype", "bfloat16"), path + ("dtype",), ("bfloat16", "float8")),
+        line=yamlpos.line_of(p.lines, path))
 
 
 def _serve(p: _P, d, path: tuple, catalog: dict) -> ServeWorkload:

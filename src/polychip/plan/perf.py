@@ -208,7 +208,7 @@ class PerfModel:
     # -- training ---------------------------------------------------------------------------------
     def train(self, w, chip: Chip, n: int) -> TrainEstimate | None:
         """Step time of training workload `w` on n chips, or None if it cannot run (memory, split)."""
-        key = (w.model, w.seq_len, w.batch, w.remat, w.max_tensor, chip.name, n)
+        key = (w.model, w.seq_len, w.batch, w.remat, w.max_tensor, w.dtype, chip.name, n)
         if key not in self._train_cache:
             self._train_cache[key] = self._train(w, chip, n)
         return self._train_cache[key]
@@ -228,11 +228,11 @@ class PerfModel:
         try:
             # bf16 weights: the configuration launch.py writes (train.param_dtype=bfloat16).
             choice = S.best(w.model, chip, n, w.batch, w.seq_len, remats, cal, max_tensor=w.max_tensor,
-                            param_dtype="bfloat16")
+                            param_dtype="bfloat16", dtype=w.dtype)
         except ValueError:  # the chip has no link figure for a collective every layout needs
             choice = None
         r = self._direct(w, chip, n, remats)
-        if r is not None and r.chips == n and r.batch == w.batch:
+        if r is not None and r.chips == n and r.batch == w.batch and w.dtype == "bfloat16":
             # The run itself was measured or compiled: its step time and its configuration.
             lay = r.layout or (choice.layout if choice else None)
             a = r.grad_accum or (choice.grad_accum if choice else 1)
