@@ -120,12 +120,14 @@ def _expert_parallel(x2, experts, gates, weights, act, policy, *, ep: int, tenso
     registry's `ragged_all_to_all`: XLA's ragged collective on TPU / GPU, a padded all_to_all on CPU),
     the shard runs its experts over what it received, and a second one brings the results back.
 
-    The receive buffer holds, for each source shard s, a block of m = n_c x k rows (the worst case: every
-    pair to one shard) of which the first recv_sizes[s] are s's pairs, sorted by expert; the rest carry
-    expert id E_local, which belongs to no group and yields 0."""
+    The receive buffer holds, for each source shard s, a block of n_c x min(k, E_local) rows, the most one
+    source can send one shard (a token's k experts are distinct, so at most E_local of them sit on one
+    shard: MaxText's worst case too), of which the first recv_sizes[s] are s's pairs, sorted by expert; the
+    rest carry expert id E_local, which belongs to no group and yields 0."""
     n, k = experts.shape
     n_c = n // ep if split else n
     E_loc, m = weights[0].shape[0], n_c * k
+    blk = n_c * min(k, E_loc)  # rows one source can send one shard
     me = jax.lax.axis_index("expert")
     mine = lambda a: jax.lax.dynamic_slice_in_dim(a, me * n_c, n_c, axis=0) if split else a  # noqa: E731
     x_c, e_c, g_c = mine(x2), mine(experts), mine(gates)
@@ -140,24 +142,24 @@ def _expert_parallel(x2, experts, gates, weights, act, policy, *, ep: int, tenso
     recv_counts = jax.lax.all_to_all(counts, "expert", 0, 0, tiled=True)  # [source, local expert]
     recv_sizes = jnp.sum(recv_counts, axis=1)
     ends = jnp.cumsum(recv_counts, axis=1)
-    recv_e = jnp.sum(jnp.arange(m, dtype=jnp.int32)[None, :, None] >= ends[:, None, :], axis=-1).reshape(ep * m)
-    blocks = jnp.full((ep,), me * m, jnp.int32)  # in every destination, this shard's rows go to block `me`
+    recv_e = jnp.sum(jnp.arange(blk, dtype=jnp.int32)[None, :, None] >= ends[:, None, :], axis=-1).reshape(ep * blk)
+    blocks = jnp.full((ep,), me * blk, jnp.int32)  # in every destination, this shard's rows go to block `me`
 
     def exchange(operand, output, in_off, send, out_off, recv):
-        return ragged_all_to_all(operand, output, in_off, send, out_off, recv, axis_name="expert", max_rows=m,
+        return ragged_all_to_all(operand, output, in_off, send, out_off, recv, axis_name="expert", max_rows=blk,
                                  policy=policy)
 
     D = x2.shape[1]
-    recv_x = exchange(jnp.take(x_c, order // k, axis=0), jnp.zeros((ep * m, D), x2.dtype), starts, sizes, blocks,
+    recv_x = exchange(jnp.take(x_c, order // k, axis=0), jnp.zeros((ep * blk, D), x2.dtype), starts, sizes, blocks,
                       recv_sizes)
-    # Balanced routing sends each shard m pairs in all: the kernels' declared cost is for those, not the ep x m
+    # Balanced routing sends each shard m pairs in all: the kernels' declared cost is for those, not the ep x blk
     # rows of the buffer (the Pallas kernels skip rows in no group; XLA's paths do not).
-    y = dispatch_local(recv_x, recv_e[:, None], jnp.ones((ep * m, 1), jnp.float32), weights, act, policy, rows=m)
+    y = dispatch_local(recv_x, recv_e[:, None], jnp.ones((ep * blk, 1), jnp.float32), weights, act, policy, rows=m)
     if tensor:
         y = jax.lax.psum(y, tensor)
     # Back: block s's first recv_sizes[s] rows return to shard s, to where they started there.
     back_at = jax.lax.all_to_all(starts, "expert", 0, 0, tiled=True)
-    back = exchange(y, jnp.zeros((m, D), y.dtype), jnp.arange(ep, dtype=jnp.int32) * m, recv_sizes, back_at, sizes)
+    back = exchange(y, jnp.zeros((m, D), y.dtype), jnp.arange(ep, dtype=jnp.int32) * blk, recv_sizes, back_at, sizes)
     ys = jnp.zeros((m, D), y.dtype).at[order].set(back, unique_indices=True)
     out = jnp.einsum("nkd,nk->nd", ys.reshape(n_c, k, -1), g_c.astype(ys.dtype))
     return jax.lax.all_gather(out, "expert", axis=0, tiled=True) if split else out
