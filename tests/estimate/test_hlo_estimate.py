@@ -561,3 +561,28 @@ def test_ragged_all_to_all_moves_its_rows_not_its_worst_case_buffer():
         "-> bf16[8192,256] {", "-> bf16[1024,256] {").replace("ROOT %r = bf16[8192,256]", "ROOT %r = bf16[1024,256]")
     (op,) = [o for o in ops_from_hlo(back, n_devices=8) if o.kind == "collective"]
     assert op.bytes == 458_752
+
+
+# TPU7x runs some collectives on its SparseCores: an async call (call-start / call-done) whose computation
+# holds the collective. Counted once, from the called computation; the call itself moves nothing.
+SPARSECORE = """HloModule sc
+
+%called_computation.1 (p0: bf16[1024,224]) -> bf16[1024,7168] {
+  %p0 = bf16[1024,224]{1,0} parameter(0)
+  ROOT %ag = bf16[1024,7168]{1,0} all-gather(%p0), channel_id=3, replica_groups=[1,32]<=[32], dimensions={1}, use_global_device_ids=true
+}
+
+ENTRY %main (x: bf16[1024,224]) -> bf16[1024,7168] {
+  %x = bf16[1024,224]{1,0} parameter(0)
+  %cs = ((bf16[1024,224]{1,0}), bf16[1024,7168]{1,0}) call-start(%x), async_execution_thread="sparsecore", to_apply=%called_computation.1
+  ROOT %cd = bf16[1024,7168]{1,0} call-done(%cs)
+}
+"""
+
+
+def test_sparsecore_async_call_collectives_are_counted_once():
+    ops = ops_from_hlo(SPARSECORE, n_devices=32)
+    (ag,) = [o for o in ops if o.kind == "collective"]
+    # the gathered bf16[1024, 7168] = 14,680,064 B, 31/32 of it from the other devices
+    assert (ag.collective, ag.bytes) == ("all-gather", pytest.approx(14_680_064 * 31 / 32))
+    assert sum(o.bytes for o in ops if o.kind == "compute") == 0

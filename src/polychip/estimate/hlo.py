@@ -61,7 +61,7 @@ COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "coll
                "ragged-all-to-all")
 _NO_TRAFFIC = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "while", "call", "conditional",
                "after-all", "partition-id", "replica-id", "opt-barrier", "iota", "async-start", "async-update",
-               "async-done", "add-dependency", "domain"}
+               "async-done", "add-dependency", "domain", "call-start", "call-update", "call-done"}
 
 _HOST_SPACE = re.compile(r"S\(5\)")
 #: Ops that read only the part of their first operand they return.
@@ -244,7 +244,7 @@ def _callees(ins: Instr) -> list[str]:
     """Control-flow computations a non-loop, non-fusion instruction runs: a call's body, an async wrapper's
     computation, a conditional's branches (all of them: an overcount where branches differ). A reduce's
     or scatter's `to_apply` is its scalar combiner, run inside the op, and is not walked."""
-    if ins.opcode == "call":
+    if ins.opcode in ("call", "call-start"):  # call-start: an async call (TPU7x runs collectives on SparseCore)
         return re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", ins.attrs)
     if ins.opcode == "async-start":
         return re.findall(r"calls=%?([\w.\-]+)", ins.attrs)
