@@ -4,6 +4,7 @@ from __future__ import annotations
 _LABELS = [
     ("hbm_used_per_chip", "HBM used per chip"),
     ("hbm_used_per_device", "HBM used per device"),
+    ("hbm_sum_per_device", "  all buffers at once"),
     ("hbm_per_device", "HBM per device"),
     ("hbm_per_chip", "HBM per chip"),
     ("hbm_margin_per_device", "HBM margin per device"),

@@ -63,7 +63,11 @@ def _mem_dict(m) -> dict:
     keys = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
             "generated_code_size_in_bytes", "host_argument_size_in_bytes", "host_output_size_in_bytes",
             "host_temp_size_in_bytes", "host_alias_size_in_bytes")
-    return {k.replace("_size_in_bytes", ""): int(getattr(m, k, 0) or 0) for k in keys}
+    out = {k.replace("_size_in_bytes", ""): int(getattr(m, k, 0) or 0) for k in keys}
+    # The compiler's own peak over its buffer assignment (buffers live at the same time; 0 where the backend
+    # does not say): what its out-of-memory check uses, and the total of the memory-usage report it dumps.
+    out["peak"] = int(getattr(m, "peak_memory_in_bytes", 0) or 0)
+    return out
 
 
 def _cost_dict(c) -> dict:
