@@ -48,12 +48,12 @@ def test_tiny_memory_against_parameter_count(tiny):
     # Donation: the new state aliases the old, so aliased bytes cover the sharded state.
     assert _f(tiny, "alias_bytes_per_device")["value"] >= state_bytes / dev
     used = _f(tiny, "hbm_used_per_device")["value"]
-    # "used" is the compiler's peak over its buffer assignment; the sum of the parts is reported beside it
-    assert "compiler's peak" in _f(tiny, "hbm_used_per_device")["note"]
+    # "used" is what the compiler's buffer assignment allocates in HBM; the sum of the parts is reported beside it
+    assert "buffer assignment" in _f(tiny, "hbm_used_per_device")["note"]
     assert _f(tiny, "hbm_sum_per_device")["value"] == (
         arg["value"] + _f(tiny, "output_bytes_per_device")["value"] - _f(tiny, "alias_bytes_per_device")["value"]
         + _f(tiny, "temp_bytes_per_device")["value"] + _f(tiny, "generated_code_bytes_per_device")["value"])
-    assert used >= arg["value"]
+    assert arg["value"] <= used <= _f(tiny, "hbm_sum_per_device")["value"]
     assert tiny["fits"] is True
     assert _f(tiny, "hbm_per_device")["value"] == 16e9  # catalog: v5e 16 GB
     assert _f(tiny, "hbm_margin_per_device")["value"] == 16e9 - used

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from polychip.files import atomic_write_json, cache_dir
 
-CACHE_VERSION = 7  # 7: memory carries the compiler's peak; 6: a computation closed with attributes ends there (hlo parser); 5: hlo stats carry the estimator's ops; 4: serve compiles the engine's paged step
+CACHE_VERSION = 7  # 7: memory carries the buffer assignment's HBM total; 6: a computation closed with attributes ends there (hlo parser); 5: hlo stats carry the estimator's ops; 4: serve compiles the engine's paged step
 
 
 def _dir() -> Path:

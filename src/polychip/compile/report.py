@@ -64,10 +64,11 @@ def hbm_sum(mem: dict) -> int:
 
 
 def hbm_used(mem: dict) -> int:
-    """Peak HBM an executable needs per device: the compiler's peak over its buffer assignment where it
-    gives one (TPU), else `hbm_sum`. The sum can be far above the peak: 116.87 against 96.36 GB per device
-    for the deepseek-v3 step on tpu7x:4x4x8, a program the TPU compiler accepted for its 96 GiB."""
-    return mem.get("peak") or hbm_sum(mem)
+    """HBM an executable needs per device: what the compiler's buffer assignment allocates (lower.assigned_hbm:
+    buffers whose lifetimes do not overlap share memory) where it reported it, else `hbm_sum`. The sum can be
+    far above it: 116.87 against 96.36 GB per device for the deepseek-v3 step on tpu7x:4x4x8, a program the
+    TPU compiler accepted for its 96 GiB."""
+    return mem.get("assigned") or hbm_sum(mem)
 
 
 def model_flops(cfg: Config, step: str, batch: int, seq: int) -> float:
@@ -116,9 +117,9 @@ def _memory_figures(r: StepReport, c: CompiledStep, spec: TargetSpec) -> None:
         for k in ("argument", "output", "alias", "temp", "generated_code"):
             f[f"{k}_bytes_per_device"] = fig(mem[k], "B", "compiled")
         used = hbm_used(mem)
-        f["hbm_used_per_device"] = fig(used, "B", "compiled", "the compiler's peak (buffer assignment)" if mem.get("peak")
-                                       else "argument + output - alias + temp + generated code")
-        if mem.get("peak"):
+        f["hbm_used_per_device"] = fig(used, "B", "compiled", "the compiler's buffer assignment (HBM)"
+                                       if mem.get("assigned") else "argument + output - alias + temp + generated code")
+        if mem.get("assigned"):
             f["hbm_sum_per_device"] = fig(hbm_sum(mem), "B", "compiled",
                                           "argument + output - alias + temp + code, as if all live at once")
     f["hbm_used_per_chip"] = fig(used * dpc, "B", "compiled", f"{dpc} device(s) per chip" if dpc > 1 else "")
