@@ -99,3 +99,23 @@ def test_a_compiler_failure_is_one_line_not_a_traceback(monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("polychip: error: the XLA TPU compiler failed on this configuration") and "\n" not in err
     assert "INTERNAL: during context" in err and "different memory spaces" in err and len(err) < 800
+
+
+def test_hbm_figure_is_the_buffer_assignment_and_a_users_dump_is_kept(tmp_path):
+    """`compile` reads the HBM the TPU compiler assigns from the memory-usage report it dumps: into a
+    temporary folder it deletes, or into the folder the user's XLA_FLAGS names, which is left in place."""
+    import os
+    import subprocess
+    import sys
+
+    dump, out = tmp_path / "dump", tmp_path / "r.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", POLYCHIP_CACHE_DIR=str(tmp_path / "cache"),
+               XLA_FLAGS=f"--xla_dump_to={dump} --xla_dump_hlo_as_text")
+    res = subprocess.run([sys.executable, "-c", "import sys; from polychip.cli import main; sys.exit(main())",
+                          "compile", "--model", "tiny", "--target", "v5e:2x2", "--json", str(out)],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert list(dump.glob("*memory-usage-report.txt"))
+    f = json.loads(out.read_text())["steps"][0]["figures"]
+    assert "buffer assignment" in f["hbm_used_per_device"]["note"]
+    assert 0 < f["hbm_used_per_device"]["value"] <= f["hbm_sum_per_device"]["value"]

@@ -11,6 +11,7 @@ for an SPMD executable), except `program_flops`, which is global (all devices).
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import shutil
 import tempfile
@@ -68,16 +69,16 @@ def _mem_dict(m) -> dict:
     return {k.replace("_size_in_bytes", ""): int(getattr(m, k, 0) or 0) for k in keys}
 
 
-def assigned_hbm(dump: str) -> int:
+def assigned_hbm(dump: str, since: float = 0.0) -> int:
     """HBM the compiler's buffer assignment allocates for the step: `Total bytes` of the default memory
     space in the memory-usage report XLA dumps (the largest module's), 0 when none was written. Not
     memory_analysis().peak_memory_in_bytes: that mixes memory spaces (llama3-70b with offloaded layer
-    inputs: 57.0 GB "peak" = 28.5 GB of HBM + host memory)."""
+    inputs: 57.0 GB "peak" = 28.5 GB of HBM + host memory). `since`: only reports written after it (a
+    folder the user dumps several programs into)."""
     import glob
-    import os
 
-    reports = sorted(glob.glob(os.path.join(dump, "*after_optimizations-memory-usage-report.txt")),
-                     key=os.path.getsize, reverse=True)
+    reports = sorted((p for p in glob.glob(os.path.join(dump, "*after_optimizations-memory-usage-report.txt"))
+                      if os.path.getmtime(p) >= since - 1), key=os.path.getsize, reverse=True)
     for path in reports:
         with open(path) as f:
             m = re.search(r"Memory Space: default \(color=0\)\s*\nTotal bytes: (\d+)", f.read())
@@ -178,11 +179,14 @@ def _compile(name: str, jitted, args: tuple, trace_fn, n_devices: int, on_phase=
     t1 = time.perf_counter()
     if on_phase:
         on_phase(f"{name}: compiling (XLA TPU)")
-    dump = tempfile.mkdtemp(prefix="polychip-xla-")
+    # The dump's memory-usage report is the compiler's own account of the HBM it assigns (assigned_hbm). A dump
+    # the user asked for in XLA_FLAGS is left where it is and read there.
+    user_dump = re.search(r"--xla_dump_to=(\S+)", os.environ.get("XLA_FLAGS", ""))
+    dump = user_dump.group(1) if user_dump else tempfile.mkdtemp(prefix="polychip-xla-")
     try:
-        # The dump's memory-usage report is the compiler's own account of the HBM it assigns (assigned_hbm).
-        compiled = lowered.compile(compiler_options={"xla_dump_to": dump, "xla_dump_hlo_as_text": True})
-        assigned = assigned_hbm(dump)
+        since = time.time()
+        compiled = lowered.compile(compiler_options={} if user_dump else {"xla_dump_to": dump, "xla_dump_hlo_as_text": True})
+        assigned = assigned_hbm(dump, since)
     except Exception as e:  # noqa: BLE001 - only the compiler's OOM refusal is a result; the rest re-raise
         import jax
 
@@ -207,7 +211,8 @@ def _compile(name: str, jitted, args: tuple, trace_fn, n_devices: int, on_phase=
                             compile_s=t2 - t1, oom=str(e).strip().splitlines()[0],
                             opaque_kernel_calls=pf.opaque_calls)
     finally:
-        shutil.rmtree(dump, ignore_errors=True)
+        if not user_dump:
+            shutil.rmtree(dump, ignore_errors=True)
     t2 = time.perf_counter()
     if on_phase:
         on_phase(f"{name}: analysing")
