@@ -85,7 +85,7 @@ def test_a_compiler_failure_is_one_line_not_a_traceback(monkeypatch, capsys):
     from polychip.compile import lower
 
     class Lowered:
-        def compile(self):
+        def compile(self, compiler_options=None):
             raise jax.errors.JaxRuntimeError("INTERNAL: during context [post-optimization]: " + "x" * 2000
                                              + " Bitcast cannot have different memory spaces")
 
