@@ -99,18 +99,22 @@ def test_registry_picks_by_target_and_override():
                                api.grouped_matmul(lhs, rhs, gs, policy=cpu), rtol=1e-5, atol=1e-5)
 
 
-def test_tpu_kernels_compile_deviceless_with_estimate():
-    """Pallas (Mosaic custom calls) vs XLA's ragged dot for one MoE-sized expert matmul on a v6e
-    topology: both compile, and the Pallas program's cost analysis carries the kernels' CostEstimate."""
+def _v6e_args(M: int, K: int, N: int, G: int) -> tuple:
+    """Abstract (lhs, rhs, group_sizes) on one device of a deviceless v6e topology (skips without libtpu)."""
     topologies = pytest.importorskip("jax.experimental.topologies")
     pytest.importorskip("libtpu")
     from jax.sharding import SingleDeviceSharding
 
-    dev = topologies.get_topology_desc("v6e:2x2", platform="tpu").devices[0]
-    s = SingleDeviceSharding(dev)
-    M, K, N, G = 2048, 1024, 2048, 8
-    args = (jax.ShapeDtypeStruct((M, K), jnp.bfloat16, sharding=s), jax.ShapeDtypeStruct((G, K, N), jnp.bfloat16, sharding=s),
+    s = SingleDeviceSharding(topologies.get_topology_desc("v6e:2x2", platform="tpu").devices[0])
+    return (jax.ShapeDtypeStruct((M, K), jnp.bfloat16, sharding=s), jax.ShapeDtypeStruct((G, K, N), jnp.bfloat16, sharding=s),
             jax.ShapeDtypeStruct((G,), jnp.int32, sharding=s))
+
+
+def test_tpu_kernels_compile_deviceless_with_estimate():
+    """Pallas (Mosaic custom calls) vs XLA's ragged dot for one MoE-sized expert matmul on a v6e
+    topology: both compile, and the Pallas program's cost analysis carries the kernels' CostEstimate."""
+    M, K, N, G = 2048, 1024, 2048, 8
+    args = _v6e_args(M, K, N, G)
     costs = {}
     for name, fn in (("pallas_tpu", pallas_tpu.grouped_matmul), ("xla", xla.grouped_matmul)):
         loss = lambda a, b, g, fn=fn: fn(a, b, g).astype(jnp.float32).sum()  # noqa: E731
@@ -128,17 +132,10 @@ def test_tpu_kernels_compile_deviceless_with_estimate():
 def test_tpu_kernels_declare_the_rows_hint():
     """An expert-parallel receive buffer padded to ep x the rows balanced routing sends: with rows=M/8 the
     three kernels (fwd, dlhs, drhs) declare 3 x 2 x (M/8) x K x N FLOPs, as the estimator reads them."""
-    topologies = pytest.importorskip("jax.experimental.topologies")
-    pytest.importorskip("libtpu")
-    from jax.sharding import SingleDeviceSharding
-
     from polychip.estimate.hlo import ops_from_hlo
 
-    dev = topologies.get_topology_desc("v6e:2x2", platform="tpu").devices[0]
-    s = SingleDeviceSharding(dev)
     M, K, N, G = 2048, 512, 512, 4
-    args = (jax.ShapeDtypeStruct((M, K), jnp.bfloat16, sharding=s), jax.ShapeDtypeStruct((G, K, N), jnp.bfloat16, sharding=s),
-            jax.ShapeDtypeStruct((G,), jnp.int32, sharding=s))
+    args = _v6e_args(M, K, N, G)
     declared = {}
     for rows in (None, M // 8):
         loss = lambda a, b, g, rows=rows: pallas_tpu.grouped_matmul(a, b, g, rows=rows).astype(jnp.float32).sum()  # noqa: E731
