@@ -52,7 +52,7 @@ def polychip_side(args: str) -> dict:
         rep = json.loads(out.read_text())
     figs = rep["steps"][0]["figures"]
     f = {k: v["value"] for k, v in figs.items() if isinstance(v, dict)}
-    return {"fits": rep["fits"], "hbm": f.get("hbm_sum_per_device"), "assigned": f.get("hbm_used_per_device"),
+    return {"hbm": f.get("hbm_sum_per_device"), "assigned": f.get("hbm_used_per_device"),
             "step": f.get("step_time"),
             "compile_s": f.get("compile_time"), "total": f.get("collective_bytes_per_device"),
             "kinds": figs.get("collective_bytes_per_device", {}).get("note", ""),
@@ -70,7 +70,7 @@ def maxtext_side(name: str, r: dict) -> dict:
     stats = analyse((d / HLO_NAME).read_text(), meta["n_devices"])
     chip = get_chip(CHIP[r["chip"]])
     est = estimate_step(ops_of({"ops": stats.ops}), machine(chip), calibration_for(chip.family))
-    return {"fits": None, "hbm": None, "assigned": meta.get("hbm_bytes"), "step": est.t_step, "compile_s": meta.get("compile_seconds"),
+    return {"hbm": None, "assigned": meta.get("hbm_bytes"), "step": est.t_step, "compile_s": meta.get("compile_seconds"),
             "total": stats.collective_total,
             "kinds": ", ".join(f"{k} {_gb(v)}" for k, v in sorted(stats.collective_bytes.items())),
             "tokens": meta["per_device_batch_size"] * meta["n_devices"] * meta["seq"]}

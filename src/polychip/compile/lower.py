@@ -11,6 +11,7 @@ for an SPMD executable), except `program_flops`, which is global (all devices).
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import re
 import shutil
@@ -75,8 +76,6 @@ def assigned_hbm(dump: str, since: float = 0.0) -> int:
     memory_analysis().peak_memory_in_bytes: that mixes memory spaces (llama3-70b with offloaded layer
     inputs: 57.0 GB "peak" = 28.5 GB of HBM + host memory). `since`: only reports written after it (a
     folder the user dumps several programs into)."""
-    import glob
-
     reports = sorted((p for p in glob.glob(os.path.join(dump, "*after_optimizations-memory-usage-report.txt"))
                       if os.path.getmtime(p) >= since - 1), key=os.path.getsize, reverse=True)
     for path in reports:

@@ -233,8 +233,8 @@ def saved_bytes_per_token_layer(cfg: ModelConfig, lay: Layout, pol: RematPolicy)
     return ACT_BYTES * hbm, ACT_BYTES * host
 
 
-def _op(name: str, flops: float, nbytes: float, count: float) -> Op:
-    return Op(name, "compute", flops=flops, bytes=nbytes, count=count, source="analytic")
+def _op(name: str, flops: float, nbytes: float, count: float, peak_scale: float = 1.0) -> Op:
+    return Op(name, "compute", flops=flops, bytes=nbytes, count=count, source="analytic", peak_scale=peak_scale)
 
 
 def _collective(name: str, kind: str, size: float, lay: Layout, axis: str, count: float,
@@ -276,17 +276,13 @@ def _layer_ops(x: _Dims, pol: RematPolicy, count: float, linear_rate: float = 1.
     linear_rate: the projections' and MLP's matmul rate (fp8_rate); attention's core stays bf16."""
     fwd = _layer_forward(x)
     redo = set(recomputed(pol))
-    linear = set(_matmuls(x))
-
-    def op(name, n, fl, by):
-        return replace(_op(name, fl, by, count), peak_scale=linear_rate if n in linear else 1.0)
-
-    ops = [op(f"fwd {n}", n, fl, by) for n, fl, by, _ in fwd]
+    rate = {n: linear_rate for n in _matmuls(x)}
+    ops = [_op(f"fwd {n}", fl, by, count, rate.get(n, 1.0)) for n, fl, by, _ in fwd]
     for n, fl, by, _ in fwd:
         bwd_flops = fl * (2.5 if n == "attention" else 2.0)
-        ops.append(op(f"bwd {n}", n, bwd_flops, 2 * by))
+        ops.append(_op(f"bwd {n}", bwd_flops, 2 * by, count, rate.get(n, 1.0)))
         if n in redo:
-            ops.append(op(f"remat {n}", n, fl, by))
+            ops.append(_op(f"remat {n}", fl, by, count, rate.get(n, 1.0)))
     return ops
 
 

@@ -30,4 +30,4 @@ def grouped_matmul(lhs, rhs, group_sizes, *, policy: KernelPolicy, rows: int | N
     shard, model/moe.py), ep times the rows balanced routing sends; the Pallas kernels visit only rows
     in groups, so declaring the padded size overstated their work ep-fold."""
     query = dict(m=lhs.shape[0], k=lhs.shape[1], n=rhs.shape[2], groups=rhs.shape[0], dtype=str(lhs.dtype))
-    return policy.call(OP, lhs, rhs, group_sizes, query=query, **({} if rows is None else {"rows": rows}))
+    return policy.call(OP, lhs, rhs, group_sizes, query=query, rows=rows)
