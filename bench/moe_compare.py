@@ -85,6 +85,10 @@ def main() -> int:
     ap.add_argument("--only", nargs="*")
     args = ap.parse_args()
     configs = yaml.safe_load(CONFIGS.read_text())["recipes"]
+    unknown = [n for n in args.only or () if n not in configs]
+    if unknown:
+        print(f"unknown configuration(s): {', '.join(unknown)}; known: {', '.join(configs)}", file=sys.stderr)
+        return 2
     for name in args.only or configs:
         r = configs[name]
         chip = get_chip(CHIP[r["chip"]])

@@ -227,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full", action="store_true",
                     help="let each compile run to the end (code generation) instead of stopping at the HLO")
     args = ap.parse_args(argv)
+    if not args.recipes.is_file():
+        print(f"--recipes {args.recipes}: no such file", file=sys.stderr)
+        return 2
     recipes, groups = load_recipes(args.recipes)
     names = args.only or sorted(recipes, key=lambda n: recipes[n].get("compile_order", 99))
     missing = [n for n in names if n not in recipes]
