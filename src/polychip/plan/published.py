@@ -21,9 +21,11 @@ from polychip.plan.records import Record
 
 LLAMA2_7B = ModelConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, d_ff=11008,
                         max_seq_len=4096)
+LLAMA2_13B = ModelConfig(vocab_size=32000, d_model=5120, n_layers=40, n_heads=40, n_kv_heads=40, d_ff=13824,
+                         max_seq_len=4096)
 LLAMA2_70B = ModelConfig(vocab_size=32000, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, d_ff=28672,
                          max_seq_len=4096)
-MODELS = {"llama2-7b": LLAMA2_7B, "llama2-70b": LLAMA2_70B, **MODEL_PRESETS}
+MODELS = {"llama2-7b": LLAMA2_7B, "llama2-13b": LLAMA2_13B, "llama2-70b": LLAMA2_70B, **MODEL_PRESETS}
 
 #: Custom policies published runs use (MaxText remat_policy "custom" and named policies; torchtitan SAC).
 CUSTOM_REMAT = {
@@ -36,6 +38,10 @@ CUSTOM_REMAT = {
     # MaxText save_dot_except_mlpwi: every matmul output except the MLP's wi_0/wi_1 (gate, up).
     "save_dot_except_mlpwi": RematPolicy(saved=("query_proj", "key_proj", "value_proj", "context", "out_proj",
                                                 "mlp_out"), doc="MaxText: all dots but the MLP gate/up"),
+    # NeuronX Distributed selective checkpointing (examples/training/llama: activation_checkpoint_config=CoreAttention):
+    # the attention core is recomputed, every projection's output is kept.
+    "nxd_selective": RematPolicy(saved=("query_proj", "key_proj", "value_proj", "out_proj", "mlp_gate", "mlp_up",
+                                        "mlp_out"), doc="NxD selective: CoreAttention recomputed"),
     # torchtitan selective op AC: saves attention (SDPA) output and every other matmul output.
     "torchtitan_sac_op": RematPolicy(saved=("query_proj", "value_proj", "context", "mlp_gate", "mlp_out"),
                                      doc="torchtitan selective op AC: every other mm + SDPA saved"),
@@ -112,9 +118,46 @@ def published_train_records() -> list[Record]:
             "(update of May 20th, 2025): 'Llama-3.1-8B pre-training | trn1.32xlarge/trn1n.32xlarge | "
             "Autocast:BF16+FP32Optimizer | 32 | TP=32 DP=32 PP=1 ZeRO-1 | 1 | 1024 | AdamW | 8192 | 41.99' "
             "(nodes, topology in NeuronCores, microbatch, global batch, optimizer, sequence, seq/sec)",
-            "a device is a NeuronCore (2 per chip): TP=32 is the 16 chips of one node; "
-            "NxD selective checkpointing (attention core recomputed) modelled as remat dots",
-            Layout(data=32, tensor=32, nodes=32, zero1=True), 32),
+            "a device is a NeuronCore (2 per chip): TP=32 is the 16 chips of one node; the tutorial's script "
+            "(neuronx-distributed examples/training/llama/tp_zero1_llama_hf_pretrain) enables selective "
+            "checkpointing: activation_checkpoint_config=CoreAttention",
+            Layout(data=32, tensor=32, nodes=32, zero1=True), 32, custom="nxd_selective"),
+        *_neuron_2_21_records(),
+    ]
+
+
+#: The Neuron trn1 decoder table of Neuron SDK 2.21 (December 20th, 2024), as its source file holds it.
+_NEURON_2_21 = ("https://github.com/aws-neuron/aws-neuron-sdk/blob/752349fd3de5aaa6eb69690955eeaa7d43fcd082/"
+                "general/benchmarks/trn1/training_data_decoder.csv (trn1 training performance, update of December "
+                "20th, 2024): ")
+
+
+def _neuron_2_21_records() -> list[Record]:
+    """Three rows of that table (the Llama 3.1 rows of a later update are the calibration record above and an
+    out-of-sample row). Degrees are in NeuronCores (2 per chip); micro-batch 1, so a replica runs global batch /
+    DP micro-batches; ZeRO-1 as the tutorial scripts run (use_zero_1 / use_zero1_optimizer 1); NxD selective
+    checkpointing (run_llama_nxd.py: CoreAttention at sequence 4096)."""
+    note = ("neuronx-distributed examples/training/llama scripts: {script}; selective checkpointing "
+            "(CoreAttention recomputed at sequence 4096); ZeRO-1")
+    return [
+        train_record(
+            "trn1", "llama2-7b", 256, 1024, 4096, 95.14 * 4096 / 256, "dots",
+            _NEURON_2_21 + "'Llama2-7B pre-training,trn1.32xlarge/trn1n.32xlarge,Autocast:BF16+FP32Optimizer,16,"
+            "TP=8 DP=64,1,1024,AdamW,4096,95.14'",
+            note.format(script="tp_zero1_llama2_7B_hf_pretrain.sh"),
+            Layout(data=64, tensor=8, nodes=16, zero1=True), 16, custom="nxd_selective"),
+        train_record(
+            "trn1", "llama2-13b", 512, 1024, 4096, 80.33 * 4096 / 512, "dots",
+            _NEURON_2_21 + "'Llama2-13B pre-training,trn1.32xlarge/trn1n.32xlarge,Autocast:BF16+FP32Optimizer,32,"
+            "TP=8 DP=16 PP=8,1,1024,AdamW,4096,80.33'",
+            note.format(script="run_llama2_13B_tp_pp.sh (one sample per micro-batch: NUM_MICROBATCHES=BS)"),
+            Layout(data=16, tensor=8, stage=8, nodes=32, zero1=True), 64, custom="nxd_selective"),
+        train_record(
+            "trn1", "llama2-70b", 512, 1024, 4096, 14.44 * 4096 / 512, "dots",
+            _NEURON_2_21 + "'Llama2-70B pre-training,trn1.32xlarge/trn1n.32xlarge,Autocast:BF16+FP32Optimizer,32,"
+            "TP=32 DP=4 PP=8,1,1024,AdamW,4096,14.44'",
+            note.format(script="run_llama2_70B_tp_pp.sh (one sample per micro-batch: NUM_MICROBATCHES=BS)"),
+            Layout(data=4, tensor=32, stage=8, nodes=32, zero1=True), 256, custom="nxd_selective"),
     ]
 
 
