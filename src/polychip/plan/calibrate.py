@@ -26,7 +26,7 @@ from polychip.plan import search as S
 from polychip.plan.records import Record
 
 CE = np.round(np.arange(0.20, 1.0001, 0.01), 2)
-ME = (0.5, 0.6, 0.7, 0.85, 1.0)
+ME = (0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0)
 #: Not fitted: every asynchronous collective in the calibration records is smaller than the compute it
 #: overlaps, so no record can see these two. Link figures are taken at the catalog's value, and async
 #: collectives (FSDP, data-parallel, pipeline sends, host offload) run on their own engines (TPU DMA, NCCL
@@ -101,7 +101,7 @@ def fit_families(groups: dict[str, list[Priced]]) -> dict[str, Calibration]:
     errs = {f: np.stack([np.abs(_grid_times(p) / p.record.step_time_s - 1) for p in groups[f]]) for f in fams}
     best_ce = {f: np.argmin(_objective(errs[f]), axis=0) for f in fams}  # [ME, LE, OV] -> CE index
     picked = np.concatenate([np.take_along_axis(errs[f], best_ce[f][None, None], axis=1)[:, 0] for f in fams])
-    mid = (np.abs(np.arange(len(ME)) - 2)[:, None, None] + np.abs(np.arange(len(LE)) - 2)[None, :, None]
+    mid = (np.abs(np.arange(len(ME)) - len(ME) // 2)[:, None, None] + np.abs(np.arange(len(LE)) - 2)[None, :, None]
            + np.abs(np.arange(len(OV)) - 2)[None, None, :])
     j = np.unravel_index(np.argmin(_objective(picked) + 1e-6 * mid), mid.shape)
     return {f: Calibration(compute_efficiency=float(CE[best_ce[f][j]]), memory_efficiency=ME[j[0]],
