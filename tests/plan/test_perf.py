@@ -159,3 +159,23 @@ def test_fp8_training_workload_is_priced_at_the_fp8_rate():
     with pytest.raises(PlanError, match="dtype"):
         parse_fleet("pools:\n  - {name: a, chip: h100, count: 64}\nworkloads:\n"
                     "  - {name: t, kind: train, model: llama3-8b, tokens: 1e9, seq_len: 8192, batch: 256, dtype: int4}\n")
+
+
+def test_published_records_remat_as_their_sources_run_it():
+    """NxD selective checkpointing (CoreAttention) recomputes the attention core and the elementwise ops,
+    no projection; the Neuron 70B run at sequence 8192 also checkpoints the MLP (save_qkvo_proj: attention,
+    gate and up recomputed). Every record names a known policy and carries the custom one it ran."""
+    from polychip.config import REMAT_POLICIES
+    from polychip.plan.published import CUSTOM_REMAT
+
+    assert A.recomputed(CUSTOM_REMAT["nxd_selective"]) == ["attention", "norms", "rotary", "swiglu", "residual"]
+    assert set(A.recomputed(REMAT_POLICIES["save_qkvo_proj"])) == {"attention", "mlp_gate", "mlp_up", "norms",
+                                                                   "rotary", "swiglu", "residual"}
+    recs = published_train_records()
+    assert all(r.remat in REMAT_POLICIES for r in recs)
+    trn = [r for r in recs if r.chip == "trn1"]
+    assert len(trn) == 4 and all(r.remat_policy == CUSTOM_REMAT["nxd_selective"] for r in trn)
+    # Each Neuron record's rate is the quoted seq/sec x sequence / chips.
+    for r, quoted in zip(trn, (41.99, 95.14, 80.33, 14.44)):
+        assert f"{quoted}" in r.ref
+        assert r.batch * r.seq / r.step_time_s == pytest.approx(quoted * r.seq)
