@@ -54,15 +54,16 @@ class Priced:
 def record_ops(r: Record, chip: Chip):
     """(ops, description) of the configuration record r ran."""
     remat = r.remat_policy or r.remat
+    label = f"custom ({r.remat_policy.doc})" if r.remat_policy else r.remat
     if r.layout is not None:
         a = r.grad_accum or 1
         ops = A.train_ops(r.model, r.layout, r.batch, r.seq, remat, a, chip=chip, param_dtype=r.param_dtype)
-        return ops, f"{r.layout.text()}, remat {r.remat}, {a} micro-batches (as run)"
+        return ops, f"{r.layout.text()}, remat {label}, {a} micro-batches (as run)"
     c = S.best(r.model, chip, r.chips, r.batch, r.seq, (r.remat,), Calibration(), param_dtype=r.param_dtype)
     if c is None:
         return None, "does not fit in the model's memory accounting"
     ops = A.train_ops(r.model, c.layout, r.batch, r.seq, remat, c.grad_accum, chip=chip, param_dtype=r.param_dtype)
-    return ops, f"{c.layout.text()}, remat {r.remat}, {c.grad_accum} micro-batches (planner's choice)"
+    return ops, f"{c.layout.text()}, remat {label}, {c.grad_accum} micro-batches (planner's choice)"
 
 
 def price_record(r: Record, chip: Chip) -> Priced | None:
