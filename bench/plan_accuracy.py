@@ -45,13 +45,8 @@ def predict_row(row: dict, cat: dict, fit: C.TrainFit) -> tuple[float, str]:
     remats, label = _remat(row["remat"])
     dtype = {"bf16": "bfloat16", "fp8": "float8"}[row.get("precision", "bf16")]
     if "layout" in row:
-        lay = A.Layout(**row["layout"])
-        best = None
-        for remat in remats:
-            for a in ([row["grad_accum"]] if "grad_accum" in row else S._accums(row["batch"] // lay.replicas, lay.stage)):
-                c = S.price(cfg, chip, lay, row["batch"], row["seq"], remat, a, cal, dtype=dtype)
-                if best is None or (c.fits, -c.est.t_step) > (best.fits, -best.est.t_step):
-                    best = c
+        best = S.best_in_layout(cfg, chip, A.Layout(**row["layout"]), row["batch"], row["seq"], remats, cal,
+                                row.get("grad_accum"), dtype=dtype)
         how = "layout as published" + ("" if best.fits else "; DOES NOT FIT the planner's memory model")
     else:
         best = S.best(cfg, chip, row["chips"], row["batch"], row["seq"], remats, cal, dtype=dtype)

@@ -101,6 +101,16 @@ WORK = "workloads:\n  - {name: w, kind: train, model: tiny, tokens: 1M}\n"
      ["line 3", "pools[0].power_w", "no published power"]),
     (POOLS + "workloads:\n  - {name: w, kind: train, model: tiny, tokens: 1M, min_chips: 8, max_chips: 4}\n",
      ["workloads[0].max_chips", "below min_chips"]),
+    (POOLS + "workloads:\n  - {name: w, kind: train, model: tiny, tokens: 1M, layout: {fsdp: 0}}\n",
+     ["line 4", "workloads[0].layout.fsdp", ">= 1"]),
+    (POOLS + "workloads:\n  - {name: w, kind: train, model: tiny, tokens: 1M, layout: {pipeline: 2}}\n",
+     ["workloads[0].layout.pipeline", "unknown field", "stage"]),
+    (POOLS + "workloads:\n  - {name: w, kind: train, model: tiny, tokens: 1M, layout: {fsdp: 8, zero1: yes please}}\n",
+     ["workloads[0].layout.zero1", "true or false"]),
+    (POOLS + "workloads:\n  - {name: w, kind: train, model: tiny, tokens: 1M, layout: 8}\n",
+     ["workloads[0].layout", "must be a mapping"]),
+    (POOLS + "workloads:\n  - {name: w, kind: train, model: tiny, tokens: 1M, grad_accum: 2.5}\n",
+     ["workloads[0].grad_accum", "whole number"]),
 ])
 def test_bad_fleet_names_line_and_field(text, needles):
     msg = _bad(text, "f.yaml", *needles)

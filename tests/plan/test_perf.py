@@ -179,3 +179,26 @@ def test_published_records_remat_as_their_sources_run_it():
     for r, quoted in zip(trn, (41.99, 95.14, 80.33, 14.44)):
         assert f"{quoted}" in r.ref
         assert r.batch * r.seq / r.step_time_s == pytest.approx(quoted * r.seq)
+
+
+def test_workload_with_a_fixed_layout_is_priced_in_that_layout_only():
+    """A training workload that names its layout runs on exactly that layout's chips (trn1: 2 devices a chip),
+    priced by search.best_in_layout with the family's calibration, even where the memory model says it does
+    not fit (it was run); any other chip count, or a layout the model cannot split, is not an option."""
+    from polychip.plan import parse_fleet
+
+    text = ("pools:\n  - {name: t, chip: trn1, count: 512}\nworkloads:\n  - {name: w, kind: train, "
+            "model: llama3-70b, tokens: 1B, seq_len: 8192, batch: 1024, remat: save_qkvo_proj, "
+            "layout: {data: 4, tensor: 32, stage: 8, zero1: true}, grad_accum: 256}\n")
+    w = parse_fleet(text, "f.yaml").workloads[0]
+    assert w.layout == A.Layout(data=4, tensor=32, stage=8, zero1=True) and w.grad_accum == 256
+    pm = PerfModel(published_records(), CAT)
+    est = pm.train(w, CAT["trn1"], 512)
+    lay = A.Layout(data=4, tensor=32, stage=8, nodes=32, zero1=True)
+    want = S.best_in_layout(w.model, CAT["trn1"], lay, 1024, 8192, ("save_qkvo_proj",),
+                            pm.train_fit.for_chip(CAT["trn1"]), 256, param_dtype="bfloat16")
+    assert est.layout == lay and est.grad_accum == 256 and "(as given)" in est.detail
+    assert est.step_time_s == pytest.approx(want.est.t_step)
+    assert pm.train(w, CAT["trn1"], 256) is None  # the layout takes 1024 devices = 512 trn1 chips
+    bad = parse_fleet(text.replace("data: 4, tensor: 32", "data: 16, tensor: 8, context: 3"), "f.yaml").workloads[0]
+    assert pm.train(bad, CAT["trn1"], bad.layout.devices // 2) is None  # context 3 does not divide 8192

@@ -32,6 +32,10 @@ Schema (YAML; quantities take units, see plan/units.py):
         max_tensor: 8            # optional largest tensor-parallel degree (default 8)
         remat: auto              # auto (the fastest policy that fits) | a config.REMAT_POLICIES name
         dtype: bfloat16          # optional linear-layer matmuls: bfloat16 | float8 (at the chip's fp8 rate)
+        layout: {fsdp: 64, tensor: 4}  # optional: price this parallel layout only (degrees: data, fsdp,
+                                 # tensor, stage, context, virtual; zero1: true|false); the run then takes
+                                 # exactly product(degrees) devices (chips x the chip's devices per chip)
+        grad_accum: 1            # optional micro-batches per step (default: the fastest that fits)
       - name: chat-70b
         kind: serve
         model: llama3-70b
@@ -97,6 +101,10 @@ class TrainWorkload:
     remat: str = "auto"
     #: Linear-layer matmul dtype: bfloat16, or float8 (priced at the chip's fp8 rate; estimate.analytic).
     dtype: str = "bfloat16"
+    #: A parallel layout the user fixed (analytic.Layout; nodes filled in per chip), or None: the planner's
+    #: fastest fitting layout. grad_accum: micro-batches the user fixed, or None.
+    layout: Any = None
+    grad_accum: int | None = None
     line: int | None = None
     kind: str = "train"
 
@@ -198,7 +206,8 @@ _TOP = {"start", "horizon", "site", "pools", "workloads"}
 _SITE = {"power_cap", "power_overhead", "require_power"}
 _POOL = {"name", "chip", "count", "cloud", "region", "price", "pricing", "power_w", "available"}
 _TRAIN = {"name", "kind", "model", "tokens", "seq_len", "batch", "deadline", "chips", "min_chips", "max_chips",
-          "max_tensor", "remat", "dtype"}
+          "max_tensor", "remat", "dtype", "layout", "grad_accum"}
+_LAYOUT = {"data", "fsdp", "tensor", "stage", "context", "virtual", "zero1"}
 _SERVE = {"name", "kind", "model", "rate", "prompt_tokens", "output_tokens", "ttft", "tpot", "dtype", "chips"}
 
 
@@ -296,7 +305,22 @@ def _train(p: _P, d, path: tuple, catalog: dict, start) -> TrainWorkload:
         max_tensor=p.int_(d.get("max_tensor", 8), path + ("max_tensor",)),
         remat=p.str_(d.get("remat", "auto"), path + ("remat",), ("auto", *REMAT_POLICIES)),
         dtype=p.str_(d.get("dtype", "bfloat16"), path + ("dtype",), ("bfloat16", "float8")),
+        layout=_layout(p, d["layout"], path + ("layout",)) if d.get("layout") is not None else None,
+        grad_accum=p.int_(d["grad_accum"], path + ("grad_accum",)) if d.get("grad_accum") is not None else None,
         line=yamlpos.line_of(p.lines, path))
+
+
+def _layout(p: _P, d, path: tuple):
+    """A fixed parallel layout: positive whole degrees, zero1 a boolean."""
+    from polychip.estimate.analytic import Layout
+
+    d = p.mapping(d, path, _LAYOUT)
+    kw = {k: p.int_(v, path + (k,)) for k, v in d.items() if k != "zero1"}
+    if "zero1" in d:
+        if not isinstance(d["zero1"], bool):
+            raise p.err(path + ("zero1",), f"must be true or false, got {d['zero1']!r}")
+        kw["zero1"] = d["zero1"]
+    return Layout(**kw)
 
 
 def _serve(p: _P, d, path: tuple, catalog: dict) -> ServeWorkload:

@@ -100,12 +100,16 @@ class _TrainRows:
         self.cache: dict = {}
 
     def __call__(self, w: TrainWorkload, chip) -> list[tuple]:
-        key = (id(w.model), w.seq_len, w.batch, w.remat, w.max_tensor, w.min_chips, w.max_chips, chip.name)
+        key = (id(w.model), w.seq_len, w.batch, w.remat, w.max_tensor, w.dtype, w.layout, w.grad_accum, w.min_chips,
+               w.max_chips, chip.name)
         if key not in self.cache:
             hi_max = self.hi_max
             top = min(hi_max, w.max_chips or hi_max, w.batch * w.max_tensor)
             counts = sorted({c for c in pow2_upto(top) if c >= w.min_chips} | {w.min_chips}
                             | {min(p.count, top) for p in self.fleet.pools if p.chip is chip and p.count >= w.min_chips})
+            if w.layout is not None:  # a fixed layout runs on exactly its devices' chips
+                counts = [w.layout.devices // chip.devices_per_chip] \
+                    if w.layout.devices % chip.devices_per_chip == 0 else []
             rows = []
             for n in counts:
                 est = self.perf.train(w, chip, n)
@@ -129,7 +133,13 @@ def _train_options(w: TrainWorkload, p: Pool, rows: _TrainRows, objective: str, 
         reasons.append(f"{p.name}: {p.count} chips, below min_chips {w.min_chips}")
         return []
     # This pool's counts: powers of two up to its size, plus the run's minimum and the whole pool.
-    mine = [t for t in rows(w, p.chip) if t[0] <= hi and (t[0] & (t[0] - 1) == 0 or t[0] == w.min_chips or t[0] == hi)]
+    mine = [t for t in rows(w, p.chip) if t[0] <= hi and (t[0] & (t[0] - 1) == 0 or t[0] == w.min_chips or t[0] == hi
+                                                          or w.layout is not None)]
+    if not mine and w.layout is not None:
+        need = w.layout.devices / p.chip.devices_per_chip
+        reasons.append(f"{p.name}: the workload's layout ({w.layout.text()}) takes {need:g} {p.chip.name} chips"
+                       + (f"; the pool allows {hi}" if need > hi else "; it cannot run this model and batch"))
+        return []
     if not mine:
         reasons.append(f"{p.name}: model state does not fit on {hi} or fewer {p.chip.name} chips")
         return []

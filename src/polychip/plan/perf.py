@@ -208,7 +208,7 @@ class PerfModel:
     # -- training ---------------------------------------------------------------------------------
     def train(self, w, chip: Chip, n: int) -> TrainEstimate | None:
         """Step time of training workload `w` on n chips, or None if it cannot run (memory, split)."""
-        key = (w.model, w.seq_len, w.batch, w.remat, w.max_tensor, w.dtype, chip.name, n)
+        key = (w.model, w.seq_len, w.batch, w.remat, w.max_tensor, w.dtype, w.layout, w.grad_accum, chip.name, n)
         if key not in self._train_cache:
             self._train_cache[key] = self._train(w, chip, n)
         return self._train_cache[key]
@@ -225,6 +225,8 @@ class PerfModel:
     def _train(self, w, chip: Chip, n: int) -> TrainEstimate | None:
         remats = S.REMAT_ORDER if w.remat == "auto" else (w.remat,)
         cal = self.train_fit.for_chip(chip)
+        if w.layout is not None:
+            return self._train_in_layout(w, chip, n, remats, cal)
         try:
             # bf16 weights: the configuration launch.py writes (train.param_dtype=bfloat16).
             choice = S.best(w.model, chip, n, w.batch, w.seq_len, remats, cal, max_tensor=w.max_tensor,
@@ -257,6 +259,25 @@ class PerfModel:
         return TrainEstimate(chip.name, n, t, tokens / t, mfu, src, detail, remat,
                              lay.fsdp * lay.data if lay else n, lay.tensor if lay else 1, a, bound, need,
                              layout=lay, band=cal.band if src == "estimate" else None)
+
+    def _train_in_layout(self, w, chip: Chip, n: int, remats: tuple, cal) -> TrainEstimate | None:
+        """The workload's own layout on n chips (None unless it takes exactly n chips' devices)."""
+        if w.layout.devices != n * chip.devices_per_chip:
+            return None
+        lay = replace(w.layout, nodes=S.nodes_for(chip, n))
+        try:
+            c = S.best_in_layout(w.model, chip, lay, w.batch, w.seq_len, remats, cal, w.grad_accum,
+                                 param_dtype="bfloat16", dtype=w.dtype)
+        except (ValueError, A.LayoutError):  # cannot split this model / batch, or no link figure
+            return None
+        t = c.est.t_step
+        fit = "" if c.fits else "; DOES NOT FIT the memory model (priced as given)"
+        detail = (f"{lay.text()} (as given), remat {c.remat}, {c.grad_accum} micro-batches, {c.est.bound}-bound"
+                  f"{fit}; calibration {cal.source}, {_band(cal)}")
+        mfu = F.mfu(F.train_flops_per_step(w.model, w.batch, w.seq_len), t, n, chip.peak("bfloat16"))
+        return TrainEstimate(chip.name, n, t, w.batch * w.seq_len / t, mfu, "estimate", detail, c.remat,
+                             lay.fsdp * lay.data, lay.tensor, c.grad_accum, c.est.bound, c.hbm_bytes,
+                             layout=lay, band=cal.band)
 
     def _record_estimate(self, r: Record, chip: Chip, cal) -> float | None:
         """The estimator's step time for the configuration record r ran (same calibration)."""

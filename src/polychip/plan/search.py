@@ -105,6 +105,25 @@ def best(cfg: ModelConfig, chip: Chip, n_chips: int, batch: int, seq: int, remat
     return _best(cfg, chip, n_chips, batch, seq, tuple(remats), cal, max_tensor, param_dtype, dtype)
 
 
+def best_in_layout(cfg: ModelConfig, chip: Chip, lay: A.Layout, batch: int, seq: int, remats: tuple[str, ...],
+                   cal: Calibration, grad_accum: int | None = None, param_dtype: str = "float32",
+                   dtype: str = "bfloat16") -> TrainChoice:
+    """The fastest configuration in one given layout: over `remats` and the micro-batch counts (`grad_accum`
+    when given). The fastest that fits in HBM, else the fastest of all (its `fits` is False: a layout the user
+    says was run is priced even where the memory model disagrees). Raises analytic.LayoutError when the layout
+    cannot run the model (degrees that do not divide heads, layers, batch or sequence)."""
+    if batch % lay.replicas:
+        raise A.LayoutError(f"batch {batch} does not split into {lay.replicas} replicas")
+    accums = [grad_accum] if grad_accum else _accums(batch // lay.replicas, lay.stage)
+    top = None
+    for remat in remats:
+        for a in accums:
+            c = price(cfg, chip, lay, batch, seq, remat, a, cal, param_dtype, dtype)
+            if top is None or (c.fits, -c.est.t_step) > (top.fits, -top.est.t_step):
+                top = c
+    return top
+
+
 @lru_cache(maxsize=4096)
 def _best(cfg, chip, n_chips, batch, seq, remats, cal, max_tensor, param_dtype, dtype="bfloat16"):
     top = None
