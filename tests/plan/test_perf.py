@@ -202,3 +202,18 @@ def test_workload_with_a_fixed_layout_is_priced_in_that_layout_only():
     assert pm.train(w, CAT["trn1"], 256) is None  # the layout takes 1024 devices = 512 trn1 chips
     bad = parse_fleet(text.replace("data: 4, tensor: 32", "data: 16, tensor: 8, context: 3"), "f.yaml").workloads[0]
     assert pm.train(bad, CAT["trn1"], bad.layout.devices // 2) is None  # context 3 does not divide 8192
+
+
+def test_option_rows_differ_by_dtype():
+    """Two runs that differ only in their linear-layer dtype get their own rows (the rows cache keys on it):
+    the fp8 run is faster on H100, whose fp8 peak is twice its bf16 peak."""
+    from polychip.plan import parse_fleet
+    from polychip.plan import options as O
+
+    text = ("pools:\n  - {name: h, chip: h100, count: 64}\nworkloads:\n"
+            "  - {name: a, kind: train, model: llama3-8b, tokens: 1B}\n"
+            "  - {name: b, kind: train, model: llama3-8b, tokens: 1B, dtype: float8}\n")
+    f = parse_fleet(text, "f.yaml")
+    rows = O._TrainRows(f, PerfModel(published_records(), CAT))
+    bf16, fp8 = (dict((n, e.step_time_s) for n, e, *_ in rows(w, CAT["h100"])) for w in f.workloads)
+    assert set(bf16) == set(fp8) and all(fp8[n] < 0.9 * bf16[n] for n in bf16)
