@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from polychip.config import MODEL_PRESETS, REMAT_POLICIES, TRAIN_PRESETS, ConfigError, ModelConfig, from_dict
+from polychip.estimate.analytic import Layout
 from polychip.hardware import Chip, HardwareError, get_chip, load_catalog
 from polychip import yamlpos
 from polychip.plan import units
@@ -103,7 +104,7 @@ class TrainWorkload:
     dtype: str = "bfloat16"
     #: A parallel layout the user fixed (analytic.Layout; nodes filled in per chip), or None: the planner's
     #: fastest fitting layout. grad_accum: micro-batches the user fixed, or None.
-    layout: Any = None
+    layout: Layout | None = None
     grad_accum: int | None = None
     line: int | None = None
     kind: str = "train"
@@ -312,8 +313,6 @@ def _train(p: _P, d, path: tuple, catalog: dict, start) -> TrainWorkload:
 
 def _layout(p: _P, d, path: tuple):
     """A fixed parallel layout: positive whole degrees, zero1 a boolean."""
-    from polychip.estimate.analytic import Layout
-
     d = p.mapping(d, path, _LAYOUT)
     kw = {k: p.int_(v, path + (k,)) for k, v in d.items() if k != "zero1"}
     if "zero1" in d:

@@ -105,11 +105,13 @@ class _TrainRows:
         if key not in self.cache:
             hi_max = self.hi_max
             top = min(hi_max, w.max_chips or hi_max, w.batch * w.max_tensor)
-            counts = sorted({c for c in pow2_upto(top) if c >= w.min_chips} | {w.min_chips}
-                            | {min(p.count, top) for p in self.fleet.pools if p.chip is chip and p.count >= w.min_chips})
             if w.layout is not None:  # a fixed layout runs on exactly its devices' chips
                 counts = [w.layout.devices // chip.devices_per_chip] \
                     if w.layout.devices % chip.devices_per_chip == 0 else []
+            else:
+                counts = sorted({c for c in pow2_upto(top) if c >= w.min_chips} | {w.min_chips}
+                                | {min(p.count, top) for p in self.fleet.pools
+                                   if p.chip is chip and p.count >= w.min_chips})
             rows = []
             for n in counts:
                 est = self.perf.train(w, chip, n)

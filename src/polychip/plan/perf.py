@@ -193,6 +193,15 @@ def _band(cal) -> str:
     return "band n/a (uncalibrated)" if cal.band is None else f"band +/-{cal.band:.0%}"
 
 
+def _train_estimate(w, chip: Chip, n: int, t: float, src: str, detail: str, remat: str, lay, a: int, bound: str,
+                    need: float, cal) -> TrainEstimate:
+    """A TrainEstimate of step time t (tokens/s and MFU from the workload; the band only on estimates)."""
+    mfu = F.mfu(F.train_flops_per_step(w.model, w.batch, w.seq_len), t, n, chip.peak("bfloat16"))
+    return TrainEstimate(chip.name, n, t, w.batch * w.seq_len / t, mfu, src, detail, remat,
+                         lay.fsdp * lay.data if lay else n, lay.tensor if lay else 1, a, bound, need,
+                         layout=lay, band=cal.band if src == "estimate" else None)
+
+
 class PerfModel:
     """Estimates with provenance. `records`: measured/compiler/published records; `chips`: name -> Chip."""
 
@@ -254,11 +263,7 @@ class PerfModel:
                 t, src = r.step_time_s * t / ref, r.source
                 detail = (f"{r.source} record ({r.chips} chips, batch {r.batch}) scaled to {n} chips / batch "
                           f"{w.batch} by the estimator's ratio; " + detail)
-        tokens = w.batch * w.seq_len
-        mfu = F.mfu(F.train_flops_per_step(w.model, w.batch, w.seq_len), t, n, chip.peak("bfloat16"))
-        return TrainEstimate(chip.name, n, t, tokens / t, mfu, src, detail, remat,
-                             lay.fsdp * lay.data if lay else n, lay.tensor if lay else 1, a, bound, need,
-                             layout=lay, band=cal.band if src == "estimate" else None)
+        return _train_estimate(w, chip, n, t, src, detail, remat, lay, a, bound, need, cal)
 
     def _train_in_layout(self, w, chip: Chip, n: int, remats: tuple, cal) -> TrainEstimate | None:
         """The workload's own layout on n chips (None unless it takes exactly n chips' devices)."""
@@ -270,14 +275,11 @@ class PerfModel:
                                  param_dtype="bfloat16", dtype=w.dtype)
         except (ValueError, A.LayoutError):  # cannot split this model / batch, or no link figure
             return None
-        t = c.est.t_step
         fit = "" if c.fits else "; DOES NOT FIT the memory model (priced as given)"
         detail = (f"{lay.text()} (as given), remat {c.remat}, {c.grad_accum} micro-batches, {c.est.bound}-bound"
                   f"{fit}; calibration {cal.source}, {_band(cal)}")
-        mfu = F.mfu(F.train_flops_per_step(w.model, w.batch, w.seq_len), t, n, chip.peak("bfloat16"))
-        return TrainEstimate(chip.name, n, t, w.batch * w.seq_len / t, mfu, "estimate", detail, c.remat,
-                             lay.fsdp * lay.data, lay.tensor, c.grad_accum, c.est.bound, c.hbm_bytes,
-                             layout=lay, band=cal.band)
+        return _train_estimate(w, chip, n, c.est.t_step, "estimate", detail, c.remat, lay, c.grad_accum, c.est.bound,
+                               c.hbm_bytes, cal)
 
     def _record_estimate(self, r: Record, chip: Chip, cal) -> float | None:
         """The estimator's step time for the configuration record r ran (same calibration)."""
